@@ -1,0 +1,9 @@
+"""msc-ray: confluence classification, abnormal-cell detection and archive scoring for MSC cultures on Ray."""
+
+__version__ = "0.1.0"
+
+#: Confluence bands (fraction of the image covered by cells), class 1..4.
+BAND_EDGES = (0.0, 0.4, 0.6, 0.8, 1.0)
+BAND_NAMES = ("1", "2", "3", "4")
+STACKS = ("sstack", "mstack")
+ABNORMAL_LABEL = "Flatten"
