@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from .storage import StorageError
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -28,7 +30,7 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, ValueError, FileNotFoundError, PermissionError) as exc:
+        except (UserError, ValueError, FileNotFoundError, PermissionError, StorageError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(1) from None
@@ -87,6 +89,33 @@ def synth(
     if preview is not None:
         dest = synth_mod.preview(out, rows, preview)
         typer.echo(f"preview: {dest}")
+
+
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(help="S3-compatible endpoint, e.g. http://127.0.0.1:8333.", envvar="AWS_ENDPOINT_URL"),
+]
+
+
+@app.command()
+@_one_line_errors
+def index(
+    corpus: Annotated[str, typer.Argument(help="Corpus root: a local folder or s3://bucket/prefix.")],
+    out: Annotated[
+        str | None, typer.Option(help="Manifest to write (local or s3://); default CORPUS/manifest.parquet.")
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the fold assignment.")] = 0,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Index a corpus into the manifest Parquet: layout, VOC boxes, metadata, grouped stratified folds."""
+    from . import corpus as corpus_mod
+
+    table, summary = corpus_mod.index_corpus(corpus, folds=folds, seed=seed, endpoint_url=endpoint_url)
+    dest = corpus_mod.write_manifest(table, out or corpus_mod.default_manifest_uri(corpus), endpoint_url)
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"manifest: {dest}")
 
 
 @app.command()

@@ -1,0 +1,134 @@
+"""The study's augmentations, box-aware, in one place (torchvision transforms v2 + tv_tensors).
+
+Training recipe, after decoding to float (C, H, W) in [0, 1] and resizing to the model's input:
+
+1. random rotation: a random quarter turn plus a small angle, then the largest centred crop that holds
+   no fill, resized back (fill would read as empty flask and bias confluence);
+2. horizontal flip, 3. vertical flip;
+4. colour jitter: brightness and contrast (all a grayscale image has);
+5. Gaussian blur;
+6. sharpness enhancement: the smoothed image plus a scaled edge map (Laplacian), or
+7. contrast enhancement: min–max intensity stretch — 6 and 7 with equal probability;
+plus histogram equalisation first for multi-stack images (in training, validation and scoring alike).
+
+Geometric steps move ``tv_tensors.BoundingBoxes`` (``XYXY``, pixels) with the pixels. Randomness is
+drawn from torch's generator seeded per (seed, epoch, image), so a sample is reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from .config import DataConfig
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """A stable 63-bit seed for one (seed, epoch, image); the same on every machine and process."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class RotateCrop(v2.Transform):
+    """Rotate by ``k·90° + U(-degrees, degrees)``, crop the largest centred square free of fill, resize
+    back. Boxes become the enclosing boxes of their rotated corners, clipped to the crop."""
+
+    def __init__(self, degrees: float = 15.0):
+        super().__init__()
+        self.degrees = float(degrees)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        quarter = int(torch.randint(0, 4, ()).item())
+        small = float(torch.empty(()).uniform_(-self.degrees, self.degrees).item()) if self.degrees else 0.0
+        return {"angle": 90.0 * quarter + small, "small": small}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            h, w = inpt.canvas_size
+        elif isinstance(inpt, torch.Tensor) and inpt.ndim >= 2:
+            h, w = inpt.shape[-2:]
+        else:
+            return inpt
+        out = F.rotate(inpt, params["angle"], interpolation=v2.InterpolationMode.BILINEAR, expand=False)
+        a = math.radians(abs(params["small"]))
+        if a > 0:
+            side = min(h, w) / (math.cos(a) + math.sin(a))
+            crop = max(int(side), 1)
+            out = F.center_crop(out, [crop, crop])
+            out = F.resize(out, [h, w], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return out
+
+
+class EdgeSharpen(v2.Transform):
+    """Sharpness enhancement: Gaussian-smoothed image plus ``amount`` × its edge map (negative
+    Laplacian), clipped to [0, 1]. Boxes pass through."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, amount: tuple[float, float] = (0.5, 1.5), sigma: float = 0.8):
+        super().__init__()
+        self.amount = amount
+        self.sigma = sigma
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"amount": float(torch.empty(()).uniform_(*self.amount).item())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        smooth = F.gaussian_blur(inpt, kernel_size=[5, 5], sigma=[self.sigma, self.sigma])
+        c = smooth.shape[-3]
+        lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=smooth.dtype)
+        kernel = lap.expand(c, 1, 3, 3)
+        x = smooth.reshape(-1, c, *smooth.shape[-2:])
+        edges = torch.nn.functional.conv2d(
+            torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c
+        )
+        out = (x - params["amount"] * edges).clamp_(0.0, 1.0).reshape(smooth.shape)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+def geometric(cfg: DataConfig) -> list[v2.Transform]:
+    return [RotateCrop(cfg.rotation), v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]
+
+
+def photometric() -> list[v2.Transform]:
+    return [
+        v2.RandomApply([v2.ColorJitter(brightness=0.25, contrast=0.25)], p=0.5),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.3),
+        # sharpness and contrast enhancement, each with the same probability
+        v2.RandomApply([v2.RandomChoice([EdgeSharpen(), v2.RandomAutocontrast(p=1.0)])], p=0.5),
+    ]
+
+
+def preprocess(cfg: DataConfig) -> list[v2.Transform]:
+    """Deterministic steps shared by training, validation and scoring (before augmentation)."""
+    steps: list[v2.Transform] = []
+    if cfg.equalize:
+        steps.append(v2.RandomEqualize(p=1.0))
+    steps.append(v2.Resize([cfg.size, cfg.size], antialias=True))
+    return steps
+
+
+def build(cfg: DataConfig, *, train: bool, boxes: bool = False) -> v2.Compose:
+    """The whole recipe: preprocess → (augment) → normalise. ``boxes`` adds box clean-up
+    (clamping, dropping boxes that left the image) for detection samples."""
+    steps = preprocess(cfg)
+    if train:
+        steps += geometric(cfg) + photometric()
+    if boxes:
+        steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=2.0)]
+    steps.append(v2.Normalize(list(cfg.norm_mean), list(cfg.norm_std)))
+    return v2.Compose(steps)
+
+
+def apply(transform: v2.Compose, sample: dict, seed: int) -> dict:
+    """Run ``transform`` on ``sample`` with torch's generator seeded by ``seed``, leaving the global
+    generator as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(sample)

@@ -1,0 +1,208 @@
+"""Ray Data pipelines over the manifest, shared by the classifier search, the detector and scoring.
+
+A split is built for one fold: training rows (every other fold, augmented) or validation rows (that
+fold, resize and normalise only). Rows are read, decoded and transformed by CPU tasks in blocks of
+``DataConfig.decode_batch`` images and streamed to the consumer with ``iter_torch_batches``.
+
+A row whose image cannot be read or decoded becomes an *error record* (``ok = False``, a blank image)
+and is logged with the file named; :func:`torch_batches` drops it and counts it, so one bad file never
+fails an epoch nor drops the good images of its batch.
+
+Columns of a classification split: ``image`` float32 (C, S, S), ``label`` int64, ``ok`` bool, ``row``
+int64 (index into the manifest). A detection split adds ``boxes`` float32 (B, 4) ``[x1, y1, x2, y2]``
+pixels in the resized frame, zero-padded to the manifest's largest box count B, and ``n_boxes`` int64.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchvision import tv_tensors
+
+from . import augment, images, storage
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+def read_uri(uri: str, endpoint_url: str | None = None) -> bytes:
+    """The bytes of a local file or an S3 object (the S3 filesystem is cached per process)."""
+    if storage.is_s3(uri):
+        return storage.read_bytes(uri, endpoint_url)
+    with open(uri, "rb") as fh:
+        return fh.read()
+
+
+def load_image(uri: str, name: str, cfg: DataConfig) -> np.ndarray:
+    """Read and decode one image into float32 (cfg.channels, H, W); raises ImageError or OSError."""
+    img = images.decode(read_uri(uri, cfg.endpoint_url), name, cfg.max_pixels)
+    return images.to_channels(img, cfg.channels)
+
+
+def _transform_batch(
+    batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, epoch: int, max_boxes: int
+) -> dict[str, np.ndarray]:
+    """Ray Data task: a block of manifest rows → model-ready tensors (one error record per bad row)."""
+    detection = max_boxes > 0
+    tf = augment.build(cfg, train=train, boxes=detection)
+    n = len(batch["uri"])
+    out_img = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.float32)
+    ok = np.zeros(n, bool)
+    out_boxes = np.zeros((n, max(max_boxes, 1), 4), np.float32)
+    n_boxes = np.zeros(n, np.int64)
+    for i in range(n):
+        uri, path = str(batch["uri"][i]), str(batch["path"][i])
+        try:
+            arr = load_image(uri, path, cfg)
+        except (images.ImageError, OSError) as exc:
+            msg = str(exc) if isinstance(exc, images.ImageError) else f"{path}: {storage.describe_error(exc)}"
+            log.warning("error record: %s", msg)
+            continue
+        h, w = arr.shape[-2:]
+        sample: dict = {"image": tv_tensors.Image(torch.from_numpy(arr))}
+        if detection:
+            raw = batch["boxes"][i]
+            xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
+            sample["boxes"] = tv_tensors.BoundingBoxes(
+                torch.from_numpy(xyxy), format="XYXY", canvas_size=(h, w)
+            )
+            sample["labels"] = torch.ones(len(xyxy), dtype=torch.int64)
+        seed = augment.sample_seed(cfg.seed, epoch, path)
+        res = augment.apply(tf, sample, seed)
+        out_img[i] = res["image"].numpy()
+        ok[i] = True
+        if detection:
+            bx = res["boxes"].as_subclass(torch.Tensor).numpy()[:max_boxes]
+            out_boxes[i, : len(bx)] = bx
+            n_boxes[i] = len(bx)
+    out = {
+        "image": out_img,
+        "label": batch["label"].astype(np.int64),
+        "ok": ok,
+        "row": batch["row"].astype(np.int64),
+    }
+    if detection:
+        out["boxes"] = out_boxes
+        out["n_boxes"] = n_boxes
+    return out
+
+
+def select(
+    manifest: pa.Table, *, stack: str | None = None, fold: int | None = None, train: bool = True
+) -> pa.Table:
+    """Rows of one stack; with ``fold`` the training (other folds) or validation (that fold) rows.
+    Adds a ``row`` column: the row's index in ``manifest``."""
+    t = manifest.append_column("row", pa.array(np.arange(manifest.num_rows), pa.int64()))
+    if stack is not None:
+        t = t.filter(pc.equal(t["stack"], stack))
+    if fold is not None:
+        t = t.filter(pc.not_equal(t["fold"], fold) if train else pc.equal(t["fold"], fold))
+    if t.num_rows == 0:
+        raise ValueError(
+            f"no images for stack={stack} fold={fold} ({'training' if train else 'validation'} split)"
+        )
+    return t
+
+
+def max_box_count(manifest: pa.Table) -> int:
+    lengths = pc.list_value_length(manifest["boxes"]).fill_null(0)
+    return max(int(pc.max(lengths).as_py() or 0), 1)
+
+
+def make_dataset(
+    rows: pa.Table,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    epoch: int = 0,
+    detection: bool = False,
+    max_boxes: int = 0,
+):
+    """A Ray Dataset over ``rows`` (from :func:`select`). Training order is shuffled per (seed, epoch)."""
+    import ray
+
+    if train:
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(rows.num_rows)
+        rows = rows.take(pa.array(perm))
+    keep = ["uri", "path", "label", "row"] + (["boxes"] if detection else [])
+    rows = rows.select(keep)
+    step = cfg.decode_batch
+    blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)]
+    ds = ray.data.from_arrow(blocks)
+    # Settings on this dataset's own context, not the process-wide one:
+    # - the same (seed, epoch) gives the same batches in the same order;
+    # - no per-operator reservation: with one map operator it only halves the tasks that run at once
+    #   (on a 2-CPU node it ran one task at a time).
+    ds.context.execution_options.preserve_order = True
+    ds.context.op_resource_reservation_enabled = False
+    return ds.map_batches(
+        _transform_batch,
+        fn_kwargs={
+            "cfg": cfg,
+            "train": train,
+            "epoch": epoch,
+            "max_boxes": max(max_boxes, 1) if detection else 0,
+        },
+        batch_size=step,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+@dataclass
+class BatchStats:
+    """What :func:`torch_batches` saw: good images and error records dropped."""
+
+    images: int = 0
+    errors: int = 0
+    error_rows: list[int] = field(default_factory=list)
+
+
+def torch_batches(
+    source,
+    batch_size: int,
+    *,
+    stats: BatchStats | None = None,
+    detection: bool = False,
+    device: str | torch.device = "cpu",
+    drop_last: bool = False,
+    prefetch_batches: int = 2,
+) -> Iterator:
+    """Iterate a Ray Dataset or a Ray Train shard (``DataIterator``) as torch batches, dropping
+    error records and counting them in ``stats``.
+
+    Classification yields ``(images (N, C, S, S), labels (N,), rows (N,))``; detection yields
+    ``(list of images (C, S, S), list of {"boxes": (k, 4), "labels": (k,)}, rows)``."""
+    stats = stats if stats is not None else BatchStats()
+    for batch in source.iter_torch_batches(
+        batch_size=batch_size, device=device, drop_last=drop_last, prefetch_batches=prefetch_batches
+    ):
+        ok = batch["ok"].bool()
+        bad = (~ok).nonzero().flatten()
+        if len(bad):
+            stats.errors += len(bad)
+            stats.error_rows.extend(batch["row"][bad].tolist())
+        if not ok.any():
+            continue
+        stats.images += int(ok.sum())
+        if len(bad):
+            batch = {k: v[ok] for k, v in batch.items()}
+        imgs, labels, rows = batch["image"], batch["label"], batch["row"]
+        if not detection:
+            yield imgs, labels, rows
+            continue
+        boxes, counts = batch["boxes"], batch["n_boxes"]
+        targets = [
+            {
+                "boxes": boxes[i, : int(counts[i])],
+                "labels": torch.ones(int(counts[i]), dtype=torch.int64, device=boxes.device),
+            }
+            for i in range(len(imgs))
+        ]
+        yield list(imgs), targets, rows

@@ -1,0 +1,175 @@
+"""Bytes → image array, with every failure a typed error that names the file.
+
+One representation for every input: float32 ``(C, H, W)`` in [0, 1], ``C`` = 1 for grayscale and 3
+for colour. PNG, JPEG and TIFF in 8 or 16 bits, grayscale, RGB or RGBA (alpha is dropped), palette
+images (expanded), any case of extension — the format is read from the bytes, not the name.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 64_000_000  # a 8000 × 8000 frame; anything larger is refused before decoding
+
+
+class ImageError(ValueError):
+    """An image that cannot be used. ``str()`` is one line naming the file and the reason."""
+
+    reason = "unreadable image"
+
+    def __init__(self, name: str, detail: str = ""):
+        self.name = name
+        self.detail = " ".join(str(detail).split())[:200]
+        super().__init__(f"{name}: {self.reason}" + (f" ({self.detail})" if self.detail else ""))
+
+
+class EmptyImageError(ImageError):
+    reason = "empty file (zero bytes)"
+
+
+class NotAnImageError(ImageError):
+    reason = "not an image"
+
+
+class TruncatedImageError(ImageError):
+    reason = "truncated or corrupt image"
+
+
+class ImageTooLargeError(ImageError):
+    reason = "image larger than the pixel limit"
+
+
+class UnsupportedImageError(ImageError):
+    reason = "unsupported image layout"
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_tiff(data: bytes) -> bool:
+    return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _to_chw(arr: np.ndarray, name: str) -> np.ndarray:
+    """(H, W), (H, W, C) or planar (C, H, W) integer/float array → float32 (C, H, W) in [0, 1]."""
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar TIFF
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
+        raise UnsupportedImageError(name, f"shape {arr.shape}")
+    if arr.shape[-1] == 2:  # gray + alpha
+        arr = arr[..., :1]
+    elif arr.shape[-1] == 4:  # RGBA
+        arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype in (np.uint16, np.int32, np.uint32) or arr.dtype == np.int16:
+        out = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32)
+        hi = float(np.nanmax(out)) if out.size else 1.0
+        if hi > 1.0:
+            out = out / hi
+    else:
+        raise UnsupportedImageError(name, f"pixel type {arr.dtype}")
+    return np.ascontiguousarray(np.clip(np.moveaxis(out, -1, 0), 0.0, 1.0))
+
+
+def _check_pixels(w: int, h: int, name: str, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise ImageTooLargeError(name, f"{w}×{h} > {max_pixels} pixels")
+
+
+def image_size(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the header alone; raises :class:`ImageError` like :func:`decode`."""
+    if not data:
+        raise EmptyImageError(name)
+    if _is_tiff(data):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tf:
+                shape = tf.pages[0].shape
+                axes = tf.pages[0].axes
+        except Exception as exc:
+            raise TruncatedImageError(name, exc) from None
+        h, w = shape[axes.index("Y")], shape[axes.index("X")]
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except UnidentifiedImageError:
+            raise NotAnImageError(name) from None
+        except Exception as exc:
+            raise TruncatedImageError(name, exc) from None
+    _check_pixels(w, h, name, max_pixels)
+    return int(w), int(h)
+
+
+def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``data`` (the bytes of file ``name``) to float32 ``(C, H, W)`` in [0, 1].
+
+    Raises a subclass of :class:`ImageError` for zero bytes, bytes that are no image, truncated or
+    corrupt data, images over ``max_pixels`` and unsupported layouts."""
+    if not data:
+        raise EmptyImageError(name)
+    if _is_tiff(data):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tf:
+                page = tf.pages[0]
+                shape, axes = page.shape, page.axes
+                _check_pixels(shape[axes.index("X")], shape[axes.index("Y")], name, max_pixels)
+                arr = page.asarray()
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise TruncatedImageError(name, exc) from None
+        return _to_chw(arr, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise NotAnImageError(name) from None
+    except Exception as exc:
+        raise TruncatedImageError(name, exc) from None
+    with im:
+        _check_pixels(im.width, im.height, name, max_pixels)
+        try:
+            im.load()
+        except Exception as exc:
+            raise TruncatedImageError(name, exc) from None
+        mode = im.mode
+        if mode in ("P", "PA"):
+            im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
+        elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("L" if mode == "1" else "RGB")
+        arr = np.asarray(im)
+        if mode.startswith("I;16"):
+            arr = arr.astype(np.uint16)
+        elif mode == "I":  # 16-bit PNGs open as 32-bit integer images
+            arr = np.clip(arr, 0, 65535).astype(np.uint16)
+    return _to_chw(arr, name)
+
+
+def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """(C, H, W) → (channels, H, W): gray is repeated for 3 channels, colour is averaged for 1."""
+    c = img.shape[0]
+    if c == channels:
+        return img
+    if channels == 3 and c == 1:
+        return np.repeat(img, 3, axis=0)
+    if channels == 1 and c == 3:
+        return img.mean(axis=0, keepdims=True, dtype=np.float32)
+    raise ValueError(f"cannot turn {c} channels into {channels}")

@@ -1,0 +1,122 @@
+"""Storage URIs: a local path or ``s3://bucket/prefix`` → a pyarrow filesystem and a path in it.
+
+Credentials come from the standard AWS chain (environment, shared profiles, instance profile), as
+boto3 resolves them; the endpoint of an S3-compatible store comes from ``endpoint_url`` or
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (pyarrow ignores those variables, so they are read here).
+Nothing here logs or formats a credential; errors name the URI only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(Exception):
+    """The store cannot be reached or refused the request; the message names the URI, never a secret."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a URI points: ``fs`` plus ``path`` inside it (``bucket/key`` for S3)."""
+
+    fs: pafs.FileSystem
+    path: str
+    scheme: str  # "file" or "s3"
+
+    def uri(self, path: str | None = None) -> str:
+        p = self.path if path is None else path
+        return f"s3://{p}" if self.scheme == "s3" else p
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts) if parts else self.path
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def endpoint_from_env(endpoint_url: str | None = None) -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def boto3_session():
+    import boto3
+
+    return boto3.session.Session(profile_name=os.environ.get("AWS_PROFILE") or None)
+
+
+def s3_client(endpoint_url: str | None = None, *, connect_timeout: float = 5, max_attempts: int = 3):
+    """A boto3 S3 client with standard retries and checksums only where a request needs them
+    (S3-compatible stores reject boto3 ≥ 1.36's default trailing checksums)."""
+    from botocore.config import Config
+
+    cfg = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=30,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"},
+    )
+    session = boto3_session()
+    return session.client(
+        "s3",
+        endpoint_url=endpoint_from_env(endpoint_url),
+        config=cfg,
+        region_name=session.region_name or "us-east-1",
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem, one per endpoint and process. Credentials come from the AWS SDK's own
+    chain (environment, ``AWS_PROFILE`` and shared files, instance profile), so they refresh and
+    never pass through msc-ray."""
+    endpoint = endpoint_from_env(endpoint_url)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict = {
+        "connect_timeout": 5,
+        "request_timeout": 30,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    if region or endpoint:
+        kwargs["region"] = region or "us-east-1"
+    if endpoint:
+        u = urlparse(endpoint)
+        kwargs.update(endpoint_override=u.netloc or u.path, scheme=u.scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike, endpoint_url: str | None = None) -> Location:
+    """Turn a local path or an ``s3://bucket/prefix`` URI into a :class:`Location`."""
+    uri = str(uri)
+    if is_s3(uri):
+        rest = uri[len("s3://") :].strip("/")
+        if not rest:
+            raise ValueError(f"{uri}: an s3:// URI needs a bucket")
+        return Location(s3_filesystem(endpoint_url), rest, "s3")
+    if "://" in uri:
+        raise ValueError(f"{uri}: only local paths and s3:// URIs are supported")
+    return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "file")
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    loc = resolve(uri, endpoint_url)
+    with loc.fs.open_input_stream(loc.path) as fh:
+        return fh.read()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line about a storage failure, with anything that looks like a secret left out."""
+    msg = " ".join(str(exc).split())
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        val = os.environ.get(var)
+        if val:
+            msg = msg.replace(val, "***")
+    return msg[:300]

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Augmented images/s through the Ray Data pipeline against a torch DataLoader, same work, same cores.
+
+Both sides read, decode, resize and augment the same images with the same functions
+(`data.load_image`, the `augment` recipe) on `--cpus` processes, and deliver torch batches to this
+process. Each side runs one warm-up epoch (worker start-up) and then `--epochs` timed epochs; the
+ratio is Ray Data / DataLoader (above 1.0: Ray Data is faster).
+
+    .venv/bin/python scripts/bench_data.py [--n 200] [--src 256] [--size 128] [--cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+from torchvision import tv_tensors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="synthetic images per stack (both stacks are read)")
+    ap.add_argument("--src", type=int, default=256, help="side of the stored images")
+    ap.add_argument("--size", type=int, default=128, help="model input side")
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=2)
+    args = ap.parse_args()
+
+    import ray
+
+    from msc_ray import augment, corpus, data, synth
+    from msc_ray.config import DataConfig
+
+    tmp = tempfile.mkdtemp()
+    synth.synthesize(tmp, synth.SynthConfig(n=args.n, size=args.src, seed=0, workers=args.cpus))
+    table, _ = corpus.index_corpus(tmp, folds=5)
+    rows = data.select(table)
+    cfg = DataConfig(size=args.size, channels=3)
+
+    class TorchSet(torch.utils.data.Dataset):
+        def __init__(self):
+            self.uris = rows.column("uri").to_pylist()
+            self.paths = rows.column("path").to_pylist()
+            self.labels = rows.column("label").to_pylist()
+            self.tf = augment.build(cfg, train=True)
+            self.epoch = 0
+
+        def __len__(self):
+            return len(self.uris)
+
+        def __getitem__(self, i):
+            img = tv_tensors.Image(torch.from_numpy(data.load_image(self.uris[i], self.paths[i], cfg)))
+            seed = augment.sample_seed(cfg.seed, self.epoch, self.paths[i])
+            return augment.apply(self.tf, {"image": img}, seed)["image"].as_subclass(
+                torch.Tensor
+            ), self.labels[i]
+
+    def run_torch(epochs: int) -> float:
+        ds = TorchSet()
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=args.batch,
+            shuffle=True,
+            num_workers=args.cpus,
+            persistent_workers=True,
+            prefetch_factor=4,
+        )
+        n, t0 = 0, 0.0
+        for e in range(epochs + 1):
+            if e == 1:
+                t0, n = time.perf_counter(), 0
+            ds.epoch = e
+            for x, _ in loader:
+                n += len(x)
+        return n / (time.perf_counter() - t0)
+
+    def run_ray(epochs: int) -> float:
+        n, t0 = 0, 0.0
+        for e in range(epochs + 1):
+            if e == 1:
+                t0, n = time.perf_counter(), 0
+            for x, _, _ in data.torch_batches(data.make_dataset(rows, cfg, train=True, epoch=e), args.batch):
+                n += len(x)
+        return n / (time.perf_counter() - t0)
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_rate = run_ray(args.epochs)
+    ray.shutdown()
+    torch_rate = run_torch(args.epochs)
+    print(
+        f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} batch={args.batch}"
+    )
+    print(f"Ray Data:         {ray_rate:8.1f} augmented images/s")
+    print(f"torch DataLoader: {torch_rate:8.1f} augmented images/s")
+    print(f"ratio Ray Data / DataLoader: {ray_rate / torch_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
