@@ -118,6 +118,105 @@ def index(
     typer.echo(f"manifest: {dest}")
 
 
+def _ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` when given, else start a local Ray."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        addr = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True)
+
+
+@app.command()
+@_one_line_errors
+def tune(
+    corpus_or_manifest: Annotated[
+        str, typer.Argument(help="Corpus root, or a manifest .parquet (local or s3://).")
+    ],
+    out: Annotated[Path, typer.Option(help="Run folder: experiments, table, plots, artifact.")],
+    stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
+    backbones: Annotated[
+        str, typer.Option(help="Comma-separated registry names.")
+    ] = "resnet18,mobilenet_v3_small",
+    folds: Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own).")] = 5,
+    max_epochs: Annotated[int, typer.Option(help="Epochs per trial at most.")] = 10,
+    patience: Annotated[
+        int, typer.Option(help="Epochs without a better validation ROC-AUC before a trial stops.")
+    ] = 3,
+    samples: Annotated[
+        int, typer.Option(help="Learning-rate/weight-decay samples per (backbone, fold).")
+    ] = 2,
+    size: Annotated[int, typer.Option(help="Input side in pixels (raised to what a backbone needs).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Images per optimisation step.")] = 32,
+    channels: Annotated[
+        int, typer.Option(help="3: gray repeated for ImageNet-style inputs; 1: first conv adapted.")
+    ] = 3,
+    pretrained: Annotated[
+        str, typer.Option(help="auto (cached ImageNet weights if present), none, or a file.")
+    ] = "auto",
+    asha: Annotated[bool, typer.Option(help="ASHA across the trials of each fold.")] = True,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial.")] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial; a fraction shares a GPU.")] = 0.0,
+    data_cpus: Annotated[float, typer.Option(help="CPUs kept free of trials for Ray Data decoding.")] = 1.0,
+    max_concurrent: Annotated[int, typer.Option(help="Trials at once; 0 = what resources allow.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of folds, sampling and augmentation.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted run in --out.")] = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Backbone × fold search on Ray Tune → Table 1 (mean ± SD over folds), plots, a scoring artifact."""
+    from . import corpus as corpus_mod
+    from . import models
+    from . import tune as tune_mod
+
+    names = tuple(b.strip() for b in backbones.split(",") if b.strip())
+    for b in names:
+        models.backbone(b)
+    out.mkdir(parents=True, exist_ok=True)
+    if corpus_or_manifest.endswith(".parquet"):
+        manifest = corpus_or_manifest
+        corpus_mod.read_manifest(manifest, endpoint_url)
+    else:
+        manifest = str(out / "manifest.parquet")
+        if not (resume and Path(manifest).exists()):
+            table, summary = corpus_mod.index_corpus(
+                corpus_or_manifest, folds=folds, seed=seed, endpoint_url=endpoint_url
+            )
+            corpus_mod.write_manifest(table, manifest)
+            for line in summary.lines():
+                typer.echo(line)
+    job = tune_mod.TuneJobConfig(
+        manifest=manifest,
+        out=str(out),
+        stack=stack,
+        backbones=names,
+        max_epochs=max_epochs,
+        patience=patience,
+        samples=samples,
+        batch_size=batch_size,
+        size=size,
+        channels=channels,
+        pretrained=pretrained,
+        asha=asha,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        data_cpus=data_cpus,
+        max_concurrent=max_concurrent,
+        seed=seed,
+        endpoint_url=endpoint_url,
+    )
+    info = corpus_mod.manifest_info(corpus_mod.read_manifest(manifest, endpoint_url))
+    job.validate(info["classes"])
+    _ensure_ray()
+    outcome = tune_mod.run_search(job, resume=resume)
+    typer.echo(Path(outcome.outputs["table_md"]).read_text())
+    w = outcome.winner
+    typer.echo(f"winner: {w['backbone']} lr={w['lr']:.2e} weight_decay={w['weight_decay']:.2e}")
+    for what, path in outcome.outputs.items():
+        typer.echo(f"  {what:10s} {path}")
+
+
 @app.command()
 @_one_line_errors
 def quickstart(

@@ -1,0 +1,271 @@
+"""Backbone registry, the study's classification head, and model artifacts.
+
+Every backbone is a torchvision model built with ``get_model``; the registry says where its final
+linear layer sits, and that layer is replaced by the study's head: feature vector → 1024 → classes,
+with ReLU and dropout. Adding a backbone is one line in :data:`BACKBONES`.
+
+Grayscale meets 3-channel backbones in the data pipeline (the gray plane is repeated; ImageNet
+normalisation applies). With ``in_channels != 3`` the first convolution is rebuilt for that many
+channels instead (pretrained filters are averaged over RGB and spread over the new channels).
+ViT has a fixed input size: without pretrained weights it is built for the pipeline's input size
+rounded up to a multiple of its 16-px patch; with ImageNet weights the pipeline resizes to 224.
+
+ImageNet weights are never downloaded: ``pretrained="auto"`` uses the file in torch's hub cache
+(``$TORCH_HOME/hub/checkpoints``) when it is there, ``"none"`` starts from random weights, and a path
+loads that state dict. Files load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str  # torchvision model name for get_model
+    head: str  # dotted path of the final nn.Linear, replaced by the study's head
+    min_size: int = 32  # smallest input side the architecture accepts
+    patch: int = 1  # input side must be a multiple of this (ViT)
+    pretrained_size: int | None = None  # input side the ImageNet weights require
+    kwargs: dict = field(default_factory=dict)
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("alexnet", "classifier.6", min_size=63),
+        Backbone("inception_v3", "fc", min_size=75, kwargs={"aux_logits": False, "init_weights": True}),
+        Backbone("resnet18", "fc"),
+        Backbone("resnet50", "fc"),
+        Backbone("densenet121", "classifier"),
+        Backbone("vgg19", "classifier.6"),
+        Backbone("shufflenet_v2_x2_0", "fc"),
+        Backbone("mobilenet_v3_large", "classifier.3"),
+        Backbone("mobilenet_v3_small", "classifier.3"),
+        Backbone("vit_b_16", "heads.head", patch=16, pretrained_size=224),
+    )
+}
+
+
+def backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}") from None
+
+
+def input_size(name: str, requested: int, pretrained: bool = False) -> int:
+    """The input side a backbone gets for a requested side."""
+    b = backbone(name)
+    if pretrained and b.pretrained_size:
+        return b.pretrained_size
+    size = max(requested, b.min_size)
+    return -(-size // b.patch) * b.patch
+
+
+def study_head(in_features: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:
+    """feature vector (N, in_features) → (N, num_classes) logits."""
+    return nn.Sequential(
+        nn.Linear(in_features, 1024), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(1024, num_classes)
+    )
+
+
+def _get_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parts = dotted.split(".")
+    parent = model
+    for p in parts[:-1]:
+        parent = parent[int(p)] if p.isdigit() else getattr(parent, p)
+    return parent, parts[-1]
+
+
+def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
+    if name.isdigit():
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+def _get(parent: nn.Module, name: str) -> nn.Module:
+    return parent[int(name)] if name.isdigit() else getattr(parent, name)
+
+
+def adapt_input_channels(model: nn.Module, in_channels: int) -> None:
+    """Rebuild the first convolution for ``in_channels`` inputs, keeping what its filters learnt."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            if mod.in_channels == in_channels:
+                return
+            new = nn.Conv2d(
+                in_channels,
+                mod.out_channels,
+                mod.kernel_size,
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                mod.groups,
+                mod.bias is not None,
+                mod.padding_mode,
+            )
+            with torch.no_grad():
+                mean = mod.weight.mean(dim=1, keepdim=True)
+                new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (mod.in_channels / in_channels))
+                if mod.bias is not None:
+                    new.bias.copy_(mod.bias)
+            parent, last = _get_parent(model, name)
+            _set(parent, last, new)
+            return
+    raise ValueError("model has no Conv2d to adapt")
+
+
+def imagenet_weights_file(name: str) -> Path | None:
+    """The hub-cache path of a backbone's default ImageNet weights, when that file is present."""
+    from torchvision.models import get_model_weights
+
+    try:
+        url = get_model_weights(name).DEFAULT.url
+    except (ValueError, AttributeError):
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return path if path.is_file() else None
+
+
+def resolve_pretrained(name: str, pretrained: str) -> Path | None:
+    """``"none"`` → None; ``"auto"`` → the cached ImageNet file or None; a path → that file."""
+    if pretrained in ("none", "", None):
+        return None
+    if pretrained == "auto":
+        found = imagenet_weights_file(name)
+        if found is None:
+            log.info("no cached ImageNet weights for %s: starting from random weights", name)
+        return found
+    path = Path(pretrained)
+    if not path.is_file():
+        raise ValueError(f"--pretrained {pretrained}: no such weights file")
+    return path
+
+
+def build_classifier(
+    name: str,
+    num_classes: int,
+    *,
+    in_channels: int = 3,
+    image_size: int = 224,
+    dropout: float = 0.5,
+    weights_file: str | os.PathLike | None = None,
+) -> nn.Module:
+    """A registry backbone with the study's head: (N, in_channels, S, S) → (N, num_classes) logits."""
+    from torchvision.models import get_model
+
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    b = backbone(name)
+    kwargs = dict(b.kwargs)
+    if b.patch > 1:
+        kwargs["image_size"] = image_size
+    model = get_model(name, weights=None, **kwargs)
+    if weights_file is not None:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("AuxLogits")]:
+            raise ValueError(
+                f"{weights_file}: does not match {name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    parent, last = _get_parent(model, b.head)
+    old = _get(parent, last)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"{name}: {b.head} is {type(old).__name__}, expected Linear")
+    _set(parent, last, study_head(old.in_features, num_classes, dropout))
+    if in_channels != 3:
+        adapt_input_channels(model, in_channels)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifacts: a directory with config.json and weights.pt (a state dict)
+# --------------------------------------------------------------------------------------------------
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short content hash of a state dict: the model version written into reports."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_artifact(dest: str | os.PathLike, state: dict[str, torch.Tensor], config: dict) -> dict:
+    """Write ``config.json`` (plus format and version) and ``weights.pt`` to a local dir or ``s3://``."""
+    from . import storage
+
+    config = {**config, "format": ARTIFACT_FORMAT, "version": state_digest(state)}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(tmp, "weights.pt"))
+        Path(tmp, "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if storage.is_s3(str(dest)):
+            import pyarrow.fs as pafs
+
+            loc = storage.resolve(str(dest))
+            pafs.copy_files(tmp, loc.path, destination_filesystem=loc.fs)
+        else:
+            Path(dest).mkdir(parents=True, exist_ok=True)
+            for f in ("weights.pt", "config.json"):
+                shutil.copyfile(os.path.join(tmp, f), os.path.join(dest, f))
+    return config
+
+
+def read_artifact(
+    src: str | os.PathLike, endpoint_url: str | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, state_dict)`` of an artifact directory (local or ``s3://``), loaded safely."""
+    from . import storage
+
+    src = str(src)
+    try:
+        if storage.is_s3(src):
+            loc = storage.resolve(src, endpoint_url)
+            with loc.fs.open_input_stream(loc.join("config.json")) as fh:
+                config = json.loads(fh.read())
+            with loc.fs.open_input_stream(loc.join("weights.pt")) as fh:
+                raw = fh.read()
+            import io
+
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        else:
+            config = json.loads(Path(src, "config.json").read_text())
+            state = torch.load(Path(src, "weights.pt"), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{src}: not a model artifact (needs config.json and weights.pt)") from None
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{src}: artifact format {config.get('format')} is not {ARTIFACT_FORMAT}")
+    return config, state
+
+
+def load_classifier(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[nn.Module, dict]:
+    """A classifier artifact → ``(model in eval mode, config)``."""
+    config, state = read_artifact(src, endpoint_url)
+    if config.get("kind") != "classifier":
+        raise ValueError(f"{src}: a {config.get('kind')} artifact, not a classifier")
+    model = build_classifier(
+        config["architecture"],
+        len(config["classes"]),
+        in_channels=config["data"]["channels"],
+        image_size=config["data"]["size"],
+        dropout=config.get("dropout", 0.5),
+    )
+    model.load_state_dict(state)
+    return model.eval(), config

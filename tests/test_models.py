@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msc_ray import models
+
+
+def test_unknown_backbone_lists_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        models.build_classifier("resnet9000", 4)
+    assert "resnet9000" in str(err.value) and "resnet18" in str(err.value) and "vit_b_16" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x2_0", "alexnet", "vit_b_16"]
+)
+def test_study_head_and_any_class_count(name):
+    size = models.input_size(name, 64)
+    m = models.build_classifier(name, 3, image_size=size).eval()
+    head = dict(m.named_modules())[models.BACKBONES[name].head]
+    assert isinstance(head, torch.nn.Sequential)
+    assert [type(x).__name__ for x in head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert head[0].out_features == 1024 and head[3].out_features == 3
+    with torch.no_grad():
+        assert m(torch.rand(2, 3, size, size)).shape == (2, 3)
+
+
+def test_input_sizes_meet_architecture_limits():
+    assert models.input_size("inception_v3", 64) == 75
+    assert models.input_size("vit_b_16", 100) == 112  # rounded up to whole 16-px patches
+    assert models.input_size("vit_b_16", 100, pretrained=True) == 224
+    assert models.input_size("resnet18", 128) == 128
+
+
+def test_one_channel_input_adapts_first_conv():
+    m = models.build_classifier("resnet18", 2, in_channels=1).eval()
+    assert m.conv1.in_channels == 1
+    with torch.no_grad():
+        assert m(torch.rand(1, 1, 64, 64)).shape == (1, 2)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    src = models.build_classifier("mobilenet_v3_small", 4)
+    from torchvision.models import get_model
+
+    plain = get_model("mobilenet_v3_small", weights=None)
+    torch.save(plain.state_dict(), tmp_path / "w.pth")
+    m = models.build_classifier("mobilenet_v3_small", 4, weights_file=tmp_path / "w.pth")
+    key = "features.0.0.weight"
+    assert torch.equal(m.state_dict()[key], plain.state_dict()[key])
+    assert not torch.equal(src.state_dict()[key], plain.state_dict()[key])
+    torch.save({"nonsense": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not match"):
+        models.build_classifier("mobilenet_v3_small", 4, weights_file=tmp_path / "bad.pth")
+    assert models.resolve_pretrained("resnet18", "none") is None
+    with pytest.raises(ValueError, match="no such weights file"):
+        models.resolve_pretrained("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_artifact_round_trip_local_and_s3(tmp_path, s3_server):
+    m = models.build_classifier("resnet18", 4, image_size=64).eval()
+    cfg = {
+        "kind": "classifier",
+        "architecture": "resnet18",
+        "classes": ["1", "2", "3", "4"],
+        "data": {"channels": 3, "size": 64},
+        "dropout": 0.5,
+    }
+    written = models.save_artifact(tmp_path / "art", m.state_dict(), cfg)
+    x = torch.rand(2, 3, 64, 64)
+    s3_server.client().create_bucket(Bucket="models")
+    models.save_artifact("s3://models/clf/v1", m.state_dict(), cfg)
+    for src in (tmp_path / "art", "s3://models/clf/v1"):
+        loaded, conf = models.load_classifier(src)
+        assert conf["version"] == written["version"] and len(conf["version"]) == 12
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), m(x))
+    with pytest.raises(ValueError, match="not a model artifact"):
+        models.load_classifier(tmp_path / "nothing-here")
