@@ -507,14 +507,14 @@ def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
         "| backbone | run | folds | micro ROC-AUC | accuracy | micro PR-AUC | status |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r: dict, k: str) -> str:
+        return "n/a" if math.isnan(r[k + "_mean"]) else f"{r[k + '_mean']:.3f} ± {r[k + '_sd']:.3f}"
+
     for r in rows:
-
-        def f(k):
-            return "n/a" if math.isnan(r[k + "_mean"]) else f"{r[k + '_mean']:.3f} ± {r[k + '_sd']:.3f}"
-
         lines.append(
-            f"| {r['backbone']} | {r['run']} | {r['folds_complete']} | {f('roc_auc')} | {f('accuracy')} | "
-            f"{f('pr_auc')} | {r['status']} |"
+            f"| {r['backbone']} | {r['run']} | {r['folds_complete']} | {cell(r, 'roc_auc')} | "
+            f"{cell(r, 'accuracy')} | {cell(r, 'pr_auc')} | {r['status']} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
     return {"table_csv": str(csv_path), "table_md": str(md_path)}
