@@ -47,6 +47,8 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -215,6 +217,77 @@ def tune(
     typer.echo(f"winner: {w['backbone']} lr={w['lr']:.2e} weight_decay={w['weight_decay']:.2e}")
     for what, path in outcome.outputs.items():
         typer.echo(f"  {what:10s} {path}")
+
+
+@app.command()
+@_one_line_errors
+def score(
+    archive: Annotated[str, typer.Argument(help="Images to score: a local folder or s3://bucket/prefix.")],
+    classifier: Annotated[str, typer.Option(help="Classifier artifact (folder or s3:// prefix).")],
+    out: Annotated[str, typer.Option(help="Report location: a local folder or s3://bucket/prefix.")],
+    detector: Annotated[str | None, typer.Option(help="Detector artifact for abnormal-cell boxes.")] = None,
+    stack: Annotated[
+        str, typer.Option(help="auto (from a sstack/mstack folder in the key), sstack or mstack.")
+    ] = "auto",
+    detect_all_stacks: Annotated[
+        bool, typer.Option(help="Run the detector on multi-stack images too.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
+    concurrency: Annotated[int, typer.Option(help="Model actors (each loads the models once).")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
+    chunk_size: Annotated[int, typer.Option(help="Objects per committed report part.")] = 2000,
+    run_id: Annotated[str, typer.Option(help="Run id recorded in every row (default: time + random).")] = "",
+    endpoint_url: EndpointOpt = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")
+    ] = None,
+) -> None:
+    """Score an archive into a Parquet report, exactly once per object and model version."""
+    from . import score as score_mod
+
+    cfg = score_mod.ScoreConfig(
+        archive=archive,
+        classifier=classifier,
+        out=out,
+        detector=detector,
+        stack=stack,
+        detect_all_stacks=detect_all_stacks,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        gpus_per_actor=gpus_per_actor,
+        chunk_size=chunk_size,
+        run_id=run_id,
+        endpoint_url=endpoint_url,
+    )
+    cfg.validate()
+    s = score_mod.score_archive(cfg, connect=lambda: _ensure_ray(address))
+    typer.echo(
+        f"run {s.run_id}: {s.listed} objects, {s.skipped} already in the report, {s.scored} scored "
+        f"({s.errors} error rows) in {s.seconds:.1f}s"
+    )
+    typer.echo(f"report: {out}")
+
+
+@app.command("report")
+@_one_line_errors
+def report_cmd(
+    report_uri: Annotated[str, typer.Argument(help="Report location written by `msc-ray score`.")],
+    plots: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the PNG plots (default REPORT/plots, or ./report-plots for s3://)."),
+    ] = None,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Counts per band, stack and status, and PNG plots of a scoring report."""
+    from . import report as report_mod
+    from .storage import is_s3
+
+    dest = plots or (Path("report-plots") if is_s3(report_uri) else Path(report_uri) / "plots")
+    summary, files = report_mod.report(report_uri, dest, endpoint_url)
+    for line in report_mod.lines(summary):
+        typer.echo(line)
+    for what, path in files.items():
+        typer.echo(f"  plot {what}: {path}")
 
 
 @app.command()

@@ -269,3 +269,69 @@ def load_classifier(src: str | os.PathLike, endpoint_url: str | None = None) -> 
     )
     model.load_state_dict(state)
     return model.eval(), config
+
+
+# --------------------------------------------------------------------------------------------------
+# Detector: torchvision RetinaNet
+# --------------------------------------------------------------------------------------------------
+
+DETECTOR_BACKBONES = ("resnet50_fpn", "resnet18_fpn")
+
+
+def build_detector(
+    backbone_name: str = "resnet50_fpn",
+    *,
+    num_classes: int = 2,
+    image_size: int = 512,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+) -> nn.Module:
+    """RetinaNet for abnormal cells. Input: list of float (3, H, W) in [0, 1]; output per image
+    ``{"boxes": (k, 4) [x1, y1, x2, y2] pixels, "scores": (k,), "labels": (k,)}`` with label 1 =
+    abnormal (0 is background). ``resnet50_fpn`` is torchvision's RetinaNet; ``resnet18_fpn`` is the
+    same detector on a ResNet-18 FPN, light enough for CPUs. Images are resized so their short side is
+    ``image_size`` (the transform inside RetinaNet), boxes are returned in the input's pixels."""
+    from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    common = dict(
+        min_size=image_size,
+        max_size=image_size * 2,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    if backbone_name == "resnet50_fpn":
+        return retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
+    if backbone_name == "resnet18_fpn":
+        fpn = resnet_fpn_backbone(
+            backbone_name="resnet18",
+            weights=None,
+            norm_layer=nn.BatchNorm2d,
+            trainable_layers=5,
+            returned_layers=[2, 3, 4],
+            extra_blocks=LastLevelP6P7(256, 256),
+        )
+        return RetinaNet(fpn, num_classes=num_classes, **common)
+    raise ValueError(f"unknown detector backbone {backbone_name!r}; valid: {', '.join(DETECTOR_BACKBONES)}")
+
+
+def load_detector(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[nn.Module, dict]:
+    """A detector artifact → ``(model in eval mode, config)``; its score threshold and NMS IoU
+    (chosen on the validation folds) are set on the model."""
+    config, state = read_artifact(src, endpoint_url)
+    if config.get("kind") != "detector":
+        raise ValueError(f"{src}: a {config.get('kind')} artifact, not a detector")
+    model = build_detector(
+        config["architecture"],
+        num_classes=len(config["classes"]) + 1,
+        image_size=config["image_size"],
+        score_thresh=config["score_threshold"],
+        nms_thresh=config["nms_iou"],
+    )
+    model.load_state_dict(state)
+    return model.eval(), config

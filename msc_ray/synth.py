@@ -123,8 +123,8 @@ def plan_corpus(cfg: SynthConfig) -> list[ImageSpec]:
                 bases[u] = np.clip(e + rng.uniform(-0.03, 0.03), 0.06, 0.95)
             else:
                 bases[u] = rng.uniform(lo, hi)
-        # enough vessels for grouped cross-validation: at least 8 when there are 8 vessel-days
-        days = max(1, min(DAYS_PER_VESSEL, n_units // 8))
+        # enough vessels for grouped 5-fold cross-validation, and several days per vessel when possible
+        days = max(1, min(DAYS_PER_VESSEL, n_units // 5))
         n_vessels = math.ceil(n_units / days)
         unit_vessel = rng.permutation(np.arange(n_units) % n_vessels)
         prefix = "S" if stack == "sstack" else "M"

@@ -353,6 +353,7 @@ def _run_experiment(
     job: TuneJobConfig, name: str, param_space: dict, *, asha: bool, resume: bool, num_samples: int = 1
 ):
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     storage = os.path.abspath(job.out)
     path = os.path.join(storage, name)
@@ -373,7 +374,11 @@ def _run_experiment(
                 mode="max" if name != "export" else None,
                 num_samples=num_samples,
                 scheduler=per_fold_asha(job) if asha else None,
-                max_concurrent_trials=concurrent_trials(job),
+                # seeded sampling: the same job samples the same learning rates and weight decays
+                # (the concurrency limit goes here: Tune ignores max_concurrent_trials for this generator)
+                search_alg=BasicVariantGenerator(
+                    random_state=job.seed, max_concurrent=concurrent_trials(job)
+                ),
                 trial_dirname_creator=lambda t: f"{t.config['backbone']}-fold{t.config['fold']}-{t.trial_id}",
             ),
             run_config=tune.RunConfig(
@@ -561,6 +566,23 @@ def _plot_winner(oof: dict, classes: list[str], temperature: float, title: str, 
     return str(dest)
 
 
+def search_phase(
+    job: TuneJobConfig, folds: int, *, resume: bool = False, name: str = "search"
+) -> list[TrialResult]:
+    """The backbone × fold × sampled-hyper-parameter trials (ASHA per fold when ``job.asha``)."""
+    from ray import tune
+
+    space = {
+        "job": asdict(job),
+        "phase": "search",
+        "backbone": tune.grid_search(list(job.backbones)),
+        "fold": tune.grid_search(list(range(folds))),
+        "lr": tune.loguniform(job.lr_min, job.lr_max),
+        "weight_decay": tune.loguniform(job.wd_min, job.wd_max),
+    }
+    return _collect(_run_experiment(job, name, space, asha=job.asha, resume=resume, num_samples=job.samples))
+
+
 def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     """Search, finalise the winner on every fold, export the artifact; write table, plots and JSON."""
     from ray import tune
@@ -574,17 +596,7 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     out.mkdir(parents=True, exist_ok=True)
     jd = asdict(job)
 
-    space = {
-        "job": jd,
-        "phase": "search",
-        "backbone": tune.grid_search(list(job.backbones)),
-        "fold": tune.grid_search(list(range(folds))),
-        "lr": tune.loguniform(job.lr_min, job.lr_max),
-        "weight_decay": tune.loguniform(job.wd_min, job.wd_max),
-    }
-    search = _collect(
-        _run_experiment(job, "search", space, asha=job.asha, resume=resume, num_samples=job.samples)
-    )
+    search = search_phase(job, folds, resume=resume)
     for t in search:
         if t.error:
             log.warning("trial %s fold %d failed: %s", t.backbone, t.fold, t.error)

@@ -1,0 +1,587 @@
+"""Batch scoring of archived production images into a Parquet report, exactly once.
+
+Pipeline, per chunk of the archive (Ray Data, streamed)::
+
+    list (boto3 paginator / local walk) → read bytes → decode → preprocess   [CPU tasks]
+        → model actors: classifier (+ detector), loaded once per actor         [actor pool, GPUs optional]
+        → report rows → one Parquet part per chunk, published atomically
+
+Report layout (a local folder or an ``s3://`` prefix)::
+
+    REPORT/parts/<run id>-<chunk>.parquet      published parts
+    REPORT/_commits/<run id>-<chunk>.json      completion manifests: a part exists for readers only
+                                               once its manifest does (written last)
+    REPORT/_staging/...                        parts being written; never read
+
+Exactly once: an object is keyed by its URI and version (S3 ETag; size and mtime locally) and the
+model versions. A rerun lists the committed manifests and skips those keys, so a run killed half-way
+and run again ends with one row per object; the chunks it had committed are kept.
+
+The confluence-percent estimate is the probability-weighted mean of the band midpoints
+(20, 50, 70, 90 %) with the calibrated class probabilities; it is given only for the four standard
+bands.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import BAND_EDGES, BAND_NAMES, images, storage
+
+log = logging.getLogger(__name__)
+
+BAND_MIDPOINTS = {name: 100 * (BAND_EDGES[i] + BAND_EDGES[i + 1]) / 2 for i, name in enumerate(BAND_NAMES)}
+BAND_LABELS = {
+    name: f"{100 * BAND_EDGES[i]:.0f}-{100 * BAND_EDGES[i + 1]:.0f}%" for i, name in enumerate(BAND_NAMES)
+}
+KEY_PATTERN = re.compile(r"(?P<vessel>[A-Za-z0-9]+)_d(?P<day>\d+)(?:_(?P<position>[A-Za-z0-9]+))?")
+STACK_CHOICES = ("auto", "sstack", "mstack")
+
+BOX_TYPE = pa.struct(
+    [
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("x2", pa.float32()),
+        ("y2", pa.float32()),
+        ("score", pa.float32()),
+    ]
+)
+REPORT_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("key", pa.string()),  # relative to the archive root
+        ("size", pa.int64()),
+        ("version", pa.string()),  # S3 ETag, or "<size>:<mtime ns>" for a local file
+        ("stack", pa.string()),
+        ("status", pa.string()),  # ok | error
+        ("error", pa.string()),
+        ("predicted_class", pa.string()),
+        ("band", pa.string()),
+        ("classes", pa.list_(pa.string())),
+        ("probabilities", pa.list_(pa.float32())),
+        ("confluence_pct", pa.float32()),
+        ("abnormal_boxes", pa.list_(BOX_TYPE)),
+        ("n_abnormal", pa.int32()),
+        ("vessel", pa.string()),
+        ("day", pa.int32()),
+        ("position", pa.string()),
+        ("classifier_version", pa.string()),
+        ("detector_version", pa.string()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    archive: str
+    classifier: str
+    out: str
+    detector: str | None = None
+    stack: str = "auto"  # auto: from a "sstack"/"mstack" folder in the key, else the classifier's stack
+    detect_all_stacks: bool = False  # the detector was trained on single-stack images
+    batch_size: int = 32  # images per model call
+    decode_batch: int = 32  # images per decode task
+    concurrency: int = 1  # model actors
+    gpus_per_actor: float = 0.0
+    chunk_size: int = 2000  # objects per committed part
+    run_id: str = ""
+    endpoint_url: str | None = None
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        if self.stack not in STACK_CHOICES:
+            raise ValueError(f"--stack must be one of {', '.join(STACK_CHOICES)}, got {self.stack!r}")
+        for name in ("batch_size", "decode_batch", "concurrency", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+@dataclass
+class ArchiveObject:
+    uri: str
+    key: str
+    size: int
+    version: str
+
+
+@dataclass
+class ScoreSummary:
+    run_id: str
+    listed: int = 0
+    ignored: int = 0  # objects whose names are not images
+    skipped: int = 0  # already in the report
+    scored: int = 0
+    errors: int = 0
+    parts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    return bucket, prefix.strip("/")
+
+
+def list_archive(
+    archive: str, endpoint_url: str | None = None, exclude: str | None = None
+) -> list[ArchiveObject]:
+    """Every object under ``archive`` (sorted by key), with what identifies its version.
+    Objects under ``exclude`` (the report, when it lies inside the archive) are left out."""
+    out: list[ArchiveObject] = []
+    if storage.is_s3(archive):
+        bucket, prefix = _split_s3(archive)
+        client = storage.s3_client(endpoint_url)
+        try:
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix + "/" if prefix else ""
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    if key.endswith("/"):
+                        continue
+                    rel = key[len(prefix) + 1 :] if prefix else key
+                    out.append(
+                        ArchiveObject(f"s3://{bucket}/{key}", rel, int(obj["Size"]), obj["ETag"].strip('"'))
+                    )
+        except Exception as exc:  # botocore ClientError, EndpointConnectionError, NoCredentialsError, ...
+            raise storage.StorageError(f"cannot list {archive}: {_s3_reason(exc)}") from None
+    else:
+        root = os.path.abspath(archive)
+        if not os.path.isdir(root):
+            raise ValueError(f"{archive}: no such folder")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for fn in filenames:
+                path = os.path.join(dirpath, fn)
+                st = os.stat(path)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                out.append(ArchiveObject(path, rel, st.st_size, f"{st.st_size}:{st.st_mtime_ns}"))
+    if exclude:
+        out = [o for o in out if not o.uri.startswith(exclude.rstrip("/") + "/")]
+    out.sort(key=lambda o: o.key)
+    return out
+
+
+def _s3_reason(exc: BaseException) -> str:
+    err = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+    if err:
+        return f"{err.get('Code', 'error')} ({err.get('Message', '')})".strip()
+    return storage.describe_error(exc) or type(exc).__name__
+
+
+def check_writable(out: str, endpoint_url: str | None = None) -> None:
+    """Fail fast, before any work, when the report location cannot be written."""
+    if storage.is_s3(out):
+        bucket, _ = _split_s3(out)
+        try:
+            storage.s3_client(endpoint_url).head_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise storage.StorageError(f"cannot write the report to {out}: {_s3_reason(exc)}") from None
+    else:
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, f".probe-{secrets.token_hex(4)}")
+            open(probe, "wb").close()
+            os.remove(probe)
+        except OSError as exc:
+            raise ValueError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The report: committed parts
+# --------------------------------------------------------------------------------------------------
+
+
+def _report_loc(out: str, endpoint_url: str | None):
+    return storage.resolve(out, endpoint_url)
+
+
+def committed(out: str, endpoint_url: str | None = None) -> list[dict]:
+    """The completion manifests of a report (empty when there is no report yet)."""
+    import pyarrow.fs as pafs
+
+    loc = _report_loc(out, endpoint_url)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.join("_commits"), allow_not_found=True))
+    except OSError as exc:
+        raise storage.StorageError(f"cannot read the report {out}: {storage.describe_error(exc)}") from None
+    manifests = []
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.path.endswith(".json"):
+            with loc.fs.open_input_stream(info.path) as fh:
+                manifests.append(json.loads(fh.read()))
+    return manifests
+
+
+def read_report(out: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows of a report (a table with :data:`REPORT_SCHEMA`, possibly empty)."""
+    loc = _report_loc(out, endpoint_url)
+    tables = [
+        pq.read_table(loc.join("parts", m["part"]), filesystem=loc.fs, columns=columns)
+        for m in committed(out, endpoint_url)
+    ]
+    if not tables:
+        schema = REPORT_SCHEMA if columns is None else pa.schema([REPORT_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def _done_keys(out: str, endpoint_url: str | None, model_versions: tuple[str, str]) -> set[tuple[str, str]]:
+    t = read_report(out, endpoint_url, columns=["uri", "version", "classifier_version", "detector_version"])
+    if t.num_rows == 0:
+        return set()
+    return {
+        (u, v)
+        for u, v, c, d in zip(*(t.column(i).to_pylist() for i in range(4)), strict=True)
+        if (c or "", d or "") == model_versions
+    }
+
+
+def _publish(table: pa.Table, out: str, endpoint_url: str | None, name: str, meta: dict) -> str:
+    """Write a part under _staging, move it into parts/, then write its manifest (the commit)."""
+    loc = _report_loc(out, endpoint_url)
+    staging, final = loc.join("_staging", f"{name}.parquet"), loc.join("parts", f"{name}.parquet")
+    for d in ("_staging", "parts", "_commits"):
+        loc.fs.create_dir(loc.join(d), recursive=True)
+    pq.write_table(table, staging, filesystem=loc.fs)
+    loc.fs.move(staging, final)
+    manifest = {**meta, "part": f"{name}.parquet", "rows": table.num_rows}
+    tmp = loc.join("_staging", f"{name}.json")
+    with loc.fs.open_output_stream(tmp) as fh:
+        fh.write(json.dumps(manifest, indent=1).encode())
+    loc.fs.move(tmp, loc.join("_commits", f"{name}.json"))
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray Data stages
+# --------------------------------------------------------------------------------------------------
+
+
+def stack_of(key: str, default: str) -> str:
+    parts = PurePosixPath(key).parts
+    for s in ("sstack", "mstack"):
+        if s in parts[:-1]:
+            return s
+    return default
+
+
+def _preprocess(
+    batch: dict,
+    *,
+    cls_cfg: dict,
+    det_size: int | None,
+    detect_all: bool,
+    endpoint_url: str | None,
+    max_pixels: int,
+) -> dict:
+    """CPU task: read, decode and preprocess a block of objects; a bad object becomes an error row."""
+    import torch
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as F
+
+    from . import augment, data
+    from .config import DataConfig, from_dict
+
+    cfg = from_dict(DataConfig, cls_cfg)
+    tf = augment.build(cfg, train=False)
+    n = len(batch["uri"])
+    x = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.float32)
+    det = np.zeros((n, 3, det_size, det_size), np.float32) if det_size else None
+    ok = np.zeros(n, bool)
+    use_det = np.zeros(n, bool)
+    scale = np.ones((n, 2), np.float32)  # detector input → original pixels (x, y)
+    err = np.empty(n, dtype=object)
+    for i in range(n):
+        uri, key = str(batch["uri"][i]), str(batch["key"][i])
+        try:
+            raw = data.read_uri(uri, endpoint_url)
+            img = images.decode(raw, key, max_pixels)
+        except images.ImageError as exc:
+            err[i] = str(exc)
+            continue
+        except Exception as exc:  # the object vanished, the store failed for this object, ...
+            err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
+            continue
+        x[i] = tf({"image": tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))})[
+            "image"
+        ]
+        ok[i] = True
+        err[i] = ""
+        if det is not None and (detect_all or str(batch["stack"][i]) == "sstack"):
+            h, w = img.shape[-2:]
+            d = F.resize(torch.from_numpy(images.to_channels(img, 3)), [det_size, det_size], antialias=True)
+            det[i] = d.numpy()
+            use_det[i] = True
+            scale[i] = (w / det_size, h / det_size)
+    out = {"row": batch["row"], "image": x, "ok": ok, "error": err.astype(str)}
+    if det is not None:
+        out.update(det_image=det, use_det=use_det, det_scale=scale)
+    return out
+
+
+class ModelActor:
+    """Holds the classifier (and detector) for the life of the actor; turns image batches into
+    predictions. On a GPU, inference runs under autocast (bfloat16)."""
+
+    def __init__(self, classifier: str, detector: str | None, endpoint_url: str | None):
+        import torch
+
+        from . import models
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.clf, self.clf_cfg = models.load_classifier(classifier, endpoint_url)
+        self.clf.to(self.device)
+        self.temperature = float(self.clf_cfg.get("temperature", 1.0))
+        self.det = None
+        if detector:
+            self.det, self.det_cfg = models.load_detector(detector, endpoint_url)
+            self.det.to(self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        """Batch in: ``row``, ``ok``, ``error``, ``image`` (N, C, S, S) [+ ``det_image``, ``use_det``,
+        ``det_scale``]. Batch out: ``row``, ``ok``, ``error``, ``probs`` (N, K) calibrated, ``boxes``
+        (JSON text per row: ``[[x1, y1, x2, y2, score], ...]`` in the original image's pixels)."""
+        torch = self.torch
+        n = len(batch["row"])
+        ok = np.asarray(batch["ok"], bool)
+        probs = np.zeros((n, len(self.clf_cfg["classes"])), np.float32)
+        boxes = ["[]"] * n
+        amp = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            idx = np.flatnonzero(ok)
+            if len(idx):
+                logits = self.clf(torch.from_numpy(batch["image"][idx]).to(self.device)).float()
+                probs[idx] = torch.softmax(logits / self.temperature, 1).cpu().numpy()
+            if self.det is not None:
+                didx = np.flatnonzero(ok & np.asarray(batch["use_det"], bool))
+                if len(didx):
+                    imgs = [torch.from_numpy(batch["det_image"][i]).to(self.device) for i in didx]
+                    for i, res in zip(didx, self.det(imgs), strict=True):
+                        b = res["boxes"].float().cpu().numpy() * np.tile(batch["det_scale"][i], 2)
+                        sc = res["scores"].float().cpu().numpy()
+                        boxes[i] = json.dumps(
+                            [
+                                [round(float(v), 2) for v in bb] + [round(float(s), 4)]
+                                for bb, s in zip(b, sc, strict=True)
+                            ]
+                        )
+        return {
+            "row": batch["row"],
+            "ok": ok,
+            "error": batch["error"],
+            "probs": probs,
+            "boxes": np.array(boxes, dtype=object).astype(str),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+def _rows_for_chunk(
+    objs: list[ArchiveObject],
+    results: dict[int, tuple],
+    stacks: list[str],
+    classes: list[str],
+    versions: tuple[str, str],
+    run_id: str,
+    detector: bool,
+    detect_all: bool,
+) -> pa.Table:
+    """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json)`` for object ``i``."""
+    now = dt.datetime.now(dt.timezone.utc)
+    standard = classes == list(BAND_NAMES)
+    rows = []
+    for i, o in enumerate(objs):
+        m = KEY_PATTERN.search(PurePosixPath(o.key).stem)
+        row = {
+            "uri": o.uri,
+            "key": o.key,
+            "size": o.size,
+            "version": o.version,
+            "stack": stacks[i],
+            "vessel": m["vessel"] if m else None,
+            "day": int(m["day"]) if m else None,
+            "position": m["position"] if m else None,
+            "classifier_version": versions[0],
+            "detector_version": versions[1] or None,
+            "run_id": run_id,
+            "scored_at": now,
+        }
+        ok, error, p, boxes = results.get(i, (False, f"{o.key}: not scored", None, "[]"))
+        if ok:
+            c = int(np.argmax(p))
+            row.update(
+                status="ok",
+                error=None,
+                predicted_class=classes[c],
+                classes=classes,
+                probabilities=[float(v) for v in p],
+                band=BAND_LABELS.get(classes[c]) if standard else None,
+                confluence_pct=float(sum(p[j] * BAND_MIDPOINTS[n] for j, n in enumerate(classes)))
+                if standard
+                else None,
+            )
+            if detector and (detect_all or stacks[i] == "sstack"):
+                bx = json.loads(boxes)
+                row["abnormal_boxes"] = [
+                    dict(zip(("x1", "y1", "x2", "y2", "score"), b, strict=True)) for b in bx
+                ]
+                row["n_abnormal"] = len(bx)
+        else:
+            row.update(status="error", error=error)
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+
+
+def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
+    """Score every object of ``cfg.archive`` not yet in the report at ``cfg.out``; see the module doc.
+
+    ``connect`` (optional) is called once the report location, the models and the archive listing
+    have been checked and there is work to do: the CLI starts or joins Ray there, so a bad bucket,
+    credential or endpoint fails in seconds without starting anything."""
+    import ray
+
+    from . import models
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    run_id = cfg.run_id or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    summary = ScoreSummary(run_id=run_id)
+    # everything that can fail fast does so before any work: report location, models, listing
+    check_writable(cfg.out, cfg.endpoint_url)
+    clf_cfg, _ = models.read_artifact(cfg.classifier, cfg.endpoint_url)
+    if clf_cfg.get("kind") != "classifier":
+        raise ValueError(f"--classifier {cfg.classifier}: a {clf_cfg.get('kind')} artifact, not a classifier")
+    det_cfg = None
+    if cfg.detector:
+        det_cfg, _ = models.read_artifact(cfg.detector, cfg.endpoint_url)
+        if det_cfg.get("kind") != "detector":
+            raise ValueError(f"--detector {cfg.detector}: a {det_cfg.get('kind')} artifact, not a detector")
+    versions = (clf_cfg["version"], det_cfg["version"] if det_cfg else "")
+    out_uri = cfg.out if storage.is_s3(cfg.out) else os.path.abspath(cfg.out)
+    listed = list_archive(cfg.archive, cfg.endpoint_url, exclude=out_uri)
+    summary.listed = len(listed)
+    # objects named as images are scored (a broken one is an error row); others (annotations,
+    # notes, checksums) are counted and left out
+    objs = [o for o in listed if images.is_image_name(o.key)]
+    summary.ignored = len(listed) - len(objs)
+    if summary.ignored:
+        log.info("ignoring %d objects whose names are not images", summary.ignored)
+    done = _done_keys(cfg.out, cfg.endpoint_url, versions)
+    todo = [o for o in objs if (o.uri, o.version) not in done]
+    summary.skipped = len(objs) - len(todo)
+    log.info(
+        "%s: %d objects, %d already in the report, %d to score (run %s)",
+        cfg.archive,
+        len(objs),
+        summary.skipped,
+        len(todo),
+        run_id,
+    )
+    if todo and connect is not None:
+        connect()
+    default_stack = clf_cfg.get("stack", "sstack")
+    classes = list(clf_cfg["classes"])
+    data_cfg = {**clf_cfg["data"], "endpoint_url": None}
+    det_size = int(det_cfg["image_size"]) if det_cfg else None
+    for c0 in range(0, len(todo), cfg.chunk_size):
+        chunk = todo[c0 : c0 + cfg.chunk_size]
+        stacks = [stack_of(o.key, default_stack) if cfg.stack == "auto" else cfg.stack for o in chunk]
+        table = pa.table(
+            {
+                "row": pa.array(range(len(chunk)), pa.int64()),
+                "uri": [o.uri for o in chunk],
+                "key": [o.key for o in chunk],
+                "stack": stacks,
+            }
+        )
+        blocks = [table.slice(i, cfg.decode_batch) for i in range(0, table.num_rows, cfg.decode_batch)]
+        ds = ray.data.from_arrow(blocks)
+        ds.context.op_resource_reservation_enabled = False
+        ds = ds.map_batches(
+            _preprocess,
+            batch_size=cfg.decode_batch,
+            batch_format="numpy",
+            num_cpus=1,
+            fn_kwargs={
+                "cls_cfg": data_cfg,
+                "det_size": det_size,
+                "detect_all": cfg.detect_all_stacks,
+                "endpoint_url": cfg.endpoint_url,
+                "max_pixels": cfg.max_pixels,
+            },
+        )
+        scored = ds.map_batches(
+            ModelActor,
+            fn_constructor_kwargs={
+                "classifier": cfg.classifier,
+                "detector": cfg.detector,
+                "endpoint_url": cfg.endpoint_url,
+            },
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            num_gpus=cfg.gpus_per_actor or None,
+            num_cpus=0 if cfg.gpus_per_actor else 1,
+        )
+        # the driver keeps only report-sized results: probabilities, boxes and error texts
+        results: dict[int, tuple] = {}
+        for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            for r, ok, e, p, bx in zip(b["row"], b["ok"], b["error"], b["probs"], b["boxes"], strict=True):
+                results[int(r)] = (bool(ok), str(e), p, str(bx))
+        chunk_table = _rows_for_chunk(
+            chunk, results, stacks, classes, versions, run_id, bool(cfg.detector), cfg.detect_all_stacks
+        )
+        name = f"{run_id}-{c0 // cfg.chunk_size:05d}"
+        part = _publish(
+            chunk_table,
+            cfg.out,
+            cfg.endpoint_url,
+            name,
+            {
+                "run_id": run_id,
+                "archive": cfg.archive,
+                "classifier_version": versions[0],
+                "detector_version": versions[1],
+                "config": asdict(cfg),
+            },
+        )
+        n_err = int(np.sum(np.array(chunk_table.column("status").to_pylist()) == "error"))
+        summary.parts.append(part)
+        summary.scored += len(chunk)
+        summary.errors += n_err
+        log.info(
+            "committed %s: %d rows (%d errors), %d/%d objects",
+            name,
+            len(chunk),
+            n_err,
+            c0 + len(chunk),
+            len(todo),
+        )
+    summary.seconds = time.perf_counter() - t0
+    return summary
