@@ -85,9 +85,7 @@ class EdgeSharpen(v2.Transform):
         lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=smooth.dtype)
         kernel = lap.expand(c, 1, 3, 3)
         x = smooth.reshape(-1, c, *smooth.shape[-2:])
-        edges = torch.nn.functional.conv2d(
-            torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c
-        )
+        edges = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
         out = (x - params["amount"] * edges).clamp_(0.0, 1.0).reshape(smooth.shape)
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 

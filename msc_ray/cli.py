@@ -60,9 +60,7 @@ def synth(
     stack: Annotated[str, typer.Option(help="sstack, mstack or both.")] = "both",
     fmt: Annotated[str, typer.Option("--format", help="png, jpg or tif (16-bit).")] = "png",
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical corpus.")] = 0,
-    abnormal_fraction: Annotated[
-        float, typer.Option(help="Share of single-stack images with abnormal cells.")
-    ] = 0.3,
+    abnormal_fraction: Annotated[float, typer.Option(help="Share of single-stack images with abnormal cells.")] = 0.3,
     workers: Annotated[int, typer.Option(help="Processes rendering in parallel.")] = 1,
     preview: Annotated[
         Path | None, typer.Option(help="Also write a contact sheet PNG (one image per stack and class).")
@@ -134,22 +132,14 @@ def _ensure_ray(address: str | None = None) -> None:
 @app.command()
 @_one_line_errors
 def tune(
-    corpus_or_manifest: Annotated[
-        str, typer.Argument(help="Corpus root, or a manifest .parquet (local or s3://).")
-    ],
+    corpus_or_manifest: Annotated[str, typer.Argument(help="Corpus root, or a manifest .parquet (local or s3://).")],
     out: Annotated[Path, typer.Option(help="Run folder: experiments, table, plots, artifact.")],
     stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
-    backbones: Annotated[
-        str, typer.Option(help="Comma-separated registry names.")
-    ] = "resnet18,mobilenet_v3_small",
+    backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "resnet18,mobilenet_v3_small",
     folds: Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own).")] = 5,
     max_epochs: Annotated[int, typer.Option(help="Epochs per trial at most.")] = 10,
-    patience: Annotated[
-        int, typer.Option(help="Epochs without a better validation ROC-AUC before a trial stops.")
-    ] = 3,
-    samples: Annotated[
-        int, typer.Option(help="Learning-rate/weight-decay samples per (backbone, fold).")
-    ] = 2,
+    patience: Annotated[int, typer.Option(help="Epochs without a better validation ROC-AUC before a trial stops.")] = 3,
+    samples: Annotated[int, typer.Option(help="Learning-rate/weight-decay samples per (backbone, fold).")] = 2,
     size: Annotated[int, typer.Option(help="Input side in pixels (raised to what a backbone needs).")] = 128,
     batch_size: Annotated[int, typer.Option(help="Images per optimisation step.")] = 32,
     channels: Annotated[
@@ -219,6 +209,65 @@ def tune(
         typer.echo(f"  {what:10s} {path}")
 
 
+@app.command("train-detector")
+@_one_line_errors
+def train_detector(
+    corpus_or_manifest: Annotated[str, typer.Argument(help="Corpus root, or a manifest .parquet (local or s3://).")],
+    out: Annotated[Path, typer.Option(help="Run folder: per-fold checkpoints, Table 2, panel, artifact.")],
+    workers: Annotated[int, typer.Option(help="DDP workers per fold.")] = 2,
+    gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker (leave some for Ray Data).")] = 1.0,
+    folds: Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own).")] = 5,
+    only_folds: Annotated[str, typer.Option(help="Comma-separated validation folds to run (default: all).")] = "",
+    epochs: Annotated[int, typer.Option(help="Epochs per fold.")] = 10,
+    backbone: Annotated[
+        str, typer.Option(help="resnet50_fpn (default) or resnet18_fpn (lighter, for CPUs).")
+    ] = "resnet50_fpn",
+    size: Annotated[int, typer.Option(help="Image side the detector sees.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seed of folds, shards and augmentation.")] = 0,
+    endpoint_url: EndpointOpt = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")] = None,
+) -> None:
+    """RetinaNet for abnormal cells with Ray Train (DDP) per fold → Table 2, a panel, a detector artifact.
+    Rerunning with the same --out resumes every fold from its latest checkpoint."""
+    from . import corpus as corpus_mod
+    from . import detect
+
+    out.mkdir(parents=True, exist_ok=True)
+    if corpus_or_manifest.endswith(".parquet"):
+        manifest = corpus_or_manifest
+    else:
+        manifest = str(out / "manifest.parquet")
+        if not Path(manifest).exists():  # a rerun keeps the folds it started with
+            table, summary = corpus_mod.index_corpus(
+                corpus_or_manifest, folds=folds, seed=seed, endpoint_url=endpoint_url
+            )
+            corpus_mod.write_manifest(table, manifest)
+    job = detect.DetectJobConfig(
+        manifest=manifest,
+        out=str(out),
+        folds=tuple(int(f) for f in only_folds.split(",") if f.strip()),
+        epochs=epochs,
+        workers=workers,
+        gpu=gpu,
+        cpus_per_worker=cpus_per_worker,
+        backbone=backbone,
+        size=size,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        endpoint_url=endpoint_url,
+    )
+    job.validate()
+    _ensure_ray(address)
+    res = detect.train_detector(job)
+    typer.echo(Path(res["table_md"]).read_text())
+    for what in ("table_csv", "table_md", "panel", "artifact"):
+        typer.echo(f"  {what:10s} {res[what]}")
+
+
 @app.command()
 @_one_line_errors
 def score(
@@ -229,18 +278,14 @@ def score(
     stack: Annotated[
         str, typer.Option(help="auto (from a sstack/mstack folder in the key), sstack or mstack.")
     ] = "auto",
-    detect_all_stacks: Annotated[
-        bool, typer.Option(help="Run the detector on multi-stack images too.")
-    ] = False,
+    detect_all_stacks: Annotated[bool, typer.Option(help="Run the detector on multi-stack images too.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
     concurrency: Annotated[int, typer.Option(help="Model actors (each loads the models once).")] = 1,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
     chunk_size: Annotated[int, typer.Option(help="Objects per committed report part.")] = 2000,
     run_id: Annotated[str, typer.Option(help="Run id recorded in every row (default: time + random).")] = "",
     endpoint_url: EndpointOpt = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")
-    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")] = None,
 ) -> None:
     """Score an archive into a Parquet report, exactly once per object and model version."""
     from . import score as score_mod
@@ -296,15 +341,16 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for every output of the run.")] = Path("quickstart-out"),
     n: Annotated[int, typer.Option("--n", help="Synthetic images per stack.")] = 40,
     size: Annotated[int, typer.Option(help="Synthetic image side in pixels.")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic corpus.")] = 0,
+    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic corpus, folds and search.")] = 0,
 ) -> None:
     """Run the main job end to end on embedded defaults and print where the outputs are."""
     from .quickstart import QuickstartConfig, run
 
-    outputs = run(QuickstartConfig(out=str(out), n=n, size=size, seed=seed))
+    outputs = run(QuickstartConfig(out=str(out), n=n, size=size, max_epochs=max_epochs, seed=seed))
     typer.echo("quickstart finished; outputs:")
     for what, path in outputs.items():
-        typer.echo(f"  {what:10s} {path}")
+        typer.echo(f"  {what:12s} {path}")
 
 
 if __name__ == "__main__":

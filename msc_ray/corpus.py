@@ -96,11 +96,7 @@ class IndexSummary:
             out.append(f"{stack}: folds grouped by {self.grouped_by.get(stack, 'image')}")
             out.append("  fold " + " ".join(f"{lab:>6}" for lab in labels) + "  total")
             for f, c in sorted(folds.items()):
-                out.append(
-                    f"  {f:>4} "
-                    + " ".join(f"{c.get(lab, 0):>6}" for lab in labels)
-                    + f"  {sum(c.values()):>5}"
-                )
+                out.append(f"  {f:>4} " + " ".join(f"{c.get(lab, 0):>6}" for lab in labels) + f"  {sum(c.values()):>5}")
         return out
 
 
@@ -148,9 +144,7 @@ def _read_metadata(data: bytes) -> dict[str, dict]:
     return out
 
 
-def _assign_folds(
-    labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int, stack: str
-) -> np.ndarray:
+def _assign_folds(labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int, stack: str) -> np.ndarray:
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     n = len(labels)
@@ -159,9 +153,7 @@ def _assign_folds(
     if groups is not None:
         n_groups = len(set(groups.tolist()))
         if n_groups < folds:
-            raise ValueError(
-                f"--folds {folds}: {stack} has only {n_groups} vessel(s); use at most {n_groups} folds"
-            )
+            raise ValueError(f"--folds {folds}: {stack} has only {n_groups} vessel(s); use at most {n_groups} folds")
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     else:
         if n < folds:
@@ -274,13 +266,10 @@ def index_corpus(
                 meta.setdefault(name, meta[k])
 
     classes = {
-        s: sorted({e[2] for e in entries if e[1] == s}, key=natural_key)
-        for s in sorted({e[1] for e in entries})
+        s: sorted({e[2] for e in entries if e[1] == s}, key=natural_key) for s in sorted({e[1] for e in entries})
     }
     rows = []
-    for (rel, stack, cls, info), (w, h, err), (boxes, ann, ann_err) in zip(
-        entries, probes, annots, strict=True
-    ):
+    for (rel, stack, cls, info), (w, h, err), (boxes, ann, ann_err) in zip(entries, probes, annots, strict=True):
         m = meta.get(rel) or meta.get(PurePosixPath(rel).name) or {}
         vessel = (m.get("vessel") or "").strip() or None
         day = (m.get("day") or "").strip()

@@ -69,9 +69,7 @@ def _transform_batch(
         if detection:
             raw = batch["boxes"][i]
             xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
-            sample["boxes"] = tv_tensors.BoundingBoxes(
-                torch.from_numpy(xyxy), format="XYXY", canvas_size=(h, w)
-            )
+            sample["boxes"] = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(h, w))
             sample["labels"] = torch.ones(len(xyxy), dtype=torch.int64)
         seed = augment.sample_seed(cfg.seed, epoch, path)
         res = augment.apply(tf, sample, seed)
@@ -93,9 +91,7 @@ def _transform_batch(
     return out
 
 
-def select(
-    manifest: pa.Table, *, stack: str | None = None, fold: int | None = None, train: bool = True
-) -> pa.Table:
+def select(manifest: pa.Table, *, stack: str | None = None, fold: int | None = None, train: bool = True) -> pa.Table:
     """Rows of one stack; with ``fold`` the training (other folds) or validation (that fold) rows.
     Adds a ``row`` column: the row's index in ``manifest``."""
     t = manifest.append_column("row", pa.array(np.arange(manifest.num_rows), pa.int64()))
@@ -104,9 +100,7 @@ def select(
     if fold is not None:
         t = t.filter(pc.not_equal(t["fold"], fold) if train else pc.equal(t["fold"], fold))
     if t.num_rows == 0:
-        raise ValueError(
-            f"no images for stack={stack} fold={fold} ({'training' if train else 'validation'} split)"
-        )
+        raise ValueError(f"no images for stack={stack} fold={fold} ({'training' if train else 'validation'} split)")
     return t
 
 
@@ -173,9 +167,11 @@ def torch_batches(
     device: str | torch.device = "cpu",
     drop_last: bool = False,
     prefetch_batches: int = 2,
+    keep_empty: bool = False,
 ) -> Iterator:
     """Iterate a Ray Dataset or a Ray Train shard (``DataIterator``) as torch batches, dropping
-    error records and counting them in ``stats``.
+    error records and counting them in ``stats``. With ``keep_empty`` a batch of nothing but error
+    records is yielded empty instead of skipped.
 
     Classification yields ``(images (N, C, S, S), labels (N,), rows (N,))``; detection yields
     ``(list of images (C, S, S), list of {"boxes": (k, 4), "labels": (k,)}, rows)``."""
@@ -189,6 +185,11 @@ def torch_batches(
             stats.errors += len(bad)
             stats.error_rows.extend(batch["row"][bad].tolist())
         if not ok.any():
+            if keep_empty:  # e.g. DDP: every rank must take the same number of steps
+                empty = batch["image"][:0]
+                yield (
+                    (list(empty), [], batch["row"][:0]) if detection else (empty, batch["label"][:0], batch["row"][:0])
+                )
             continue
         stats.images += int(ok.sum())
         if len(bad):

@@ -70,3 +70,84 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def match_detections(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Greedy matching by descending score: for each prediction, True when it takes a still unmatched
+    truth box with IoU ≥ ``iou`` (a true positive), False otherwise (a false positive)."""
+    order = np.argsort(-np.asarray(scores))
+    tp = np.zeros(len(order), bool)
+    if len(truth) == 0 or len(order) == 0:
+        return tp
+    ious = box_iou(np.asarray(pred)[order], truth)
+    taken = np.zeros(len(truth), bool)
+    for i in range(len(order)):
+        cand = np.where(~taken & (ious[i] >= iou))[0]
+        if len(cand):
+            j = cand[np.argmax(ious[i, cand])]
+            taken[j] = True
+            tp[i] = True
+    out = np.zeros(len(order), bool)
+    out[order] = tp
+    return out
+
+
+def detection_metrics(
+    preds: list[tuple[np.ndarray, np.ndarray]], truths: list[np.ndarray], score_threshold: float, iou: float = 0.5
+) -> dict:
+    """Hit rate and false discovery rate, per box and per image, at ``score_threshold`` and IoU ≥ ``iou``.
+
+    Per box: TP = predicted box matched to a truth box (one-to-one), FP = unmatched prediction,
+    FN = unmatched truth box. Per image: an image with abnormal cells is a TP when at least one of its
+    cells is matched and an FN otherwise; an image with a prediction but no matched cell is an FP.
+    hit rate = TP / (TP + FN), FDR = FP / (TP + FP) (0 when nothing was predicted)."""
+    tp = fp = fn = itp = ifp = ifn = 0
+    for (boxes, scores), truth in zip(preds, truths, strict=True):
+        keep = scores >= score_threshold
+        m = match_detections(boxes[keep], scores[keep], truth, iou)
+        tp += int(m.sum())
+        fp += int((~m).sum())
+        fn += len(truth) - int(m.sum())
+        if m.any():
+            itp += 1
+        elif len(truth):
+            ifn += 1
+        if keep.any() and not m.any():
+            ifp += 1
+
+    def ratio(a, b):
+        return a / b if b else 0.0
+
+    return {
+        "hit_rate": ratio(tp, tp + fn),
+        "fdr": ratio(fp, tp + fp),
+        "image_hit_rate": ratio(itp, itp + ifn),
+        "image_fdr": ratio(ifp, itp + ifp),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def average_precision(preds: list[tuple[np.ndarray, np.ndarray]], truths: list[np.ndarray], iou: float = 0.5) -> float:
+    """VOC-style AP at IoU ≥ ``iou`` (all-point interpolation) over every prediction of every image."""
+    scores, hits = [], []
+    n_truth = sum(len(t) for t in truths)
+    for (boxes, sc), truth in zip(preds, truths, strict=True):
+        hits.append(match_detections(boxes, sc, truth, iou))
+        scores.append(np.asarray(sc))
+    if n_truth == 0:
+        return float("nan")
+    if not scores or sum(len(s) for s in scores) == 0:
+        return 0.0
+    s, h = np.concatenate(scores), np.concatenate(hits)
+    order = np.argsort(-s)
+    h = h[order]
+    ctp, cfp = np.cumsum(h), np.cumsum(~h)
+    recall = ctp / n_truth
+    precision = ctp / np.maximum(ctp + cfp, 1)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    idx = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))

@@ -228,9 +228,7 @@ def save_artifact(dest: str | os.PathLike, state: dict[str, torch.Tensor], confi
     return config
 
 
-def read_artifact(
-    src: str | os.PathLike, endpoint_url: str | None = None
-) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_artifact(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, state_dict)`` of an artifact directory (local or ``s3://``), loaded safely."""
     from . import storage
 

@@ -56,9 +56,7 @@ def plot(table: pa.Table, dest: str | Path) -> dict[str, str]:
         ax.bar(np.arange(len(labels)) + k * width, [c.get(lab, 0) for lab in labels], width, label=s)
     ax.set_xticks(np.arange(len(labels)) + width * (len(stacks) - 1) / 2, labels)
     n_err = len(t["status"]) - len(ok)
-    ax.set(
-        xlabel="predicted confluence band", ylabel="images", title=f"band distribution ({n_err} error rows)"
-    )
+    ax.set(xlabel="predicted confluence band", ylabel="images", title=f"band distribution ({n_err} error rows)")
     if stacks:
         ax.legend()
     fig.tight_layout()

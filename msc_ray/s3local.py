@@ -51,9 +51,7 @@ def weed_binary() -> str:
 class LocalS3:
     """SeaweedFS master + volume + filer + S3 gateway in one process, bound to 127.0.0.1."""
 
-    def __init__(
-        self, workdir: str | os.PathLike, access_key: str | None = None, secret_key: str | None = None
-    ):
+    def __init__(self, workdir: str | os.PathLike, access_key: str | None = None, secret_key: str | None = None):
         self.workdir = Path(workdir)
         self.access_key = access_key or "msc" + secrets.token_hex(6)
         self.secret_key = secret_key or secrets.token_hex(16)
@@ -140,9 +138,7 @@ class LocalS3:
         bucket = "ready-" + secrets.token_hex(4)
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed exited with {self.proc.returncode}; see {self.workdir / 'weed.log'}"
-                )
+                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.workdir / 'weed.log'}")
             try:
                 client.create_bucket(Bucket=bucket)
                 client.put_object(Bucket=bucket, Key="probe", Body=b"ok")
@@ -152,9 +148,7 @@ class LocalS3:
             except Exception as exc:  # not up yet: connection refused, 503 while volumes grow, ...
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(
-                        f"S3 server on {self.endpoint} not ready after {timeout}s: {exc}"
-                    ) from None
+                    raise RuntimeError(f"S3 server on {self.endpoint} not ready after {timeout}s: {exc}") from None
                 time.sleep(0.5)
         log.info("SeaweedFS S3 at %s", self.endpoint)
         return self

@@ -44,9 +44,7 @@ from . import BAND_EDGES, BAND_NAMES, images, storage
 log = logging.getLogger(__name__)
 
 BAND_MIDPOINTS = {name: 100 * (BAND_EDGES[i] + BAND_EDGES[i + 1]) / 2 for i, name in enumerate(BAND_NAMES)}
-BAND_LABELS = {
-    name: f"{100 * BAND_EDGES[i]:.0f}-{100 * BAND_EDGES[i + 1]:.0f}%" for i, name in enumerate(BAND_NAMES)
-}
+BAND_LABELS = {name: f"{100 * BAND_EDGES[i]:.0f}-{100 * BAND_EDGES[i + 1]:.0f}%" for i, name in enumerate(BAND_NAMES)}
 KEY_PATTERN = re.compile(r"(?P<vessel>[A-Za-z0-9]+)_d(?P<day>\d+)(?:_(?P<position>[A-Za-z0-9]+))?")
 STACK_CHOICES = ("auto", "sstack", "mstack")
 
@@ -142,9 +140,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def list_archive(
-    archive: str, endpoint_url: str | None = None, exclude: str | None = None
-) -> list[ArchiveObject]:
+def list_archive(archive: str, endpoint_url: str | None = None, exclude: str | None = None) -> list[ArchiveObject]:
     """Every object under ``archive`` (sorted by key), with what identifies its version.
     Objects under ``exclude`` (the report, when it lies inside the archive) are left out."""
     out: list[ArchiveObject] = []
@@ -161,9 +157,7 @@ def list_archive(
                     if key.endswith("/"):
                         continue
                     rel = key[len(prefix) + 1 :] if prefix else key
-                    out.append(
-                        ArchiveObject(f"s3://{bucket}/{key}", rel, int(obj["Size"]), obj["ETag"].strip('"'))
-                    )
+                    out.append(ArchiveObject(f"s3://{bucket}/{key}", rel, int(obj["Size"]), obj["ETag"].strip('"')))
         except Exception as exc:  # botocore ClientError, EndpointConnectionError, NoCredentialsError, ...
             raise storage.StorageError(f"cannot list {archive}: {_s3_reason(exc)}") from None
     else:
@@ -324,9 +318,7 @@ def _preprocess(
         except Exception as exc:  # the object vanished, the store failed for this object, ...
             err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
             continue
-        x[i] = tf({"image": tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))})[
-            "image"
-        ]
+        x[i] = tf({"image": tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))})["image"]
         ok[i] = True
         err[i] = ""
         if det is not None and (detect_all or str(batch["stack"][i]) == "sstack"):
@@ -448,9 +440,7 @@ def _rows_for_chunk(
             )
             if detector and (detect_all or stacks[i] == "sstack"):
                 bx = json.loads(boxes)
-                row["abnormal_boxes"] = [
-                    dict(zip(("x1", "y1", "x2", "y2", "score"), b, strict=True)) for b in bx
-                ]
+                row["abnormal_boxes"] = [dict(zip(("x1", "y1", "x2", "y2", "score"), b, strict=True)) for b in bx]
                 row["n_abnormal"] = len(bx)
         else:
             row.update(status="error", error=error)

@@ -220,17 +220,13 @@ class _Canvas:
         for k, off in enumerate((-0.45, 0.0, 0.45)):
             tt = t[3:-3]
             fv = bend[3:-3] + off * half[3:-3]
-            self._db.line(
-                self._place(a * tt, fv, cx, cy, c, s), fill=float(-0.06 - 0.03 * ((r[4] + k / 3) % 1))
-            )
+            self._db.line(self._place(a * tt, fv, cx, cy, c, s), fill=float(-0.06 - 0.03 * ((r[4] + k / 3) % 1)))
         # a darker nucleus with a bright nucleolus near the middle
         un = 0.3 * (r[5] - 0.5) * a
         an, bn = max(0.2 * a, 1.2), max(0.55 * b, 1.0)
         ph = self._PHI[::4]
         self._db.polygon(self._place(un + an * np.cos(ph), bn * np.sin(ph), cx, cy, c, s), fill=-0.2)
-        self._db.polygon(
-            self._place(un + 0.28 * an * np.cos(ph), 0.28 * bn * np.sin(ph), cx, cy, c, s), fill=0.08
-        )
+        self._db.polygon(self._place(un + 0.28 * an * np.cos(ph), 0.28 * bn * np.sin(ph), cx, cy, c, s), fill=0.08)
         return cid
 
     def flattened(self, rng: np.random.Generator, cx: float, cy: float, radius: float) -> int:
@@ -357,9 +353,7 @@ def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
     cx, cy = rng.uniform(0.35, 0.65, 2) * size
     r2 = ((x - cx) ** 2 + (y - cy) ** 2) / (size * size)
     gx, gy = rng.uniform(-0.12, 0.12, 2)
-    return (1.0 - rng.uniform(0.2, 0.45) * r2 + gx * (x / size - 0.5) + gy * (y / size - 0.5)).astype(
-        np.float32
-    )
+    return (1.0 - rng.uniform(0.2, 0.45) * r2 + gx * (x / size - 0.5) + gy * (y / size - 0.5)).astype(np.float32)
 
 
 def _out_of_focus_layer(rng: np.random.Generator, size: int, target: float) -> np.ndarray:

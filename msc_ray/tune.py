@@ -73,9 +73,7 @@ class TuneJobConfig:
         for b in self.backbones:
             models.backbone(b)
         if self.stack not in classes_by_stack:
-            raise ValueError(
-                f"--stack {self.stack}: the manifest has {', '.join(classes_by_stack) or 'no'} stacks"
-            )
+            raise ValueError(f"--stack {self.stack}: the manifest has {', '.join(classes_by_stack) or 'no'} stacks")
         if self.max_epochs < 1 or self.patience < 1 or self.samples < 1:
             raise ValueError("--max-epochs, --patience and --samples must be at least 1")
 
@@ -127,9 +125,7 @@ def classifier_trial(config: dict) -> None:
         dropout=job.dropout,
         weights_file=weights_file,
     ).to(device)
-    opt = torch.optim.Adam(
-        model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True
-    )
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True)
     all_data = fold < 0
     train_rows = data.select(manifest, stack=job.stack, fold=None if all_data else fold, train=True)
     counts = np.bincount(train_rows.column("label").to_numpy(), minlength=len(classes)).astype(np.float64)
@@ -360,9 +356,7 @@ def _run_experiment(
     trainable = tune.with_resources(classifier_trial, _resources(job))
     if os.path.isdir(path) and tune.Tuner.can_restore(path):
         if not resume:
-            raise ValueError(
-                f"{path} holds an earlier experiment: pass --resume to finish it, or use a new --out"
-            )
+            raise ValueError(f"{path} holds an earlier experiment: pass --resume to finish it, or use a new --out")
         log.info("resuming %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
@@ -376,9 +370,7 @@ def _run_experiment(
                 scheduler=per_fold_asha(job) if asha else None,
                 # seeded sampling: the same job samples the same learning rates and weight decays
                 # (the concurrency limit goes here: Tune ignores max_concurrent_trials for this generator)
-                search_alg=BasicVariantGenerator(
-                    random_state=job.seed, max_concurrent=concurrent_trials(job)
-                ),
+                search_alg=BasicVariantGenerator(random_state=job.seed, max_concurrent=concurrent_trials(job)),
                 trial_dirname_creator=lambda t: f"{t.config['backbone']}-fold{t.config['fold']}-{t.trial_id}",
             ),
             run_config=tune.RunConfig(
@@ -446,9 +438,7 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
         elif len(cut) == folds:
             status = "cut short by ASHA on every fold: no complete fold to average"
         else:
-            status = (
-                f"cut short by ASHA on fold(s) {','.join(map(str, cut))}: mean over the complete folds only"
-            )
+            status = f"cut short by ASHA on fold(s) {','.join(map(str, cut))}: mean over the complete folds only"
         rows.append(_row(name, "search: best trial per fold", picked, folds, status))
     if final:
         label = f"winner, lr={winner['lr']:.2e} wd={winner['weight_decay']:.2e}, all folds"
@@ -484,9 +474,7 @@ def pick_winner(search: list[TrialResult], folds: int) -> dict:
         per_fold = []
         for f in range(folds):
             aucs = [
-                t.best_val_auc
-                for t in search
-                if t.backbone == name and t.fold == f and not math.isnan(t.best_val_auc)
+                t.best_val_auc for t in search if t.backbone == name and t.fold == f and not math.isnan(t.best_val_auc)
             ]
             per_fold.append(max(aucs) if aucs else 0.0)
         scores[name] = float(np.mean(per_fold))
@@ -566,9 +554,7 @@ def _plot_winner(oof: dict, classes: list[str], temperature: float, title: str, 
     return str(dest)
 
 
-def search_phase(
-    job: TuneJobConfig, folds: int, *, resume: bool = False, name: str = "search"
-) -> list[TrialResult]:
+def search_phase(job: TuneJobConfig, folds: int, *, resume: bool = False, name: str = "search") -> list[TrialResult]:
     """The backbone × fold × sampled-hyper-parameter trials (ASHA per fold when ``job.asha``)."""
     from ray import tune
 
@@ -612,9 +598,7 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
         "weight_decay": winner["weight_decay"],
     }
     final = _collect(_run_experiment(job, "final", fspace, asha=False, resume=resume))
-    epochs = max(
-        1, int(round(statistics.median([t.best_epoch for t in final if t.best_epoch] or [job.max_epochs])))
-    )
+    epochs = max(1, int(round(statistics.median([t.best_epoch for t in final if t.best_epoch] or [job.max_epochs]))))
     espace = {
         "job": jd,
         "phase": "export",
