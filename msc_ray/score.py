@@ -499,20 +499,44 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
     classes = list(clf_cfg["classes"])
     data_cfg = {**clf_cfg["data"], "endpoint_url": None}
     det_size = int(det_cfg["image_size"]) if det_cfg else None
-    for c0 in range(0, len(todo), cfg.chunk_size):
-        chunk = todo[c0 : c0 + cfg.chunk_size]
-        stacks = [stack_of(o.key, default_stack) if cfg.stack == "auto" else cfg.stack for o in chunk]
+    stacks = [stack_of(o.key, default_stack) if cfg.stack == "auto" else cfg.stack for o in todo]
+    n_chunks = -(-len(todo) // cfg.chunk_size)
+
+    def commit(c: int, results: dict[int, tuple]) -> None:
+        lo, hi = c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(todo))
+        local = {i - lo: results.pop(i) for i in range(lo, hi) if i in results}
+        table = _rows_for_chunk(
+            todo[lo:hi], local, stacks[lo:hi], classes, versions, run_id, bool(cfg.detector), cfg.detect_all_stacks
+        )
+        name = f"{run_id}-{c:05d}"
+        meta = {
+            "run_id": run_id,
+            "archive": cfg.archive,
+            "classifier_version": versions[0],
+            "detector_version": versions[1],
+            "config": asdict(cfg),
+        }
+        summary.parts.append(_publish(table, cfg.out, cfg.endpoint_url, name, meta))
+        n_err = table.num_rows - sum(1 for v in table.column("status").to_pylist() if v == "ok")
+        summary.scored += table.num_rows
+        summary.errors += n_err
+        log.info("committed %s: %d rows (%d errors), %d/%d objects", name, table.num_rows, n_err, hi, len(todo))
+
+    if todo:
+        # one streaming execution over the whole archive (one actor pool, models loaded once per
+        # actor); results arrive in order and each complete chunk is committed as it fills
         table = pa.table(
             {
-                "row": pa.array(range(len(chunk)), pa.int64()),
-                "uri": [o.uri for o in chunk],
-                "key": [o.key for o in chunk],
+                "row": pa.array(range(len(todo)), pa.int64()),
+                "uri": [o.uri for o in todo],
+                "key": [o.key for o in todo],
                 "stack": stacks,
             }
         )
         blocks = [table.slice(i, cfg.decode_batch) for i in range(0, table.num_rows, cfg.decode_batch)]
         ds = ray.data.from_arrow(blocks)
         ds.context.op_resource_reservation_enabled = False
+        ds.context.execution_options.preserve_order = True
         ds = ds.map_batches(
             _preprocess,
             batch_size=cfg.decode_batch,
@@ -539,39 +563,18 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
             num_gpus=cfg.gpus_per_actor or None,
             num_cpus=0 if cfg.gpus_per_actor else 1,
         )
-        # the driver keeps only report-sized results: probabilities, boxes and error texts
+        # the driver keeps only report-sized results (probabilities, boxes, error texts) of one chunk
         results: dict[int, tuple] = {}
+        next_chunk, received = 0, 0
         for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
             for r, ok, e, p, bx in zip(b["row"], b["ok"], b["error"], b["probs"], b["boxes"], strict=True):
                 results[int(r)] = (bool(ok), str(e), p, str(bx))
-        chunk_table = _rows_for_chunk(
-            chunk, results, stacks, classes, versions, run_id, bool(cfg.detector), cfg.detect_all_stacks
-        )
-        name = f"{run_id}-{c0 // cfg.chunk_size:05d}"
-        part = _publish(
-            chunk_table,
-            cfg.out,
-            cfg.endpoint_url,
-            name,
-            {
-                "run_id": run_id,
-                "archive": cfg.archive,
-                "classifier_version": versions[0],
-                "detector_version": versions[1],
-                "config": asdict(cfg),
-            },
-        )
-        n_err = int(np.sum(np.array(chunk_table.column("status").to_pylist()) == "error"))
-        summary.parts.append(part)
-        summary.scored += len(chunk)
-        summary.errors += n_err
-        log.info(
-            "committed %s: %d rows (%d errors), %d/%d objects",
-            name,
-            len(chunk),
-            n_err,
-            c0 + len(chunk),
-            len(todo),
-        )
+                received += 1
+            while next_chunk < n_chunks and received >= min((next_chunk + 1) * cfg.chunk_size, len(todo)):
+                commit(next_chunk, results)
+                next_chunk += 1
+        while next_chunk < n_chunks:  # rows that never came back become error rows of their chunk
+            commit(next_chunk, results)
+            next_chunk += 1
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -55,9 +55,7 @@ def main() -> None:
         def __getitem__(self, i):
             img = tv_tensors.Image(torch.from_numpy(data.load_image(self.uris[i], self.paths[i], cfg)))
             seed = augment.sample_seed(cfg.seed, self.epoch, self.paths[i])
-            return augment.apply(self.tf, {"image": img}, seed)["image"].as_subclass(
-                torch.Tensor
-            ), self.labels[i]
+            return augment.apply(self.tf, {"image": img}, seed)["image"].as_subclass(torch.Tensor), self.labels[i]
 
     def run_torch(epochs: int) -> float:
         ds = TorchSet()
@@ -94,9 +92,7 @@ def main() -> None:
     ray_rate = run_ray(args.epochs)
     ray.shutdown()
     torch_rate = run_torch(args.epochs)
-    print(
-        f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} batch={args.batch}"
-    )
+    print(f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} batch={args.batch}")
     print(f"Ray Data:         {ray_rate:8.1f} augmented images/s")
     print(f"torch DataLoader: {torch_rate:8.1f} augmented images/s")
     print(f"ratio Ray Data / DataLoader: {ray_rate / torch_rate:.2f}")

@@ -63,9 +63,7 @@ def _run_scoring(archive: str, clf: str, out: str) -> tuple[float, int, int]:
         "t0 = time.perf_counter(); s = score.score_archive(cfg)\n"
         "print(json.dumps({'seconds': time.perf_counter() - t0, 'scored': s.scored}))\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = 0
     stop = threading.Event()
 
@@ -171,12 +169,8 @@ def main() -> None:
     secs, scored, peak1 = _run_scoring(str(small), str(clf), str(tmp / "r1"))
     e2e = scored / secs
     _, scored10, peak10 = _run_scoring(str(big), str(clf), str(tmp / "r10"))
-    print(
-        f"model {args.backbone} at {args.size}px, batch {args.batch}, {scored} images ({args.src}px PNG), 2 CPUs"
-    )
-    print(
-        f"bare forward: {bare:.1f} img/s; end-to-end: {e2e:.1f} img/s; plain DataLoader->CSV: {plain:.1f} img/s"
-    )
+    print(f"model {args.backbone} at {args.size}px, batch {args.batch}, {scored} images ({args.src}px PNG), 2 CPUs")
+    print(f"bare forward: {bare:.1f} img/s; end-to-end: {e2e:.1f} img/s; plain DataLoader->CSV: {plain:.1f} img/s")
     print(f"(a) end-to-end / bare forward: {e2e / bare:.2f} (aim >= 0.9)")
     print(f"(b) end-to-end / plain script: {e2e / plain:.2f} (aim >= 1.0)")
     print(

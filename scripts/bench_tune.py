@@ -48,9 +48,7 @@ def plain_epoch_time(manifest, backbone: str, size: int, batch: int, epochs: int
             return out.as_subclass(torch.Tensor), labels[i]
 
     ds = Set()
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=True, num_workers=1, persistent_workers=True
-    )
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=1, persistent_workers=True)
     n_classes = len(corpus.manifest_info(table)["classes"]["sstack"])
     model = models.build_classifier(backbone, n_classes, image_size=cfg.size)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
@@ -131,9 +129,7 @@ def main() -> None:
         f"trials={len(asha)} ({len(base.backbones)} backbones x {args.folds} folds x {args.samples} samples), "
         f"max_epochs={args.max_epochs}, {args.n} images {args.size}px, same sampled trials: {same_trials}"
     )
-    print(
-        f"epochs with ASHA+patience: {e_asha}; exhaustive grid: {e_grid}; ratio: {e_asha / e_grid:.2f} (aim <= 0.35)"
-    )
+    print(f"epochs with ASHA+patience: {e_asha}; exhaustive grid: {e_grid}; ratio: {e_asha / e_grid:.2f} (aim <= 0.35)")
     print(f"wall time ASHA {t_asha:.0f}s, grid {t_grid:.0f}s, ratio {t_asha / t_grid:.2f}")
     print(
         f"winner with ASHA: {w_asha['backbone']} lr={w_asha['lr']:.2e}; grid: {w_grid['backbone']} "

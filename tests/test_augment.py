@@ -27,9 +27,7 @@ def _object_box(img: torch.Tensor) -> tuple[int, int, int, int]:
     return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
 
 
-@pytest.mark.parametrize(
-    "step", augment.geometric(DataConfig(size=64, channels=1)), ids=lambda s: type(s).__name__
-)
+@pytest.mark.parametrize("step", augment.geometric(DataConfig(size=64, channels=1)), ids=lambda s: type(s).__name__)
 @pytest.mark.parametrize("seed", range(6))
 def test_geometric_steps_keep_the_box_on_the_object(step, seed):
     out = augment.apply(v2.Compose([step]), _sample(), seed)
@@ -81,9 +79,7 @@ def test_photometric_steps_change_intensity_not_geometry():
     sharp = augment.EdgeSharpen()
     out = augment.apply(v2.Compose([sharp]), {"image": tv_tensors.Image(img)}, 0)["image"]
     assert out.shape == img.shape and not torch.equal(out, img) and 0 <= out.min() and out.max() <= 1
-    stretch = augment.apply(v2.Compose([v2.RandomAutocontrast(p=1.0)]), {"image": tv_tensors.Image(img)}, 0)[
-        "image"
-    ]
+    stretch = augment.apply(v2.Compose([v2.RandomAutocontrast(p=1.0)]), {"image": tv_tensors.Image(img)}, 0)["image"]
     assert stretch.min() == pytest.approx(0.0, abs=1e-6) and stretch.max() == pytest.approx(1.0, abs=1e-6)
 
 

@@ -24,14 +24,8 @@ def test_index_matches_truth(small_corpus):
         assert r["stack"] == t["stack"] and r["label_name"] == t["label"]
         assert info["classes"][r["stack"]][r["label"]] == r["label_name"]
         assert (r["width"], r["height"]) == (64, 64) and r["image_error"] is None
-        assert (
-            r["vessel"] == t["vessel"] == r["group"]
-            and r["day"] == t["day"]
-            and r["position"] == t["position"]
-        )
-        assert [[b["x1"], b["y1"], b["x2"], b["y2"]] for b in r["boxes"]] == [
-            list(map(float, b)) for b in t["boxes"]
-        ]
+        assert r["vessel"] == t["vessel"] == r["group"] and r["day"] == t["day"] and r["position"] == t["position"]
+        assert [[b["x1"], b["y1"], b["x2"], b["y2"]] for b in r["boxes"]] == [list(map(float, b)) for b in t["boxes"]]
         assert all(b["label"] == "Flatten" for b in r["boxes"])
         assert r["annotation"] == ("ok" if r["stack"] == "sstack" else None)
         assert r["uri"].endswith(r["path"]) and 0 <= r["fold"] < 5
@@ -70,9 +64,7 @@ def test_without_metadata_folds_stratify_by_class(corpus_copy):
 def test_bad_files_are_reported_and_kept(corpus_copy):
     root, _ = corpus_copy
     (root / "sstack" / "1" / "readme.txt").write_text("not an image")
-    (root / "sstack" / "2" / "UPPER.PNG").write_bytes(
-        (next((root / "sstack" / "2").glob("*.png"))).read_bytes()
-    )
+    (root / "sstack" / "2" / "UPPER.PNG").write_bytes((next((root / "sstack" / "2").glob("*.png"))).read_bytes())
     (root / "sstack" / "2" / "empty.png").write_bytes(b"")
     xmls = sorted((root / "sstack" / "annotations").glob("*.xml"))
     xmls[0].write_text("<annotation><object><name>Flatten</name>")  # malformed

@@ -26,9 +26,7 @@ def test_corrupt_images_become_error_records_and_nothing_else_is_lost(ray_sessio
     stats = data.BatchStats()
     seen = []
     table_labels = table.column("label").to_pylist()
-    for imgs, labels, r in data.torch_batches(
-        data.make_dataset(rows, cfg, train=True, epoch=0), 5, stats=stats
-    ):
+    for imgs, labels, r in data.torch_batches(data.make_dataset(rows, cfg, train=True, epoch=0), 5, stats=stats):
         assert imgs.shape[1:] == (1, 32, 32) and imgs.dtype == torch.float32
         assert torch.isfinite(imgs).all()
         assert labels.tolist() == [table_labels[i] for i in r.tolist()]
@@ -59,9 +57,7 @@ def test_folds_split_train_and_validation(ray_session, small_corpus):
         for e in (0, 1)
     ]
     assert not torch.equal(aug[0], aug[1])
-    again = torch.cat(
-        [x for x, _, _ in data.torch_batches(data.make_dataset(tr, cfg, train=True, epoch=0), 8)]
-    )
+    again = torch.cat([x for x, _, _ in data.torch_batches(data.make_dataset(tr, cfg, train=True, epoch=0), 8)])
     assert torch.equal(aug[0], again)  # reproducible per (seed, epoch, image)
 
 
@@ -97,8 +93,6 @@ def test_s3_dataset_reads_objects(ray_session, small_corpus, s3_server):
     stats = data.BatchStats()
     n = sum(
         len(x)
-        for x, _, _ in data.torch_batches(
-            data.make_dataset(data.select(table), cfg, train=False), 8, stats=stats
-        )
+        for x, _, _ in data.torch_batches(data.make_dataset(data.select(table), cfg, train=False), 8, stats=stats)
     )
     assert n == 24 and stats.errors == 0

@@ -20,8 +20,17 @@ def det_manifest(tmp_path_factory):
 
 
 def _job(manifest, out, **kw):
-    base = dict(manifest=manifest, out=str(out), folds=(0,), epochs=1, workers=2, cpus_per_worker=0.5,
-                backbone="resnet18_fpn", size=96, batch_size=4)
+    base = dict(
+        manifest=manifest,
+        out=str(out),
+        folds=(0,),
+        epochs=1,
+        workers=2,
+        cpus_per_worker=0.5,
+        backbone="resnet18_fpn",
+        size=96,
+        batch_size=4,
+    )
     return detect.DetectJobConfig(**{**base, **kw})
 
 
@@ -77,9 +86,11 @@ def test_images_with_no_boxes_train(ray_session, det_manifest, tmp_path):
 
 def test_detection_metrics_definitions():
     truth = [np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.zeros((0, 4)), np.array([[5, 5, 9, 9]], float)]
-    preds = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float), np.array([0.9, 0.8])),
-             (np.array([[1, 1, 4, 4]], float), np.array([0.7])),
-             (np.zeros((0, 4)), np.zeros(0))]
+    preds = [
+        (np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float), np.array([0.9, 0.8])),
+        (np.array([[1, 1, 4, 4]], float), np.array([0.7])),
+        (np.zeros((0, 4)), np.zeros(0)),
+    ]
     m = metrics.detection_metrics(preds, truth, 0.5)
     assert (m["tp"], m["fp"], m["fn"]) == (1, 2, 2)
     assert m["hit_rate"] == pytest.approx(1 / 3) and m["fdr"] == pytest.approx(2 / 3)

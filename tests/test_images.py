@@ -12,9 +12,7 @@ from msc_ray import images
 
 def _png(arr, mode=None):
     buf = io.BytesIO()
-    Image.fromarray(arr, mode).save(buf, format="png") if mode else Image.fromarray(arr).save(
-        buf, format="png"
-    )
+    Image.fromarray(arr, mode).save(buf, format="png") if mode else Image.fromarray(arr).save(buf, format="png")
     return buf.getvalue()
 
 

@@ -12,9 +12,7 @@ def test_unknown_backbone_lists_the_valid_ones():
     assert "resnet9000" in str(err.value) and "resnet18" in str(err.value) and "vit_b_16" in str(err.value)
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x2_0", "alexnet", "vit_b_16"]
-)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x2_0", "alexnet", "vit_b_16"])
 def test_study_head_and_any_class_count(name):
     size = models.input_size(name, 64)
     m = models.build_classifier(name, 3, image_size=size).eval()

@@ -88,9 +88,7 @@ def test_local_archive_report_exactly_once(ray_session, archive, artifacts, tmp_
         if r["stack"] == "sstack":  # the detector runs on single-stack images only
             assert r["n_abnormal"] == len(r["abnormal_boxes"]) > 0
             for b in r["abnormal_boxes"]:
-                assert (
-                    0 <= b["x1"] < b["x2"] <= 64.5 and 0 <= b["y1"] < b["y2"] <= 64.5 and 0 <= b["score"] <= 1
-                )
+                assert 0 <= b["x1"] < b["x2"] <= 64.5 and 0 <= b["y1"] < b["y2"] <= 64.5 and 0 <= b["score"] <= 1
         else:
             assert r["abnormal_boxes"] is None
         assert r["classifier_version"] and r["detector_version"] and r["run_id"] == s.run_id
@@ -106,9 +104,7 @@ def test_local_archive_report_exactly_once(ray_session, archive, artifacts, tmp_
         {k: v + 0.01 if v.is_floating_point() else v for k, v in models.read_artifact(clf)[1].items()},
         {k: v for k, v in models.read_artifact(clf)[0].items() if k not in ("version", "format")},
     )
-    fourth = score.score_archive(
-        score.ScoreConfig(archive=str(root), classifier=str(tmp_path / "clf2"), out=out)
-    )
+    fourth = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(tmp_path / "clf2"), out=out))
     assert fourth.scored == n_images + 1
 
 
@@ -205,9 +201,7 @@ def test_report_command_counts_and_plots(ray_session, archive, artifacts, tmp_pa
     clf, _ = artifacts
     out = tmp_path / "report"
     score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out)))
-    res = subprocess.run(
-        [sys.executable, "-m", "msc_ray.cli", "report", str(out)], capture_output=True, text=True
-    )
+    res = subprocess.run([sys.executable, "-m", "msc_ray.cli", "report", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"{n_images} rows" in res.stdout and "error=2" in res.stdout and "sstack=" in res.stdout
     assert (out / "plots" / "bands.png").stat().st_size > 5000

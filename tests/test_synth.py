@@ -90,9 +90,7 @@ def test_voc_boxes_inside_image_and_enclose_an_abnormal_cell(small_corpus):
 
 
 def test_abnormal_cells_are_several_times_normal_size(tmp_path):
-    rows = synth.synthesize(
-        tmp_path, synth.SynthConfig(n=15, size=256, stack="sstack", seed=5, abnormal_fraction=1.0)
-    )
+    rows = synth.synthesize(tmp_path, synth.SynthConfig(n=15, size=256, stack="sstack", seed=5, abnormal_fraction=1.0))
     ratios = []
     for r in rows:
         mask = np.asarray(Image.open(tmp_path / r["mask"]))

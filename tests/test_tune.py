@@ -57,9 +57,7 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     assert (out / "winner.png").stat().st_size > 10_000
     winner_rows = [r for r in outcome.table if r["run"].startswith("winner")]
     assert (
-        len(winner_rows) == 1
-        and winner_rows[0]["folds_complete"] == "2/2"
-        and winner_rows[0]["status"] == "complete"
+        len(winner_rows) == 1 and winner_rows[0]["folds_complete"] == "2/2" and winner_rows[0]["status"] == "complete"
     )
     # rows of backbones ASHA cut short say so and are not averaged as if complete
     for r in outcome.table:

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from msc_ray import models, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))  # raises on any schema violation
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}  # the head runs no tasks
+    assert (
+        types["gpu_worker"]["node_config"]["InstanceType"].startswith("g") and types["gpu_worker"]["min_workers"] == 0
+    )
+    assert types["cpu_worker"]["min_workers"] == 0 and config["idle_timeout_minutes"] > 0
+    for t in types.values():
+        assert "IamInstanceProfile" in t["node_config"]  # S3 through an instance profile, no keys
+        assert t["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] >= 100
+    assert any("pip install -e" in c for c in config["setup_commands"])
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["cpu_worker"]["max_workers"] = "many"
+    with pytest.raises(Exception, match="many"):
+        validate_config(prepare_config(broken))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A separate local Ray head on 127.0.0.1 with the job server, stopped at the end."""
+    port, dash = _free_port(), _free_port()
+    short = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under ~107 characters
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # Ray 2.60 clusters authenticate clients with a token: the head and the job client share one
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    proc = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            f"--temp-dir={short}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ok = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, env=env)
+        if ok.returncode == 0:
+            break
+        time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("the Ray head's job server did not come up")
+    yield ray_bin, address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def test_ray_job_submit_scores_an_archive(ray_head, small_corpus, tmp_path):
+    ray_bin, address, env = ray_head
+    src, rows = small_corpus
+    archive = tmp_path / "archive"
+    for r in rows[:10]:
+        (archive / Path(r["image"]).name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / r["image"], archive / Path(r["image"]).name)
+    (archive / "broken.png").write_bytes(b"no image")
+    torch.manual_seed(0)
+    clf = models.build_classifier("mobilenet_v3_small", 4, image_size=64)
+    models.save_artifact(
+        tmp_path / "clf",
+        clf.state_dict(),
+        {
+            "kind": "classifier",
+            "architecture": "mobilenet_v3_small",
+            "classes": ["1", "2", "3", "4"],
+            "stack": "sstack",
+            "data": {"size": 64, "channels": 3},
+        },
+    )
+    out = tmp_path / "report"
+    runtime_env = json.dumps({"excludes": ["tests/", "quickstart-out/", ".git/", ".venv/"]})
+    res = subprocess.run(
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            sys.executable,
+            "jobs/score_archive.py",
+            str(archive),
+            "--classifier",
+            str(tmp_path / "clf"),
+            "--out",
+            str(out),
+            "--run-id",
+            "submitted",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+    t = score.read_report(str(out)).to_pylist()
+    assert len(t) == 11 and {r["run_id"] for r in t} == {"submitted"}
+    assert [r["key"] for r in t if r["status"] == "error"] == ["broken.png"]
