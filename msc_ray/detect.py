@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def detector_worker(config: dict) -> None:
         log.info("fold %d rank %d: resuming after epoch %d", fold, rank, start)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    epoch_times: list[float] = []
     for epoch in range(start, job.epochs):
+        t_epoch = time.perf_counter()
         model.train()
         ds = data.make_dataset(
             _shard(rows, job.seed, epoch, rank, world),
@@ -156,6 +159,7 @@ def detector_worker(config: dict) -> None:
             if job.fail_at_epoch and job.fail_at_epoch == epoch and rank == world - 1 and steps == 1:
                 _inject_fault(job, fold)
         sched.step()
+        epoch_times.append(time.perf_counter() - t_epoch)
         report = {
             "epoch": epoch + 1,
             "fold": fold,
@@ -164,6 +168,9 @@ def detector_worker(config: dict) -> None:
             "boxes": n_boxes,
             "error_records": stats.errors,
             "resumed_from": start,
+            "epoch_seconds": epoch_times[-1],
+            # mean epoch time after this session's first epoch (which includes start-up)
+            "mean_epoch_seconds": float(np.mean(epoch_times[1:] or epoch_times)),
         }
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:

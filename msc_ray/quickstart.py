@@ -1,7 +1,8 @@
 """The main job end to end on embedded defaults: what ``scripts/quickstart`` runs.
 
 synthetic corpus → index (grouped 5-fold) → classifier search on Ray Tune (two small backbones, five
-folds, a few epochs) → scoring a local archive that includes broken files → report counts and plots.
+folds, a few epochs) → abnormal-cell detector on Ray Train (RetinaNet, two DDP workers, five folds)
+→ scoring a local archive that includes broken files → report counts and plots.
 Every step writes under one output folder; the paths worth opening are returned and printed.
 """
 
@@ -25,6 +26,7 @@ class QuickstartConfig:
     backbones: tuple[str, ...] = ("resnet18", "mobilenet_v3_small")
     folds: int = 5
     max_epochs: int = 3
+    detector_epochs: int = 2
     seed: int = 0
 
 
@@ -51,19 +53,19 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
     import ray
 
     from . import corpus as corpus_mod
-    from . import report, score, synth
+    from . import detect, report, score, synth
     from . import tune as tune_mod
 
     t_all = time.perf_counter()
     out = Path(cfg.out)
     corpus = out / "corpus"
-    log.info("step 1/5: synthetic corpus (%d images per stack, %d px) → %s", cfg.n, cfg.size, corpus)
+    log.info("step 1/6: synthetic corpus (%d images per stack, %d px) → %s", cfg.n, cfg.size, corpus)
     if corpus.exists():
         shutil.rmtree(corpus)
     rows = synth.synthesize(corpus, synth.SynthConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=2))
     sheet = synth.preview(corpus, rows, out / "plots" / "corpus_preview.png")
 
-    log.info("step 2/5: index with %d folds grouped by vessel", cfg.folds)
+    log.info("step 2/6: index with %d folds grouped by vessel", cfg.folds)
     table, summary = corpus_mod.index_corpus(str(corpus), folds=cfg.folds, seed=cfg.seed)
     manifest = corpus_mod.write_manifest(table, str(out / "manifest.parquet"))
     for line in summary.lines():
@@ -75,7 +77,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     log.info(
-        "step 3/5: classifier search on Ray Tune: %s × %d folds, up to %d epochs",
+        "step 3/6: classifier search on Ray Tune: %s × %d folds, up to %d epochs",
         ", ".join(cfg.backbones),
         cfg.folds,
         cfg.max_epochs,
@@ -96,20 +98,46 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
     outcome = tune_mod.run_search(job)
     log.info("winner: %s", outcome.winner)
 
+    det_dir = out / "detector"
+    if det_dir.exists():
+        shutil.rmtree(det_dir)
+    log.info(
+        "step 4/6: abnormal-cell detector on Ray Train: RetinaNet (ResNet-18 FPN), 2 DDP workers, %d folds, %d epochs",
+        cfg.folds,
+        cfg.detector_epochs,
+    )
+    det = detect.train_detector(
+        detect.DetectJobConfig(
+            manifest=manifest,
+            out=str(det_dir),
+            epochs=cfg.detector_epochs,
+            workers=2,
+            cpus_per_worker=0.5,
+            backbone="resnet18_fpn",
+            size=cfg.size,
+            batch_size=4,
+            seed=cfg.seed,
+        )
+    )
+
     archive = out / "archive"
     n_objects = _archive(corpus, archive)
     report_dir = out / "report"
     if report_dir.exists():
         shutil.rmtree(report_dir)
-    log.info("step 4/5: scoring %d archived images (2 of them broken) → %s", n_objects, report_dir)
+    log.info("step 5/6: scoring %d archived images (2 of them broken) → %s", n_objects, report_dir)
     s = score.score_archive(
         score.ScoreConfig(
-            archive=str(archive), classifier=outcome.outputs["artifact"], out=str(report_dir), stack="sstack"
+            archive=str(archive),
+            classifier=outcome.outputs["artifact"],
+            detector=det["artifact"],
+            out=str(report_dir),
+            stack="sstack",
         )
     )
     log.info("scored %d objects, %d error rows, %d non-images ignored", s.scored, s.errors, s.ignored)
 
-    log.info("step 5/5: report and plots")
+    log.info("step 6/6: report and plots")
     counts, plots = report.report(str(report_dir), out / "plots")
     for line in report.lines(counts):
         log.info("%s", line)
@@ -121,6 +149,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
         "table": Path(outcome.outputs["table_md"]),
         "winner_plot": Path(outcome.outputs["plots"]),
         "classifier": Path(outcome.outputs["artifact"]),
+        "detector_table": Path(det["table_md"]),
+        "detections": Path(det["panel"]),
+        "detector": Path(det["artifact"]),
         "report": report_dir,
         **{f"plot_{k}": Path(v) for k, v in plots.items()},
     }
