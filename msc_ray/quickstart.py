@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class QuickstartConfig:
     out: str = "quickstart-out"
-    n: int = 40  # synthetic images per stack
+    n: int = 80  # synthetic images per stack: 6 vessels × 3 days × 5 positions, enough for 5 grouped folds
     size: int = 128  # stored image side
     input_size: int = 64  # classifier input side
     backbones: tuple[str, ...] = ("resnet18", "mobilenet_v3_small")
