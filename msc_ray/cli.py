@@ -97,6 +97,9 @@ EndpointOpt = Annotated[
 ]
 
 
+AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")]
+
+
 @app.command()
 @_one_line_errors
 def index(
@@ -228,7 +231,7 @@ def train_detector(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of folds, shards and augmentation.")] = 0,
     endpoint_url: EndpointOpt = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")] = None,
+    address: AddressOpt = None,
 ) -> None:
     """RetinaNet for abnormal cells with Ray Train (DDP) per fold → Table 2, a panel, a detector artifact.
     Rerunning with the same --out resumes every fold from its latest checkpoint."""
@@ -285,7 +288,7 @@ def score(
     chunk_size: Annotated[int, typer.Option(help="Objects per committed report part.")] = 2000,
     run_id: Annotated[str, typer.Option(help="Run id recorded in every row (default: time + random).")] = "",
     endpoint_url: EndpointOpt = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")] = None,
+    address: AddressOpt = None,
 ) -> None:
     """Score an archive into a Parquet report, exactly once per object and model version."""
     from . import score as score_mod

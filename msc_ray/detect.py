@@ -274,13 +274,6 @@ def choose_operating_point(results: list[FoldResult]) -> dict:
     return best
 
 
-def _mean_sd(v: list[float]) -> tuple[float, float]:
-    v = [x for x in v if not math.isnan(x)]
-    if not v:
-        return float("nan"), float("nan")
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-
-
 def _panel(job: DetectJobConfig, results: list[FoldResult], op: dict, dest: Path, n: int = 8) -> str:
     """Validation images with truth (green) and predictions at the operating point (red)."""
     import matplotlib
@@ -351,13 +344,8 @@ def train_detector(job: DetectJobConfig) -> dict:
             }
         )
     keys = ("hit_rate", "fdr", "image_hit_rate", "image_fdr", "map50")
-    summary = {k: _mean_sd([r[k] for r in rows]) for k in keys}
-    import csv
-
-    with open(out / "metrics.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    summary = {k: metrics.mean_sd([r[k] for r in rows]) for k in keys}
+    metrics.write_csv(rows, out / "metrics.csv")
     md = [
         "| fold | images | cells | hit rate (box) | FDR (box) | hit rate (image) | FDR (image) | mAP@0.5 |",
         "|---|---|---|---|---|---|---|---|",

@@ -9,6 +9,25 @@ from scipy.special import log_softmax, softmax
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, roc_auc_score
 
 
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample SD (ddof=1) over folds, NaNs left out; SD 0 for one value, NaN for none."""
+    v = [float(x) for x in values if not np.isnan(x)]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+
+
+def write_csv(rows: list[dict], path) -> str:
+    """Rows of one table (same keys) → a CSV file with a header; returns the path."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
 def one_hot(y: np.ndarray, k: int) -> np.ndarray:
     return np.eye(k, dtype=np.float64)[np.asarray(y, int)]
 

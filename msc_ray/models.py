@@ -221,6 +221,9 @@ def save_artifact(dest: str | os.PathLike, state: dict[str, torch.Tensor], confi
 
             loc = storage.resolve(str(dest))
             pafs.copy_files(tmp, loc.path, destination_filesystem=loc.fs)
+            written = loc.fs.get_file_info([loc.join("weights.pt"), loc.join("config.json")])
+            if any(f.type != pafs.FileType.File for f in written):
+                raise storage.StorageError(f"{dest}: the artifact upload did not complete")
         else:
             Path(dest).mkdir(parents=True, exist_ok=True)
             for f in ("weights.pt", "config.json"):

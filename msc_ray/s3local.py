@@ -117,7 +117,8 @@ class LocalS3:
             f"-master.port.grpc={p[2]}",
             f"-volume.port={p[3]}",
             f"-volume.port.grpc={p[4]}",
-            "-volume.max=20",
+            # every bucket grows volumes of its own: leave room for many buckets of small volumes
+            "-volume.max=300",
             "-filer",
             f"-filer.port={p[5]}",
             f"-filer.port.grpc={p[6]}",

@@ -410,12 +410,6 @@ def _collect(grid) -> list[TrialResult]:
     return out
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def build_table(search: list[TrialResult], final: list[TrialResult], folds: int, winner: dict) -> list[dict]:
     """Table 1: per backbone, mean ± SD over folds of the best trial of each fold. Only complete
     trials are averaged; a backbone with folds whose trials ASHA cut short says so. The winner's row
@@ -449,9 +443,9 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
 
 
 def _row(name: str, what: str, trials: list[TrialResult], folds: int, status: str) -> dict:
-    auc = _mean_sd([t.best_val_auc for t in trials])
-    acc = _mean_sd([t.best_val_acc for t in trials])
-    pr = _mean_sd([t.best_val_pr_auc for t in trials])
+    auc = metrics.mean_sd([t.best_val_auc for t in trials])
+    acc = metrics.mean_sd([t.best_val_acc for t in trials])
+    pr = metrics.mean_sd([t.best_val_pr_auc for t in trials])
     return {
         "backbone": name,
         "run": what,
@@ -489,13 +483,9 @@ def pick_winner(search: list[TrialResult], folds: int) -> dict:
 
 
 def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
-    import csv
 
     csv_path, md_path = out / "table.csv", out / "table.md"
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    metrics.write_csv(rows, csv_path)
     lines = [
         "| backbone | run | folds | micro ROC-AUC | accuracy | micro PR-AUC | status |",
         "|---|---|---|---|---|---|---|",

@@ -118,33 +118,32 @@ def test_ray_job_submit_scores_an_archive(ray_head, small_corpus, tmp_path):
     )
     out = tmp_path / "report"
     runtime_env = json.dumps({"excludes": ["tests/", "quickstart-out/", ".git/", ".venv/"]})
-    res = subprocess.run(
-        [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            runtime_env,
-            "--",
-            sys.executable,
-            "jobs/score_archive.py",
-            str(archive),
-            "--classifier",
-            str(tmp_path / "clf"),
-            "--out",
-            str(out),
-            "--run-id",
-            "submitted",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    submit = [
+        ray_bin,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        runtime_env,
+        "--",
+        sys.executable,
+        "jobs/score_archive.py",
+        str(archive),
+        "--classifier",
+        str(tmp_path / "clf"),
+        "--out",
+        str(out),
+        "--run-id",
+        "submitted",
+    ]
+    for _ in range(30):  # the job server can answer before its agent accepts jobs
+        res = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
+        if "No available agent" not in res.stdout + res.stderr:
+            break
+        time.sleep(2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
     t = score.read_report(str(out)).to_pylist()

@@ -34,3 +34,9 @@ def test_box_iou():
     a = np.array([[0, 0, 10, 10]])
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])
     assert np.allclose(metrics.box_iou(a, b), [[1.0, 1 / 3, 0.0]])
+
+
+def test_mean_sd_over_folds():
+    assert metrics.mean_sd([0.8, 0.9, float("nan"), 1.0]) == pytest.approx((0.9, 0.1))
+    assert metrics.mean_sd([0.7]) == (0.7, 0.0)
+    assert all(np.isnan(metrics.mean_sd([])))
