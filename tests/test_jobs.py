@@ -69,6 +69,17 @@ def ray_head(tmp_path):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
             "--num-cpus=2",
+            # the suite's own Ray holds the default agent ports: give this head free ones
+            *(
+                f"--{opt}={_free_port()}"
+                for opt in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "ray-client-server-port",
+                )
+            ),
             f"--temp-dir={short}",
         ],
         stdout=subprocess.DEVNULL,
