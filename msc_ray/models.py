@@ -231,8 +231,8 @@ def save_artifact(dest: str | os.PathLike, state: dict[str, torch.Tensor], confi
     return config
 
 
-def read_artifact(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, state_dict)`` of an artifact directory (local or ``s3://``), loaded safely."""
+def read_config(src: str | os.PathLike, endpoint_url: str | None = None) -> dict:
+    """An artifact's ``config.json`` alone (no weights read), checked for its format."""
     from . import storage
 
     src = str(src)
@@ -241,18 +241,32 @@ def read_artifact(src: str | os.PathLike, endpoint_url: str | None = None) -> tu
             loc = storage.resolve(src, endpoint_url)
             with loc.fs.open_input_stream(loc.join("config.json")) as fh:
                 config = json.loads(fh.read())
-            with loc.fs.open_input_stream(loc.join("weights.pt")) as fh:
-                raw = fh.read()
-            import io
-
-            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         else:
             config = json.loads(Path(src, "config.json").read_text())
-            state = torch.load(Path(src, "weights.pt"), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{src}: not a model artifact (needs config.json and weights.pt)") from None
     if config.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{src}: artifact format {config.get('format')} is not {ARTIFACT_FORMAT}")
+    return config
+
+
+def read_artifact(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, state_dict)`` of an artifact directory (local or ``s3://``), loaded safely."""
+    from . import storage
+
+    config = read_config(src, endpoint_url)
+    src = str(src)
+    try:
+        if storage.is_s3(src):
+            import io
+
+            loc = storage.resolve(src, endpoint_url)
+            with loc.fs.open_input_stream(loc.join("weights.pt")) as fh:
+                state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(Path(src, "weights.pt"), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{src}: not a model artifact (needs config.json and weights.pt)") from None
     return config, state
 
 

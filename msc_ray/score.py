@@ -464,12 +464,12 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
     summary = ScoreSummary(run_id=run_id)
     # everything that can fail fast does so before any work: report location, models, listing
     check_writable(cfg.out, cfg.endpoint_url)
-    clf_cfg, _ = models.read_artifact(cfg.classifier, cfg.endpoint_url)
+    clf_cfg = models.read_config(cfg.classifier, cfg.endpoint_url)
     if clf_cfg.get("kind") != "classifier":
         raise ValueError(f"--classifier {cfg.classifier}: a {clf_cfg.get('kind')} artifact, not a classifier")
     det_cfg = None
     if cfg.detector:
-        det_cfg, _ = models.read_artifact(cfg.detector, cfg.endpoint_url)
+        det_cfg = models.read_config(cfg.detector, cfg.endpoint_url)
         if det_cfg.get("kind") != "detector":
             raise ValueError(f"--detector {cfg.detector}: a {det_cfg.get('kind')} artifact, not a detector")
     versions = (clf_cfg["version"], det_cfg["version"] if det_cfg else "")
