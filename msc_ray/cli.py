@@ -171,7 +171,6 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
     if corpus_or_manifest.endswith(".parquet"):
         manifest = corpus_or_manifest
-        corpus_mod.read_manifest(manifest, endpoint_url)
     else:
         manifest = str(out / "manifest.parquet")
         if not (resume and Path(manifest).exists()):

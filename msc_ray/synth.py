@@ -562,12 +562,10 @@ def synthesize(
 
 
 def _load_for_preview(path: Path) -> np.ndarray:
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    """Any written format (8-bit PNG/JPEG, 16-bit TIFF) → (H, W) uint8 for the contact sheet."""
+    from .images import decode
 
-        arr = tifffile.imread(path).astype(np.float32) / 65535
-        return np.round(arr * 255).astype(np.uint8)
-    return np.asarray(Image.open(path).convert("L"))
+    return np.round(decode(path.read_bytes(), path.name)[0] * 255).astype(np.uint8)
 
 
 def preview(corpus: str | os.PathLike, rows: list[dict], dest: str | os.PathLike, tile: int = 256) -> Path:
