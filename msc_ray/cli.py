@@ -4,6 +4,7 @@ A user error (bad option, unreadable input) prints one line ``error: ...`` and e
 
 from __future__ import annotations
 
+import os
 import functools
 import logging
 from pathlib import Path
@@ -132,18 +133,40 @@ def _ensure_ray(address: str | None = None) -> None:
         ray.init(address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True)
 
 
+def _absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers and trials run in folders of their own); URIs as given."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def _range(text: str, option: str) -> tuple[float, float]:
+    try:
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: give a number or LO:HI") from None
+    lo, hi = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1]) if len(parts) == 2 else (0, -1)
+    if not 0 < lo <= hi:
+        raise ValueError(f"{option} {text!r}: give a positive number or LO:HI with 0 < LO <= HI")
+    return lo, hi
+
+
 @app.command()
 @_one_line_errors
 def tune(
     corpus_or_manifest: Annotated[str, typer.Argument(help="Corpus root, or a manifest .parquet (local or s3://).")],
     out: Annotated[Path, typer.Option(help="Run folder: experiments, table, plots, artifact.")],
     stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
-    backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "resnet18,mobilenet_v3_small",
-    folds: Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own).")] = 5,
-    max_epochs: Annotated[int, typer.Option(help="Epochs per trial at most.")] = 10,
-    patience: Annotated[int, typer.Option(help="Epochs without a better validation ROC-AUC before a trial stops.")] = 3,
-    samples: Annotated[int, typer.Option(help="Learning-rate/weight-decay samples per (backbone, fold).")] = 2,
-    size: Annotated[int, typer.Option(help="Input side in pixels (raised to what a backbone needs).")] = 128,
+    backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "compact_cnn,resnet18",
+    folds: Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")] = 5,
+    max_epochs: Annotated[int, typer.Option(help="Epochs per trial at most.")] = 25,
+    patience: Annotated[
+        int, typer.Option(help="Epochs without a better inner-validation ROC-AUC before a trial stops.")
+    ] = 6,
+    samples: Annotated[int, typer.Option(help="Learning-rate/weight-decay samples per (backbone, fold).")] = 1,
+    lr: Annotated[
+        str, typer.Option(help="Learning rate, or a range LO:HI sampled log-uniformly per trial.")
+    ] = "1e-3:3e-3",
+    warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up before cosine decay.")] = 2,
+    size: Annotated[int, typer.Option(help="Input side in pixels (raised to what a backbone needs).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Images per optimisation step.")] = 32,
     channels: Annotated[
         int, typer.Option(help="3: gray repeated for ImageNet-style inputs; 1: first conv adapted.")
@@ -154,8 +177,7 @@ def tune(
     asha: Annotated[bool, typer.Option(help="ASHA across the trials of each fold.")] = True,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial.")] = 1.0,
     gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial; a fraction shares a GPU.")] = 0.0,
-    data_cpus: Annotated[float, typer.Option(help="CPUs kept free of trials for Ray Data decoding.")] = 1.0,
-    max_concurrent: Annotated[int, typer.Option(help="Trials at once; 0 = what resources allow.")] = 0,
+    max_concurrent: Annotated[int, typer.Option(help="Trials at once; 0 = no limit (trials queue for resources).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of folds, sampling and augmentation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run in --out.")] = False,
     endpoint_url: EndpointOpt = None,
@@ -168,7 +190,10 @@ def tune(
     names = tuple(b.strip() for b in backbones.split(",") if b.strip())
     for b in names:
         models.backbone(b)
+    lr_min, lr_max = _range(lr, "--lr")
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    corpus_or_manifest = _absolute(corpus_or_manifest)
     if corpus_or_manifest.endswith(".parquet"):
         manifest = corpus_or_manifest
     else:
@@ -188,6 +213,9 @@ def tune(
         max_epochs=max_epochs,
         patience=patience,
         samples=samples,
+        lr_min=lr_min,
+        lr_max=lr_max,
+        warmup_epochs=warmup_epochs,
         batch_size=batch_size,
         size=size,
         channels=channels,
@@ -195,7 +223,6 @@ def tune(
         asha=asha,
         cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial,
-        data_cpus=data_cpus,
         max_concurrent=max_concurrent,
         seed=seed,
         endpoint_url=endpoint_url,
@@ -238,6 +265,8 @@ def train_detector(
     from . import detect
 
     out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    corpus_or_manifest = _absolute(corpus_or_manifest)
     if corpus_or_manifest.endswith(".parquet"):
         manifest = corpus_or_manifest
     else:

@@ -65,6 +65,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("boxes", pa.list_(BOX_TYPE)),  # [x1, y1, x2, y2] pixel edges + label name
         ("annotation", pa.string()),  # ok | missing | malformed | null (stack has no annotations)
         ("annotation_error", pa.string()),
+        ("confluence", pa.float32()),  # measured covered fraction in [0, 1] from metadata.csv; null if absent
     ]
 )
 
@@ -142,6 +143,23 @@ def _read_metadata(data: bytes) -> dict[str, dict]:
         if img:
             out[img] = row
     return out
+
+
+def _confluence(value: str | None, image: str) -> float | None:
+    """A ``confluence`` cell of metadata.csv → fraction in [0, 1]: a fraction, a percentage (> 1),
+    or a value with a ``%`` sign; empty → None. Anything else raises naming the image."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    try:
+        v = float(text.rstrip("%").strip())
+    except ValueError:
+        raise ValueError(f"metadata.csv: confluence {text!r} of {image} is not a number") from None
+    if text.endswith("%") or v > 1.0:
+        v /= 100.0
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"metadata.csv: confluence {text!r} of {image} is outside 0–100 %")
+    return v
 
 
 def _assign_folds(labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int, stack: str) -> np.ndarray:
@@ -273,6 +291,7 @@ def index_corpus(
         m = meta.get(rel) or meta.get(PurePosixPath(rel).name) or {}
         vessel = (m.get("vessel") or "").strip() or None
         day = (m.get("day") or "").strip()
+        conf = _confluence(m.get("confluence"), rel)
         rows.append(
             {
                 "uri": loc.uri(info.path),
@@ -292,6 +311,7 @@ def index_corpus(
                 "boxes": boxes,
                 "annotation": ann,
                 "annotation_error": ann_err,
+                "confluence": conf,
             }
         )
         if err:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from . import augment, images, storage
 from .config import DataConfig
@@ -207,3 +208,92 @@ def torch_batches(
             for i in range(len(imgs))
         ]
         yield list(imgs), targets, rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode once: the cache that trials and detector workers augment from every epoch
+# --------------------------------------------------------------------------------------------------
+
+
+def _cache_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, detection: bool) -> dict[str, np.ndarray]:
+    """Ray Data task: a block of manifest rows → uint8 (C, S, S) after decode, equalise and resize
+    (no augmentation, no normalisation); boxes follow the resize. A bad row becomes an error record."""
+    tf = v2.Compose(augment.preprocess(cfg))
+    n = len(batch["uri"])
+    out_img = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.uint8)
+    ok = np.zeros(n, bool)
+    err = np.full(n, "", dtype=object)
+    boxes_out = np.empty(n, dtype=object)
+    for i in range(n):
+        uri, path = str(batch["uri"][i]), str(batch["path"][i])
+        boxes_out[i] = np.zeros((0, 4), np.float32)
+        try:
+            arr = load_image(uri, path, cfg)
+        except (images.ImageError, OSError) as exc:
+            err[i] = str(exc) if isinstance(exc, images.ImageError) else f"{path}: {storage.describe_error(exc)}"
+            log.warning("error record: %s", err[i])
+            continue
+        h, w = arr.shape[-2:]
+        sample: dict = {"image": tv_tensors.Image(torch.from_numpy(arr))}
+        if detection:
+            raw = batch["boxes"][i]
+            xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
+            sample["boxes"] = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(h, w))
+        res = tf(sample)
+        out_img[i] = (res["image"].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
+        ok[i] = True
+        if detection:
+            boxes_out[i] = res["boxes"].as_subclass(torch.Tensor).numpy().astype(np.float32).reshape(-1, 4)
+    out = {"image": out_img, "ok": ok, "error": err.astype(str), "row": batch["row"].astype(np.int64)}
+    if detection:
+        out["boxes_flat"] = np.array([b.ravel().tolist() for b in boxes_out] + [[]], dtype=object)[:-1]
+    return out
+
+
+def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False):
+    """Decode, equalise (multi-stack) and resize every row once with Ray Data tasks → an
+    :class:`msc_ray.engine.Cache` (uint8, in this process's memory; put it in Ray's object store to
+    share it). Rows that cannot be read are left out and listed in ``Cache.errors``."""
+    import ray
+
+    from .engine import Cache
+
+    keep = ["uri", "path", "row"] + (["boxes"] if detection else [])
+    src = rows.select(keep)
+    step = cfg.decode_batch
+    ds = ray.data.from_arrow([src.slice(i, step) for i in range(0, src.num_rows, step)] or [src])
+    ds.context.execution_options.preserve_order = True
+    ds.context.op_resource_reservation_enabled = False
+    ds = ds.map_batches(
+        _cache_batch,
+        fn_kwargs={"cfg": cfg, "detection": detection},
+        batch_size=step,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    imgs, oks, errs, rws, bxs = [], [], [], [], []
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        imgs.append(b["image"]), oks.append(b["ok"]), errs.append(b["error"]), rws.append(b["row"])
+        if detection:
+            bxs.extend(np.asarray(v, np.float32).reshape(-1, 4) for v in b["boxes_flat"])
+    shape = (0, cfg.channels, cfg.size, cfg.size)
+    image = np.concatenate(imgs) if imgs else np.zeros(shape, np.uint8)
+    ok = np.concatenate(oks) if oks else np.zeros(0, bool)
+    row = np.concatenate(rws) if rws else np.zeros(0, np.int64)
+    error = np.concatenate(errs) if errs else np.zeros(0, str)
+    by_row = {int(r): i for i, r in enumerate(rows.column("row").to_numpy())}
+    pos = np.array([by_row[int(r)] for r in row], np.int64)
+    good = np.flatnonzero(ok)
+    conf = rows.column("confluence").to_numpy(zero_copy_only=False) if "confluence" in rows.column_names else None
+    conf = np.full(rows.num_rows, np.nan) if conf is None else np.asarray(conf, np.float64)
+    conf = np.where(np.isnan(conf.astype(np.float64)), np.nan, conf).astype(np.float32)
+    return Cache(
+        images=np.ascontiguousarray(image[good]),
+        labels=rows.column("label").to_numpy().astype(np.int64)[pos[good]],
+        rows=row[good],
+        folds=rows.column("fold").to_numpy().astype(np.int64)[pos[good]],
+        keys=[rows.column("path")[int(p)].as_py() for p in pos[good]],
+        confluence=conf[pos[good]],
+        boxes=[bxs[i] for i in good] if detection else None,
+        errors=tuple(str(e) for e in error[~ok]),
+    )

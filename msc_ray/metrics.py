@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
-from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from . import BAND_EDGES
 
 
 def mean_sd(values) -> tuple[float, float]:
@@ -46,6 +54,46 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
         "accuracy": float(accuracy_score(y, probs.argmax(1))),
         "confusion": confusion_matrix(y, probs.argmax(1), labels=list(range(k))).tolist(),
     }
+
+
+def per_class_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> list[dict]:
+    """Per class: precision, recall, F1 and support (scikit-learn), and one-vs-rest ROC-AUC (NaN for a
+    class that is absent, or the only one present)."""
+    y = np.asarray(y, int)
+    k = len(classes)
+    p, r, f, s = precision_recall_fscore_support(y, probs.argmax(1), labels=list(range(k)), zero_division=0)
+    out = []
+    for j, name in enumerate(classes):
+        pos = y == j
+        auc = float(roc_auc_score(pos, probs[:, j])) if 0 < pos.sum() < len(y) else float("nan")
+        out.append(
+            {"class": name, "precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j]),
+             "support": int(s[j]), "roc_auc": auc}
+        )
+    return out
+
+
+def confluence_in_band(probs: np.ndarray, regressed: np.ndarray | None = None) -> np.ndarray:
+    """Confluence % per image that always lies inside the predicted band (argmax of ``probs``).
+
+    With a regression output (``regressed``, fractions in [0, 1]) it is that value clipped to the
+    band. Without one it is order-aware: the band's midpoint moved towards the neighbour band that
+    holds more probability, ``lo + (hi - lo) · (0.5 + 0.5 · (P(above) − P(below)))``, which stays in
+    [lo, hi] because P(above) and P(below) are each in [0, 1]. Bands are :data:`BAND_EDGES`."""
+    probs = np.asarray(probs, np.float64)
+    k = probs.shape[1]
+    if k != len(BAND_EDGES) - 1:
+        raise ValueError(f"confluence needs the {len(BAND_EDGES) - 1} confluence bands, got {k} classes")
+    c = probs.argmax(1)
+    lo, hi = np.asarray(BAND_EDGES[:-1])[c], np.asarray(BAND_EDGES[1:])[c]
+    if regressed is not None:
+        value = np.clip(np.asarray(regressed, np.float64), lo, hi)
+    else:
+        cum = np.cumsum(probs, axis=1)
+        below = np.where(c > 0, cum[np.arange(len(c)), np.maximum(c - 1, 0)], 0.0)
+        above = 1.0 - cum[np.arange(len(c)), c]
+        value = lo + (hi - lo) * (0.5 + 0.5 * (above - below))
+    return 100.0 * value
 
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
@@ -119,7 +167,8 @@ def detection_metrics(
     Per box: TP = predicted box matched to a truth box (one-to-one), FP = unmatched prediction,
     FN = unmatched truth box. Per image: an image with abnormal cells is a TP when at least one of its
     cells is matched and an FN otherwise; an image with a prediction but no matched cell is an FP.
-    hit rate = TP / (TP + FN), FDR = FP / (TP + FP) (0 when nothing was predicted)."""
+    hit rate = TP / (TP + FN), FDR = FP / (TP + FP). A ratio whose denominator is 0 is undefined and
+    returned as NaN (FDR where nothing was predicted; hit rate where there was nothing to find): never 0."""
     tp = fp = fn = itp = ifp = ifn = 0
     for (boxes, scores), truth in zip(preds, truths, strict=True):
         keep = scores >= score_threshold
@@ -135,7 +184,7 @@ def detection_metrics(
             ifp += 1
 
     def ratio(a, b):
-        return a / b if b else 0.0
+        return a / b if b else float("nan")
 
     return {
         "hit_rate": ratio(tp, tp + fn),

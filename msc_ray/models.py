@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,11 +43,45 @@ class Backbone:
     patch: int = 1  # input side must be a multiple of this (ViT)
     pretrained_size: int | None = None  # input side the ImageNet weights require
     kwargs: dict = field(default_factory=dict)
+    builder: Callable[..., nn.Module] | None = None  # None: torchvision's get_model(name)
+
+
+class CompactCNN(nn.Module):
+    """A small 4-block CNN baseline: (N, 3, S, S) → (N, num_classes). Each block is two 3×3
+    convolutions with BatchNorm and ReLU and a 2× max-pool (widths 32, 64, 128, 192), then global
+    average pooling — coverage-like properties such as confluence are averages over the image.
+    The input is standardised per image and channel first (instance normalisation).
+    Fast on CPUs at 64–128 px; ``fc`` is replaced by the study's head like a torchvision model's."""
+
+    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (32, 64, 128, 192)):
+        super().__init__()
+        # per-image standardisation first: brightness, contrast and min–max stretch (illumination, and
+        # the study's photometric augmentations) leave the features unchanged, so BatchNorm statistics
+        # gathered on augmented images hold for plain ones
+        layers, c_in = [nn.InstanceNorm2d(3, affine=False)], 3
+        for w in widths:
+            layers += [
+                nn.Conv2d(c_in, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(w, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c_in = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
+        Backbone("compact_cnn", "fc", min_size=16, builder=CompactCNN),
         Backbone("alexnet", "classifier.6", min_size=63),
         Backbone("inception_v3", "fc", min_size=75, kwargs={"aux_logits": False, "init_weights": True}),
         Backbone("resnet18", "fc"),
@@ -135,6 +170,8 @@ def imagenet_weights_file(name: str) -> Path | None:
     """The hub-cache path of a backbone's default ImageNet weights, when that file is present."""
     from torchvision.models import get_model_weights
 
+    if backbone(name).builder is not None:
+        return None
     try:
         url = get_model_weights(name).DEFAULT.url
     except (ValueError, AttributeError):
@@ -166,8 +203,11 @@ def build_classifier(
     image_size: int = 224,
     dropout: float = 0.5,
     weights_file: str | os.PathLike | None = None,
+    extra_outputs: int = 0,
 ) -> nn.Module:
-    """A registry backbone with the study's head: (N, in_channels, S, S) → (N, num_classes) logits."""
+    """A registry backbone with the study's head: (N, in_channels, S, S) → (N, num_classes +
+    extra_outputs); the first ``num_classes`` are logits, an extra one is the confluence output
+    (a logit of the covered fraction)."""
     from torchvision.models import get_model
 
     if num_classes < 2:
@@ -176,7 +216,7 @@ def build_classifier(
     kwargs = dict(b.kwargs)
     if b.patch > 1:
         kwargs["image_size"] = image_size
-    model = get_model(name, weights=None, **kwargs)
+    model = b.builder(**kwargs) if b.builder else get_model(name, weights=None, **kwargs)
     if weights_file is not None:
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -188,7 +228,7 @@ def build_classifier(
     old = _get(parent, last)
     if not isinstance(old, nn.Linear):
         raise TypeError(f"{name}: {b.head} is {type(old).__name__}, expected Linear")
-    _set(parent, last, study_head(old.in_features, num_classes, dropout))
+    _set(parent, last, study_head(old.in_features, num_classes + extra_outputs, dropout))
     if in_channels != 3:
         adapt_input_channels(model, in_channels)
     return model
@@ -281,6 +321,7 @@ def load_classifier(src: str | os.PathLike, endpoint_url: str | None = None) -> 
         in_channels=config["data"]["channels"],
         image_size=config["data"]["size"],
         dropout=config.get("dropout", 0.5),
+        extra_outputs=int(config.get("confluence_output", False)),
     )
     model.load_state_dict(state)
     return model.eval(), config

@@ -7,7 +7,7 @@ tight box. Output follows the corpus layout of DESIGN.md::
     <out>/<stack>/<class>/<image>                 class folders "1".."4" (0-40, 40-60, 60-80, 80-100 %)
     <out>/<stack>/annotations/<stem>.xml          Pascal VOC, one per single-stack image (may hold no object)
     <out>/masks/<stack>/<stem>.png                16-bit instance mask, 0 = background
-    <out>/metadata.csv                            image, vessel, day, position
+    <out>/metadata.csv                            image, vessel, day, position, confluence
     <out>/truth.parquet                           exact per-image truth
 
 VOC boxes use the VOC convention (1-based, inclusive); in the truth table and everywhere in the
@@ -524,9 +524,9 @@ def synthesize(
 
     with open(root / "metadata.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["image", "vessel", "day", "position"])
-        for r in rows:
-            w.writerow([r["image"], r["vessel"], r["day"], r["position"]])
+        w.writerow(["image", "vessel", "day", "position", "confluence"])
+        for r in rows:  # the measured covered fraction, as an instrument's confluence export gives it
+            w.writerow([r["image"], r["vessel"], r["day"], r["position"], f"{r['confluence']:.4f}"])
     table = pa.Table.from_pylist(
         rows,
         schema=pa.schema(

@@ -2,20 +2,24 @@
 
 Three Tune experiments under ``RUN/``, each resumable with ``Tuner.restore``:
 
-1. ``search``: one trial per (backbone, fold, sampled learning rate and weight decay). AMSGrad Adam
-   (its ``weight_decay`` is L2 regularisation), class-weighted cross-entropy, patience-based early
-   stopping on validation micro ROC-AUC inside a trial, and ASHA across the trials *of the same fold*
-   (one ASHA bracket per fold, so an easy fold never cuts a hard one's trials).
-2. ``final``: the winning configuration (backbone, learning rate, weight decay) trained on every fold
-   with patience but no ASHA, so the winner's row is complete; its out-of-fold validation logits give
-   the ROC/PR curves, the confusion matrix, and the temperature fitted for calibration.
-3. ``export``: the winner trained on all images for the median best epoch of its folds. That single
-   model, with the fitted temperature, is the artifact scoring loads (one forward pass per image,
-   where a five-model fold ensemble would cost five).
+Nested evaluation: for outer fold k, fold k is the test part (Table 1's figures; nothing is
+trained, stopped, selected or calibrated on it), fold k+1 is the inner validation part (early
+stopping, ASHA, backbone choice, temperature), the other folds train.
 
-A trial is the plain function :func:`classifier_trial` taking one config dict. It asks for its CPUs
-and a GPU or a fraction; its Ray Data decode/augment tasks are ordinary cluster tasks (on a cluster:
-the CPU workers), and the number of concurrent trials leaves ``data_cpus`` CPUs free for them.
+1. ``search``: one trial per (backbone, outer fold, sampled learning rate and weight decay). AMSGrad
+   Adam (its ``weight_decay`` is L2 regularisation), warm-up then cosine learning rate, class-weighted
+   cross-entropy plus a confluence regression output where the corpus carries measured confluence,
+   patience on inner-validation micro ROC-AUC, and ASHA across the trials *of the same fold*.
+2. ``final``: the winning configuration on every fold without ASHA (reusing search trials that ran it
+   to the end), so the winner's row is complete; its outer-fold outputs give the ROC/PR curves and the
+   confusion matrix, its inner-validation outputs the temperature.
+3. ``export``: the winner trained on all images for the median best epoch of its folds: the artifact
+   scoring loads (one forward pass per image, where a five-model fold ensemble would cost five).
+
+Images are decoded and resized once, before any trial (Ray Data tasks → :class:`engine.Cache`), and
+reach trials through Ray's object store; a trial (:func:`classifier_trial`, one config dict) is a
+thin wrapper around :func:`engine.train_one_epoch` and :func:`engine.evaluate` and needs no data
+tasks while it trains, so trials only ask for their own CPUs (and GPU share) and queue for them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import corpus, data, metrics, models
+from . import corpus, data, engine, metrics, models
 from .config import DataConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -46,28 +51,30 @@ class TuneJobConfig:
     manifest: str  # manifest URI (the CLI indexes a corpus into RUN/manifest.parquet first)
     out: str  # run folder (local)
     stack: str = "sstack"
-    backbones: tuple[str, ...] = ("resnet18", "mobilenet_v3_small")
-    max_epochs: int = 10
-    patience: int = 3
+    backbones: tuple[str, ...] = ("compact_cnn", "resnet18")
+    max_epochs: int = 25
+    patience: int = 6
+    warmup_epochs: int = 2
+    confluence_head: bool = True  # a regression output where the corpus carries measured confluence
     samples: int = 2  # hyper-parameter samples per (backbone, fold)
-    lr_min: float = 1e-4
+    lr_min: float = 1e-3
     lr_max: float = 3e-3
     wd_min: float = 1e-6
     wd_max: float = 1e-3
     batch_size: int = 32
-    size: int = 128
+    size: int = 64  # confluence is a low-frequency property: 64 px holds it (see README)
     channels: int = 3
     dropout: float = 0.5
     pretrained: str = "auto"  # auto | none | path to a state dict
     asha: bool = True
-    grace_period: int = 1
+    grace_period: int = 4
     reduction_factor: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    data_cpus: float = 1.0  # CPUs kept free of trials for the Ray Data tasks that feed them
-    max_concurrent: int = 0  # 0: as many as resources allow
+    max_concurrent: int = 0  # 0: no limit; trials queue for their resources
     seed: int = 0
     endpoint_url: str | None = None
+    verbose: int = 1  # Tune's console output: 0 silent, 1 status tables
 
     def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
         for b in self.backbones:
@@ -93,147 +100,133 @@ def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataCon
     )
 
 
-def _evaluate(model, images: torch.Tensor, labels: torch.Tensor, device, batch: int) -> np.ndarray:
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            out.append(model(images[i : i + batch].to(device)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+def build_caches(job: TuneJobConfig, manifest) -> dict[int, engine.Cache]:
+    """Decode every image of the stack once per input size the backbones need (Ray Data tasks),
+    before any trial starts; trials get the caches through Ray's object store."""
+    rows = data.select(manifest, stack=job.stack)
+    caches: dict[int, engine.Cache] = {}
+    for name in job.backbones:
+        dcfg = _data_config(job, name, models.resolve_pretrained(name, job.pretrained) is not None)
+        if dcfg.size not in caches:
+            caches[dcfg.size] = data.build_cache(rows, dcfg)
+            for e in caches[dcfg.size].errors:
+                log.warning("left out: %s", e)
+    return caches
 
 
-def classifier_trial(config: dict) -> None:
-    """One Tune trial. ``config``: ``job`` (TuneJobConfig as a dict), ``phase`` (search | final |
-    export), ``backbone``, ``fold`` (-1 for all data), ``lr``, ``weight_decay``, and for export
-    ``epochs``. Reports per-epoch metrics and a checkpoint holding the current and the best state."""
+def _state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def classifier_trial(config: dict, caches: dict | None = None) -> None:
+    """One Tune trial, a thin wrapper around :func:`engine.train_one_epoch` / :func:`engine.evaluate`.
+
+    ``config``: ``job`` (TuneJobConfig as a dict), ``phase`` (search | final | export), ``backbone``,
+    ``fold`` (the outer fold; -1 trains on all images), ``folds``, ``classes``, ``lr``,
+    ``weight_decay``, and for export ``epochs``. ``caches``: input size → :class:`engine.Cache`.
+
+    For outer fold k the images of fold k are never trained on nor used to choose anything: the
+    next fold is the inner validation part (early stopping, ASHA, temperature), the rest train.
+    When the trial ends, its best epoch's model scores the outer fold once; those are the figures
+    of Table 1. Reports per-epoch metrics and a checkpoint holding the current and best state."""
     from ray import tune
 
     job = from_dict(TuneJobConfig, config["job"])
-    phase, name, fold = config["phase"], config["backbone"], int(config["fold"])
-    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    classes = corpus.manifest_info(manifest)["classes"][job.stack]
+    phase, name, fold, folds = config["phase"], config["backbone"], int(config["fold"]), int(config["folds"])
+    classes = list(config["classes"])
+    k = len(classes)
     weights_file = models.resolve_pretrained(name, job.pretrained)
     dcfg = _data_config(job, name, weights_file is not None)
+    train, val, test = caches[dcfg.size].split(fold, folds)
     device = _device()
     torch.manual_seed(job.seed + 1000 * max(fold, 0))
-
+    regress = job.confluence_head and engine.has_confluence(train)
     model = models.build_classifier(
-        name,
-        len(classes),
-        in_channels=job.channels,
-        image_size=dcfg.size,
-        dropout=job.dropout,
-        weights_file=weights_file,
+        name, k, in_channels=job.channels, image_size=dcfg.size, dropout=job.dropout,
+        weights_file=weights_file, extra_outputs=int(regress),
     ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True)
-    all_data = fold < 0
-    train_rows = data.select(manifest, stack=job.stack, fold=None if all_data else fold, train=True)
-    counts = np.bincount(train_rows.column("label").to_numpy(), minlength=len(classes)).astype(np.float64)
-    weights = counts.sum() / (len(classes) * np.maximum(counts, 1))  # "balanced" class weights
-    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+    steps = max(len(train) // job.batch_size, 1)
+    sched = engine.warmup_cosine(opt, job.max_epochs * steps, job.warmup_epochs * steps)
+    loss_fn = engine.ClassifierLoss(engine.balanced_weights(train.labels, k).to(device), k)
+    aug_train, aug_eval = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
     epochs = int(config.get("epochs") or job.max_epochs)
 
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0}
     best_model = None
-    best_val = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # resumed: continue where the trial stopped
         with ckpt.as_directory() as d:
             saved = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            best_model = saved["best_model"]
-            state.update({k: saved[k] for k in state})
-            if os.path.exists(os.path.join(d, "val.npz")):
-                with np.load(os.path.join(d, "val.npz"), allow_pickle=False) as z:
-                    best_val = {k: z[k] for k in z.files}
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        best_model = saved["best_model"]
+        state.update({key: saved[key] for key in state})
 
-    val_x = val_y = val_rows = None
-    if not all_data:
-        vr = data.select(manifest, stack=job.stack, fold=fold, train=False)
-        xs, ys, rs = [], [], []
-        for x, y, r in data.torch_batches(data.make_dataset(vr, dcfg, train=False), job.batch_size):
-            xs.append(x), ys.append(y), rs.append(r)
-        val_x, val_y, val_rows = torch.cat(xs), torch.cat(ys), torch.cat(rs)
+    def predict(part):
+        return engine.predict(model, part, aug_eval, batch_size=job.batch_size * 2, device=device)
 
-    use_amp = device.type == "cuda"
     for epoch in range(state["epoch"], epochs):
-        model.train()
-        stats = data.BatchStats()
-        total, n = 0.0, 0
-        for x, y, _ in data.torch_batches(
-            data.make_dataset(train_rows, dcfg, train=True, epoch=epoch),
-            job.batch_size,
-            stats=stats,
-            drop_last=False,
-        ):
-            if len(y) < 2 and model.training:  # BatchNorm cannot train on one image
-                continue
-            x, y = x.to(device, non_blocking=True), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss) * len(y)
-            n += len(y)
-        report = {
-            "epoch": epoch + 1,
-            "train_loss": total / max(n, 1),
-            "train_images": stats.images,
-            "error_records": stats.errors,
-            "phase": phase,
-            "backbone": name,
-            "fold": fold,
-        }
+        t0 = time.perf_counter()
+        stats = engine.train_one_epoch(
+            model, train, aug_train, opt, sched, loss_fn, epoch=epoch, batch_size=job.batch_size, device=device
+        )
+        report = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images": stats["images"],
+                  "phase": phase, "backbone": name, "fold": fold, "confluence_output": regress}
         state["epoch"] = epoch + 1
-        done_reason = None
-        if all_data:
-            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            state["best_epoch"] = epoch + 1
-            if epoch + 1 == epochs:
-                done_reason = "epochs"
+        done_reason, extra = None, {}
+        if len(val) == 0:
+            best_model, state["best_epoch"] = _state(model), epoch + 1
+            done_reason = "epochs" if epoch + 1 == epochs else None
         else:
-            logits = _evaluate(model, val_x, val_y, device, job.batch_size * 2)
-            m = metrics.classification_metrics(val_y.numpy(), metrics.calibrated(logits))
+            m = engine.evaluate(predict(val), val, classes)
             report.update({METRIC: m["roc_auc"], "val_acc": m["accuracy"], "val_pr_auc": m["pr_auc"]})
             if m["roc_auc"] > state["best_auc"]:
                 state.update(best_auc=m["roc_auc"], best_epoch=epoch + 1, bad_epochs=0)
-                best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                best_val = {
-                    "rows": val_rows.numpy(),
-                    "labels": val_y.numpy(),
-                    "logits": logits,
-                    "acc": np.float64(m["accuracy"]),
-                    "pr_auc": np.float64(m["pr_auc"]),
-                }
+                best_model = _state(model)
             else:
                 state["bad_epochs"] += 1
             if state["bad_epochs"] >= job.patience:
                 done_reason = "patience"
             elif epoch + 1 == epochs:
                 done_reason = "max_epochs"
-            report.update(
-                best_val_auc=state["best_auc"],
-                best_val_acc=float(best_val["acc"]),
-                best_val_pr_auc=float(best_val["pr_auc"]),
-            )
-        report.update(best_epoch=state["best_epoch"], done_reason=done_reason or "")
+            report["best_val_auc"] = state["best_auc"]
+        if done_reason and len(test):
+            extra = _outer_figures(model, best_model, predict, val, test, classes)
+            report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
+        report.update(best_epoch=state["best_epoch"], done_reason=done_reason or "",
+                      epoch_seconds=time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as d:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "best_model": best_model,
-                    **state,
-                },
-                os.path.join(d, "state.pt"),
-            )
-            if best_val is not None:
-                np.savez(os.path.join(d, "val.npz"), **best_val)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "best_model": best_model,
+                        "confluence_output": bool(regress), **state},
+                       os.path.join(d, "state.pt"))
+            arrays = {key: v for key, v in extra.items() if isinstance(v, np.ndarray)}
+            if arrays:
+                np.savez(os.path.join(d, "outputs.npz"), **arrays)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
         if done_reason:
             break
+
+
+def _outer_figures(model, best_model, predict, val, test, classes) -> dict:
+    """The best epoch's model on the inner validation part (temperature) and once on the outer
+    fold: Table 1's figures, with ECE after calibration on data the temperature never saw."""
+    model.load_state_dict(best_model)
+    out_val, out_test = predict(val), predict(test)
+    k = len(classes)
+    temperature = metrics.fit_temperature(out_val[:, :k], val.labels)
+    m = engine.evaluate(out_test, test, classes, temperature)
+    raw = engine.evaluate(out_test, test, classes)
+    figures = {
+        "test_auc": m["roc_auc"], "test_acc": m["accuracy"], "test_pr_auc": m["pr_auc"],
+        "test_ece_before": raw["ece"], "test_ece_after": m["ece"], "temperature": temperature,
+        "test_confluence_mae": m.get("confluence_mae", float("nan")),
+        "val_outputs": out_val, "val_labels": val.labels, "test_outputs": out_test, "test_labels": test.labels,
+        "test_rows": test.rows, "test_confluence": test.confluence,
+    }
+    return figures
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +256,7 @@ def per_fold_asha(job: TuneJobConfig):
                     metric=self._metric,
                     mode=self._mode,
                     max_t=job.max_epochs,
-                    grace_period=job.grace_period,
+                    grace_period=min(job.grace_period, job.max_epochs),
                     reduction_factor=job.reduction_factor,
                 )
             return self._by_fold[fold]
@@ -302,10 +295,13 @@ class TrialResult:
     weight_decay: float
     epochs_run: int
     done_reason: str  # patience | max_epochs | epochs | "" (stopped by ASHA, or errored)
-    best_val_auc: float = float("nan")
-    best_val_acc: float = float("nan")
-    best_val_pr_auc: float = float("nan")
+    best_val_auc: float = float("nan")  # inner validation: what selection sees
     best_epoch: int = 0
+    test_auc: float = float("nan")  # outer fold: what Table 1 reports
+    test_acc: float = float("nan")
+    test_pr_auc: float = float("nan")
+    test_ece_after: float = float("nan")
+    test_confluence_mae: float = float("nan")
     checkpoint: str | None = None
     error: str | None = None
 
@@ -330,30 +326,18 @@ def _resources(job: TuneJobConfig) -> dict:
     return res
 
 
-def concurrent_trials(job: TuneJobConfig) -> int:
-    """How many trials run at once: ``--max-concurrent`` if given, else what the cluster's CPUs (and
-    GPUs) hold while ``data_cpus`` CPUs stay free for the trials' Ray Data tasks. Those tasks are
-    ordinary cluster tasks, so on a cluster they run on the CPU worker nodes."""
-    import ray
-
-    if job.max_concurrent:
-        return job.max_concurrent
-    res = ray.cluster_resources()
-    n = int(max(res.get("CPU", 1) - job.data_cpus, job.cpus_per_trial) // job.cpus_per_trial)
-    if job.gpus_per_trial:
-        n = min(n, int(res.get("GPU", 0) // job.gpus_per_trial) or 1)
-    return max(n, 1)
-
-
 def _run_experiment(
-    job: TuneJobConfig, name: str, param_space: dict, *, asha: bool, resume: bool, num_samples: int = 1
+    job: TuneJobConfig, name: str, param_space: dict, caches: dict, *, asha: bool, resume: bool, num_samples: int = 1
 ):
+    """One resumable Tune experiment under ``RUN/name``. Trials ask for their own resources and
+    queue for them (``--max-concurrent`` caps how many run at once; nothing reads the cluster's
+    current size), and get the decoded images through Ray's object store (``tune.with_parameters``)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     storage = os.path.abspath(job.out)
     path = os.path.join(storage, name)
-    trainable = tune.with_resources(classifier_trial, _resources(job))
+    trainable = tune.with_resources(tune.with_parameters(classifier_trial, caches=caches), _resources(job))
     if os.path.isdir(path) and tune.Tuner.can_restore(path):
         if not resume:
             raise ValueError(f"{path} holds an earlier experiment: pass --resume to finish it, or use a new --out")
@@ -370,7 +354,7 @@ def _run_experiment(
                 scheduler=per_fold_asha(job) if asha else None,
                 # seeded sampling: the same job samples the same learning rates and weight decays
                 # (the concurrency limit goes here: Tune ignores max_concurrent_trials for this generator)
-                search_alg=BasicVariantGenerator(random_state=job.seed, max_concurrent=concurrent_trials(job)),
+                search_alg=BasicVariantGenerator(random_state=job.seed, max_concurrent=job.max_concurrent),
                 trial_dirname_creator=lambda t: f"{t.config['backbone']}-fold{t.config['fold']}-{t.trial_id}",
             ),
             run_config=tune.RunConfig(
@@ -378,17 +362,31 @@ def _run_experiment(
                 storage_path=storage,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=1),
-                verbose=1,
+                verbose=job.verbose,
             ),
         )
     grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < len(grid):
         raise ValueError(f"the {name} experiment was interrupted; finish it with --resume (same --out)")
-    return grid
+    results = _collect(grid)
+    if results and all(r.error for r in results):
+        raise ValueError(f"every {name} trial failed; the first: {results[0].error}")
+    return results
+
+
+def _first_line(error) -> str:
+    """The innermost error's own message, one line (Tune wraps a trial's exception)."""
+    text = str(getattr(error, "cause", None) or error).strip().splitlines()
+    lines = [ln.strip() for ln in text if ln.strip()]
+    for ln in reversed(lines):  # the raised exception is the last "Type: message" line of a traceback
+        if ":" in ln and not ln.startswith(("File ", "^", "~")) and ln.split(":")[0].replace(".", "").isidentifier():
+            return ln
+    return lines[-1] if lines else repr(error)
 
 
 def _collect(grid) -> list[TrialResult]:
     out = []
+    nan = float("nan")
     for r in grid:
         cfg, m = r.config, r.metrics or {}
         out.append(
@@ -399,21 +397,29 @@ def _collect(grid) -> list[TrialResult]:
                 weight_decay=float(cfg["weight_decay"]),
                 epochs_run=int(m.get("epoch", 0)),
                 done_reason=str(m.get("done_reason", "") or ""),
-                best_val_auc=float(m.get("best_val_auc", float("nan"))),
-                best_val_acc=float(m.get("best_val_acc", float("nan"))),
-                best_val_pr_auc=float(m.get("best_val_pr_auc", float("nan"))),
+                best_val_auc=float(m.get("best_val_auc", nan)),
                 best_epoch=int(m.get("best_epoch", 0)),
+                test_auc=float(m.get("test_auc", nan)),
+                test_acc=float(m.get("test_acc", nan)),
+                test_pr_auc=float(m.get("test_pr_auc", nan)),
+                test_ece_after=float(m.get("test_ece_after", nan)),
+                test_confluence_mae=float(m.get("test_confluence_mae", nan)),
                 checkpoint=r.checkpoint.path if r.checkpoint else None,
-                error=str(r.error).splitlines()[0] if r.error else None,
+                error=_first_line(r.error) if r.error else None,
             )
         )
     return out
 
 
+TABLE_KEYS = ("test_auc", "test_acc", "test_pr_auc", "test_ece_after", "test_confluence_mae")
+
+
 def build_table(search: list[TrialResult], final: list[TrialResult], folds: int, winner: dict) -> list[dict]:
-    """Table 1: per backbone, mean ± SD over folds of the best trial of each fold. Only complete
-    trials are averaged; a backbone with folds whose trials ASHA cut short says so. The winner's row
-    comes from its complete ``final`` run on every fold."""
+    """Table 1: per backbone, mean ± SD over the outer folds. On each fold the trial picked is the
+    complete one with the best *inner* validation ROC-AUC, and its figures are those of the outer
+    fold, which nothing chose. A backbone that ASHA cut short on any fold is marked cut and gets no
+    mean (averaging only the folds it survived would flatter it). The winner's row comes from its
+    complete run on every fold."""
     rows = []
     by_backbone: dict[str, list[TrialResult]] = defaultdict(list)
     for t in search:
@@ -421,48 +427,35 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
     for name, trials in by_backbone.items():
         picked, cut = [], []
         for f in range(folds):
-            of_fold = [t for t in trials if t.fold == f and not math.isnan(t.best_val_auc)]
-            complete = [t for t in of_fold if t.complete]
+            complete = [t for t in trials if t.fold == f and t.complete and not math.isnan(t.best_val_auc)]
             if complete:
                 picked.append(max(complete, key=lambda t: t.best_val_auc))
             else:
                 cut.append(f)
-        if not cut:
-            status = "complete"
-        elif len(cut) == folds:
-            status = "cut short by ASHA on every fold: no complete fold to average"
-        else:
-            status = f"cut short by ASHA on fold(s) {','.join(map(str, cut))}: mean over the complete folds only"
-        rows.append(_row(name, "search: best trial per fold", picked, folds, status))
+        status = "complete" if not cut else f"cut by ASHA on fold(s) {','.join(map(str, cut))}: no mean"
+        rows.append(_row(name, "search: best trial per fold by inner validation", [] if cut else picked, folds,
+                         status, complete=len(picked)))
     if final:
         label = f"winner, lr={winner['lr']:.2e} wd={winner['weight_decay']:.2e}, all folds"
         done = [t for t in final if t.complete]
         status = "complete" if len(done) == folds else f"{len(done)}/{folds} folds finished"
-        rows.append(_row(winner["backbone"], label, done, folds, status))
+        rows.append(_row(winner["backbone"], label, done, folds, status, complete=len(done)))
     return rows
 
 
-def _row(name: str, what: str, trials: list[TrialResult], folds: int, status: str) -> dict:
-    auc = metrics.mean_sd([t.best_val_auc for t in trials])
-    acc = metrics.mean_sd([t.best_val_acc for t in trials])
-    pr = metrics.mean_sd([t.best_val_pr_auc for t in trials])
-    return {
-        "backbone": name,
-        "run": what,
-        "folds_complete": f"{len(trials)}/{folds}",
-        "roc_auc_mean": auc[0],
-        "roc_auc_sd": auc[1],
-        "accuracy_mean": acc[0],
-        "accuracy_sd": acc[1],
-        "pr_auc_mean": pr[0],
-        "pr_auc_sd": pr[1],
-        "status": status,
-    }
+def _row(name: str, what: str, trials: list[TrialResult], folds: int, status: str, complete: int) -> dict:
+    row = {"backbone": name, "run": what, "folds_complete": f"{complete}/{folds}"}
+    for key in TABLE_KEYS:
+        mean, sd = metrics.mean_sd([getattr(t, key) for t in trials])
+        row[key.removeprefix("test_") + "_mean"] = mean
+        row[key.removeprefix("test_") + "_sd"] = sd
+    row["status"] = status
+    return row
 
 
 def pick_winner(search: list[TrialResult], folds: int) -> dict:
-    """The backbone with the best mean (over folds) of its per-fold best validation AUC, with the
-    learning rate and weight decay of its best single trial."""
+    """The backbone with the best mean (over folds) of its per-fold best *inner validation* AUC,
+    with the learning rate and weight decay of its best single trial. Outer folds play no part."""
     scores = {}
     for name in {t.backbone for t in search}:
         per_fold = []
@@ -472,8 +465,8 @@ def pick_winner(search: list[TrialResult], folds: int) -> dict:
             ]
             per_fold.append(max(aucs) if aucs else 0.0)
         scores[name] = float(np.mean(per_fold))
-    if not scores:
-        raise RuntimeError("no trial reported a result; see the trial errors above")
+    if not scores or all(math.isnan(t.best_val_auc) for t in search):
+        raise ValueError("no trial reported a result" + (f"; the first error: {search[0].error}" if search else ""))
     best = max(scores, key=lambda n: (scores[n], n))
     top = max(
         (t for t in search if t.backbone == best and not math.isnan(t.best_val_auc)),
@@ -483,12 +476,12 @@ def pick_winner(search: list[TrialResult], folds: int) -> dict:
 
 
 def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
-
     csv_path, md_path = out / "table.csv", out / "table.md"
     metrics.write_csv(rows, csv_path)
     lines = [
-        "| backbone | run | folds | micro ROC-AUC | accuracy | micro PR-AUC | status |",
-        "|---|---|---|---|---|---|---|",
+        "| backbone | run | folds | micro ROC-AUC | accuracy | micro PR-AUC | ECE (calibrated) | confluence MAE (pts) "
+        "| status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(r: dict, k: str) -> str:
@@ -496,44 +489,48 @@ def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
 
     for r in rows:
         lines.append(
-            f"| {r['backbone']} | {r['run']} | {r['folds_complete']} | {cell(r, 'roc_auc')} | "
-            f"{cell(r, 'accuracy')} | {cell(r, 'pr_auc')} | {r['status']} |"
+            f"| {r['backbone']} | {r['run']} | {r['folds_complete']} | {cell(r, 'auc')} | {cell(r, 'acc')} | "
+            f"{cell(r, 'pr_auc')} | {cell(r, 'ece_after')} | {cell(r, 'confluence_mae')} | {r['status']} |"
         )
+    lines += ["", "Figures are on the outer folds: nothing was trained, stopped or calibrated on them. Early "
+              "stopping, ASHA, backbone choice and the temperature used the inner validation fold."]
     md_path.write_text("\n".join(lines) + "\n")
     return {"table_csv": str(csv_path), "table_md": str(md_path)}
 
 
-def _oof(final: list[TrialResult]) -> dict[str, np.ndarray]:
-    """Out-of-fold validation logits of the winner's best epoch on each fold, concatenated."""
+def _outputs(final: list[TrialResult]) -> dict[str, np.ndarray]:
+    """The winner's inner-validation and outer-fold outputs of every fold, concatenated."""
     parts = []
     for t in final:
-        if t.checkpoint and os.path.exists(os.path.join(t.checkpoint, "val.npz")):
-            with np.load(os.path.join(t.checkpoint, "val.npz"), allow_pickle=False) as z:
-                parts.append({k: z[k] for k in ("rows", "labels", "logits")})
+        if t.checkpoint and os.path.exists(os.path.join(t.checkpoint, "outputs.npz")):
+            with np.load(os.path.join(t.checkpoint, "outputs.npz"), allow_pickle=False) as z:
+                parts.append({k: z[k] for k in z.files})
     if not parts:
-        raise RuntimeError("the winner's fold runs left no validation logits")
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("rows", "labels", "logits")}
+        raise RuntimeError("the winner's fold runs left no outputs")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _plot_winner(oof: dict, classes: list[str], temperature: float, title: str, dest: Path) -> str:
+def _plot_winner(outs: dict, classes: list[str], temperature: float, title: str, dest: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
 
-    probs = metrics.calibrated(oof["logits"], temperature)
-    yy = metrics.one_hot(oof["labels"], len(classes))
+    k = len(classes)
+    labels = outs["test_labels"]
+    probs = metrics.calibrated(outs["test_outputs"][:, :k], temperature)
+    yy = metrics.one_hot(labels, k)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
     fpr, tpr, _ = roc_curve(yy.ravel(), probs.ravel())
-    m = metrics.classification_metrics(oof["labels"], probs)
+    m = metrics.classification_metrics(labels, probs)
     ax[0].plot(fpr, tpr, label=f"micro ROC-AUC {m['roc_auc']:.3f}")
     ax[0].plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (micro, out of fold)")
+    ax[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (micro, outer folds)")
     ax[0].legend(loc="lower right")
     prec, rec, _ = precision_recall_curve(yy.ravel(), probs.ravel())
     ax[1].plot(rec, prec, label=f"micro PR-AUC {m['pr_auc']:.3f}")
-    ax[1].set(xlabel="recall", ylabel="precision", title="precision-recall (micro, out of fold)")
+    ax[1].set(xlabel="recall", ylabel="precision", title="precision-recall (micro, outer folds)")
     ax[1].legend(loc="lower left")
     ConfusionMatrixDisplay(np.array(m["confusion"]), display_labels=classes).plot(ax=ax[2], colorbar=False)
     ax[2].set_title(f"confusion, accuracy {m['accuracy']:.3f}")
@@ -544,88 +541,71 @@ def _plot_winner(oof: dict, classes: list[str], temperature: float, title: str, 
     return str(dest)
 
 
-def search_phase(job: TuneJobConfig, folds: int, *, resume: bool = False, name: str = "search") -> list[TrialResult]:
-    """The backbone × fold × sampled-hyper-parameter trials (ASHA per fold when ``job.asha``)."""
+def _space(job: TuneJobConfig, phase: str, folds: int, classes: list[str], **fixed) -> dict:
+    return {"job": asdict(job), "phase": phase, "folds": folds, "classes": classes, **fixed}
+
+
+def search_phase(
+    job: TuneJobConfig, folds: int, classes: list[str], caches: dict, *, resume: bool = False, name: str = "search"
+) -> list[TrialResult]:
+    """The backbone × outer fold × sampled-hyper-parameter trials (ASHA per fold when ``job.asha``)."""
     from ray import tune
 
-    space = {
-        "job": asdict(job),
-        "phase": "search",
-        "backbone": tune.grid_search(list(job.backbones)),
-        "fold": tune.grid_search(list(range(folds))),
-        "lr": tune.loguniform(job.lr_min, job.lr_max),
-        "weight_decay": tune.loguniform(job.wd_min, job.wd_max),
-    }
-    return _collect(_run_experiment(job, name, space, asha=job.asha, resume=resume, num_samples=job.samples))
+    lr = tune.loguniform(job.lr_min, job.lr_max) if job.lr_max > job.lr_min else job.lr_min
+    wd = tune.loguniform(job.wd_min, job.wd_max) if job.wd_max > job.wd_min else job.wd_min
+    space = _space(job, "search", folds, classes, backbone=tune.grid_search(list(job.backbones)),
+                   fold=tune.grid_search(list(range(folds))), lr=lr, weight_decay=wd)
+    samples = job.samples if (job.lr_max > job.lr_min or job.wd_max > job.wd_min) else 1
+    return _run_experiment(job, name, space, caches, asha=job.asha, resume=resume, num_samples=samples)
 
 
-def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
-    """Search, finalise the winner on every fold, export the artifact; write table, plots and JSON."""
+def final_phase(job, folds, classes, caches, search, winner, *, resume: bool) -> list[TrialResult]:
+    """The winner's configuration on every outer fold, without ASHA. Folds on which the search
+    already ran exactly that configuration to completion are reused, not trained again."""
     from ray import tune
 
-    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    info = corpus.manifest_info(manifest)
-    job.validate(info["classes"])
-    folds = int(info["folds"])
-    classes = info["classes"][job.stack]
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jd = asdict(job)
+    same = {t.fold: t for t in search if t.backbone == winner["backbone"] and t.complete
+            and t.lr == winner["lr"] and t.weight_decay == winner["weight_decay"]}
+    missing = [f for f in range(folds) if f not in same]
+    ran = []
+    if missing:
+        space = _space(job, "final", folds, classes, backbone=winner["backbone"], fold=tune.grid_search(missing),
+                       lr=winner["lr"], weight_decay=winner["weight_decay"])
+        ran = _run_experiment(job, "final", space, caches, asha=False, resume=resume)
+    return sorted(list(same.values()) + ran, key=lambda t: t.fold)
 
-    search = search_phase(job, folds, resume=resume)
-    for t in search:
-        if t.error:
-            log.warning("trial %s fold %d failed: %s", t.backbone, t.fold, t.error)
-    winner = pick_winner(search, folds)
-    log.info("winner: %s", winner)
 
-    fspace = {
-        "job": jd,
-        "phase": "final",
-        "backbone": winner["backbone"],
-        "fold": tune.grid_search(list(range(folds))),
-        "lr": winner["lr"],
-        "weight_decay": winner["weight_decay"],
-    }
-    final = _collect(_run_experiment(job, "final", fspace, asha=False, resume=resume))
-    epochs = max(1, int(round(statistics.median([t.best_epoch for t in final if t.best_epoch] or [job.max_epochs]))))
-    espace = {
-        "job": jd,
-        "phase": "export",
-        "backbone": winner["backbone"],
-        "fold": -1,
-        "lr": winner["lr"],
-        "weight_decay": winner["weight_decay"],
-        "epochs": epochs,
-    }
-    export = _collect(_run_experiment(job, "export", espace, asha=False, resume=resume))
+def export_phase(job, folds, classes, caches, winner, epochs: int, *, resume: bool) -> TrialResult:
+    """The winner trained on all images for ``epochs`` (the median best epoch of its folds)."""
+    space = _space(job, "export", folds, classes, backbone=winner["backbone"], fold=-1, lr=winner["lr"],
+                   weight_decay=winner["weight_decay"], epochs=epochs)
+    (export,) = _run_experiment(job, "export", space, caches, asha=False, resume=resume)
+    if export.checkpoint is None:
+        raise RuntimeError(f"the export run left no checkpoint: {export.error}")
+    return export
 
-    table = build_table(search, final, folds, winner)
-    outputs = _write_table(table, out)
-    oof = _oof(final)
-    temperature = metrics.fit_temperature(oof["logits"], oof["labels"])
-    probs_raw, probs_cal = metrics.calibrated(oof["logits"]), metrics.calibrated(oof["logits"], temperature)
-    calib = {
+
+def calibration(outs: dict, classes: list[str]) -> dict:
+    """The exported temperature (fitted on the winner's pooled inner-validation outputs) and ECE on
+    the outer folds, before and after, with that temperature (which never saw them)."""
+    k = len(classes)
+    temperature = metrics.fit_temperature(outs["val_outputs"][:, :k], outs["val_labels"])
+    test = outs["test_outputs"][:, :k]
+    return {
         "temperature": temperature,
-        "ece_before": metrics.expected_calibration_error(oof["labels"], probs_raw),
-        "ece_after": metrics.expected_calibration_error(oof["labels"], probs_cal),
+        "fitted_on": "inner validation folds",
+        "ece_before": metrics.expected_calibration_error(outs["test_labels"], metrics.calibrated(test)),
+        "ece_after": metrics.expected_calibration_error(outs["test_labels"], metrics.calibrated(test, temperature)),
+        "measured_on": "outer folds",
     }
-    oof_metrics = metrics.classification_metrics(oof["labels"], probs_cal)
-    outputs["plots"] = _plot_winner(
-        oof,
-        classes,
-        temperature,
-        f"{job.stack}: {winner['backbone']} (winner), {folds} folds",
-        out / "winner.png",
-    )
 
-    ckpt = export[0].checkpoint if export and export[0].checkpoint else None
-    if ckpt is None:
-        raise RuntimeError(f"the export run left no checkpoint: {export[0].error if export else 'no trial'}")
-    saved = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
+
+def _export_artifact(job, out: Path, export: TrialResult, winner, classes, calib, oof_metrics, epochs, info) -> dict:
+    saved = torch.load(os.path.join(export.checkpoint, "state.pt"), map_location="cpu", weights_only=True)
     weights_file = models.resolve_pretrained(winner["backbone"], job.pretrained)
     dcfg = _data_config(job, winner["backbone"], weights_file is not None)
-    art_cfg = models.save_artifact(
+    regress = bool(saved.get("confluence_output", False))
+    return models.save_artifact(
         out / "artifact",
         saved["best_model"],
         {
@@ -636,29 +616,76 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
             "data": asdict(replace(dcfg, endpoint_url=None)),
             "dropout": job.dropout,
             "normalisation": {"mean": list(dcfg.norm_mean), "std": list(dcfg.norm_std)},
-            "temperature": temperature,
+            "temperature": calib["temperature"],
+            "confluence_output": bool(regress),
             "calibration": calib,
             "trained_on": "all images",
             "epochs": epochs,
             "pretrained": str(weights_file) if weights_file else "none",
             "hyperparameters": {"lr": winner["lr"], "weight_decay": winner["weight_decay"]},
-            "metrics_out_of_fold": {k: v for k, v in oof_metrics.items() if k != "confusion"},
+            "metrics_outer_folds": oof_metrics,
             "run": {"out": str(out.resolve()), "manifest": job.manifest, "corpus": info.get("corpus")},
         },
     )
+
+
+def absolute(job: TuneJobConfig) -> TuneJobConfig:
+    """Local paths made absolute: trials run in their own working folders."""
+    def fix(p: str) -> str:
+        return p if "://" in p else os.path.abspath(p)
+
+    return replace(job, manifest=fix(job.manifest), out=fix(job.out))
+
+
+def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
+    """Search, finalise the winner on every fold, export the artifact; write table, plots and JSON."""
+    job = absolute(job)
+    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
+    info = corpus.manifest_info(manifest)
+    job.validate(info["classes"])
+    folds = int(info["folds"])
+    if folds < 3:
+        raise ValueError(f"{job.manifest}: {folds} folds; nested evaluation needs at least 3 (outer, inner, training)")
+    classes = info["classes"][job.stack]
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    caches = build_caches(job, manifest)  # tune.with_parameters puts them in Ray's object store once
+    search = search_phase(job, folds, classes, caches, resume=resume)
+    for t in search:
+        if t.error:
+            log.warning("trial %s fold %d failed: %s", t.backbone, t.fold, t.error)
+    winner = pick_winner(search, folds)
+    log.info("winner: %s (mean inner-validation ROC-AUC %.3f)", winner["backbone"], winner["mean_search_auc"])
+    final = final_phase(job, folds, classes, caches, search, winner, resume=resume)
+    epochs = max(1, int(round(statistics.median([t.best_epoch for t in final if t.best_epoch] or [job.max_epochs]))))
+    export = export_phase(job, folds, classes, caches, winner, epochs, resume=resume)
+
+    table = build_table(search, final, folds, winner)
+    outputs = _write_table(table, out)
+    outs = _outputs(final)
+    calib = calibration(outs, classes)
+    k = len(classes)
+    probs = metrics.calibrated(outs["test_outputs"][:, :k], calib["temperature"])
+    oof = metrics.classification_metrics(outs["test_labels"], probs)
+    oof["per_class"] = metrics.per_class_metrics(outs["test_labels"], probs, classes)
+    if outs["test_outputs"].shape[1] > k:
+        pct = engine.confluence_from_outputs(outs["test_outputs"], classes, calib["temperature"])
+        oof["confluence_mae"] = float(np.mean(np.abs(pct - 100 * outs["test_confluence"])))
+    outputs["plots"] = _plot_winner(
+        outs, classes, calib["temperature"], f"{job.stack}: {winner['backbone']} (winner), outer folds",
+        out / "winner.png",
+    )
+    art_cfg = _export_artifact(job, out, export, winner, classes, calib, oof, epochs, info)
     outputs["artifact"] = str(out / "artifact")
     summary = {
         "winner": winner,
         "calibration": calib,
-        "out_of_fold": oof_metrics,
+        "outer_folds": oof,
         "artifact_version": art_cfg["version"],
         "export_epochs": epochs,
-        "epochs_run": {
-            "search": sum(t.epochs_run for t in search),
-            "final": sum(t.epochs_run for t in final),
-        },
+        "epochs_run": {"search": sum(t.epochs_run for t in search), "final": sum(t.epochs_run for t in final)},
         "table": table,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     outputs["summary"] = str(out / "summary.json")
     return SearchOutcome(search=search, final=final, table=table, winner=winner, outputs=outputs)

@@ -1,0 +1,249 @@
+"""Training and evaluation loops shared by the classifier trials and the detector workers.
+
+The torchvision references' split: :func:`train_one_epoch` and :func:`evaluate` (and their detector
+twins) are plain functions over a model and an in-memory :class:`Cache`; Tune trials and Ray Train
+workers are thin wrappers around them, and tests call them without Ray.
+
+Epochs are cheap because images are decoded, equalised (multi-stack) and resized **once**: the
+cache holds uint8 ``(N, C, S, S)`` arrays (built by Ray Data tasks in :func:`msc_ray.data.build_cache`
+and shared with trials and workers through Ray's object store). Every epoch then applies the study's
+seven augmentations to the cached pixels, seeded per (seed, epoch, image), and normalises.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from . import augment, metrics
+from .config import DataConfig
+
+
+@dataclass
+class Cache:
+    """Decoded, preprocessed images of one stack at one input size, and what belongs to them.
+
+    ``images`` uint8 (N, C, S, S); ``labels`` int64 (N,); ``rows`` int64 (N,) manifest row indices;
+    ``folds`` int64 (N,); ``keys`` image paths (augmentation seeds); ``confluence`` float32 (N,) in
+    [0, 1] or NaN where unknown; ``boxes`` a list of float32 (k, 4) ``[x1, y1, x2, y2]`` in the cached
+    frame (detection caches only); ``errors`` one line per image that could not be read."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    rows: np.ndarray
+    folds: np.ndarray
+    keys: list[str]
+    confluence: np.ndarray
+    boxes: list[np.ndarray] | None = None
+    errors: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx) -> Cache:
+        idx = np.asarray(idx, np.int64)
+        return Cache(
+            images=self.images[idx],
+            labels=self.labels[idx],
+            rows=self.rows[idx],
+            folds=self.folds[idx],
+            keys=[self.keys[i] for i in idx],
+            confluence=self.confluence[idx],
+            boxes=[self.boxes[i] for i in idx] if self.boxes is not None else None,
+            errors=self.errors,
+        )
+
+    def split(self, outer: int, folds: int) -> tuple[Cache, Cache, Cache]:
+        """(training, inner validation, outer test) for validation fold ``outer``: the outer fold is
+        the test part nothing is chosen on; the next fold is the inner validation part used for early
+        stopping, thresholds and temperatures; the rest train. ``outer < 0``: all images train and the
+        two other parts are empty."""
+        if outer < 0:
+            return self, self.subset([]), self.subset([])
+        inner = (outer + 1) % folds
+        test = np.flatnonzero(self.folds == outer)
+        val = np.flatnonzero(self.folds == inner)
+        train = np.flatnonzero((self.folds != outer) & (self.folds != inner))
+        return self.subset(train), self.subset(val), self.subset(test)
+
+
+def has_confluence(cache: Cache) -> bool:
+    return len(cache) > 0 and bool(np.isfinite(cache.confluence).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation from the cache
+# --------------------------------------------------------------------------------------------------
+
+
+class Augmenter:
+    """The study's augmentations (training) or nothing (evaluation), then normalisation, applied to
+    cached uint8 images. ``boxes``: detection samples (box-aware, boxes that leave the image dropped)."""
+
+    def __init__(self, cfg: DataConfig, *, train: bool, boxes: bool = False):
+        self.cfg, self.train, self.with_boxes = cfg, train, boxes
+        steps: list[v2.Transform] = []
+        if train:
+            steps = augment.geometric(cfg) + augment.photometric()
+        if boxes:
+            steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=2.0)]
+        self.tf = v2.Compose(steps) if steps else None
+        self.mean = torch.tensor(cfg.norm_mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(cfg.norm_std, dtype=torch.float32).view(-1, 1, 1)
+
+    def one(self, img: np.ndarray, key: str, epoch: int, boxes: np.ndarray | None = None):
+        """uint8 (C, S, S) → normalised float32 (C, S, S) [, boxes (k, 4)]."""
+        x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
+        if self.tf is not None:
+            sample: dict = {"image": tv_tensors.Image(x)}
+            if self.with_boxes:
+                b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+                sample["boxes"] = tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=tuple(x.shape[-2:]))
+                sample["labels"] = torch.ones(len(b), dtype=torch.int64)
+            out = augment.apply(self.tf, sample, augment.sample_seed(self.cfg.seed, epoch, key))
+            x = out["image"].as_subclass(torch.Tensor)
+            if self.with_boxes:
+                boxes = out["boxes"].as_subclass(torch.Tensor)
+        x = (x - self.mean) / self.std
+        if self.with_boxes:
+            return x, torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        return x
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation of one epoch: the same on every process."""
+    return np.random.default_rng([seed, epoch, 11]).permutation(n)
+
+
+def classification_batches(
+    cache: Cache, aug: Augmenter, batch_size: int, *, epoch: int = 0, shuffle: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(images (B, C, S, S), labels (B,), confluence (B,))`` from the cache. Training order is the
+    seeded permutation of the epoch; a last batch of one image is dropped in training (BatchNorm)."""
+    order = epoch_order(len(cache), aug.cfg.seed, epoch) if shuffle else np.arange(len(cache))
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        if shuffle and len(idx) < 2:
+            break
+        x = torch.stack([aug.one(cache.images[j], cache.keys[j], epoch) for j in idx])
+        yield x, torch.from_numpy(cache.labels[idx]), torch.from_numpy(cache.confluence[idx].astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules and losses
+# --------------------------------------------------------------------------------------------------
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 1 % to the base rate over ``warmup_steps``, then cosine decay to 1 %."""
+    total_steps = max(total_steps, 1)
+    warmup_steps = min(max(warmup_steps, 0), total_steps - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / max(warmup_steps, 1)
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class ClassifierLoss:
+    """Class-weighted cross-entropy on the first K outputs, plus (when the model has a confluence
+    output) ``regression_weight`` × smooth L1 between sigmoid(output K) and the measured confluence."""
+
+    class_weights: torch.Tensor
+    num_classes: int
+    regression_weight: float = 5.0
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(out[:, : self.num_classes], y, weight=self.class_weights)
+        if out.shape[1] > self.num_classes:
+            pred = torch.sigmoid(out[:, self.num_classes])
+            loss = loss + self.regression_weight * nn.functional.smooth_l1_loss(pred, conf, beta=0.05)
+        return loss
+
+
+def balanced_weights(labels: np.ndarray, k: int) -> torch.Tensor:
+    """scikit-learn's "balanced" class weights, 1 for a class absent from ``labels``."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    w = np.ones(k)
+    present = np.unique(labels)
+    w[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier: one epoch, evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(
+    model: nn.Module,
+    cache: Cache,
+    aug: Augmenter,
+    opt: torch.optim.Optimizer,
+    sched,
+    loss_fn: ClassifierLoss,
+    *,
+    epoch: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict:
+    """One pass over the (augmented) training cache; the schedule steps per batch. Returns
+    ``{"loss": mean loss, "images": count}``."""
+    model.train()
+    total, n = 0.0, 0
+    amp = device.type == "cuda"
+    for x, y, conf in classification_batches(cache, aug, batch_size, epoch=epoch, shuffle=True):
+        x, y, conf = x.to(device, non_blocking=True), y.to(device), conf.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        loss = loss_fn(out.float(), y, conf)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += float(loss) * len(y)
+        n += len(y)
+    return {"loss": total / max(n, 1), "images": n}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, cache: Cache, aug: Augmenter, *, batch_size: int, device: torch.device) -> np.ndarray:
+    """Raw model outputs (N, K[+1]) for the cache, in eval mode, no augmentation."""
+    model.eval()
+    outs = [model(x.to(device)).float().cpu() for x, _, _ in classification_batches(cache, aug, batch_size)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
+
+
+def evaluate(outputs: np.ndarray, cache: Cache, classes: list[str], temperature: float = 1.0) -> dict:
+    """Metrics of raw outputs against the cache's labels (and confluence, when both exist):
+    micro and per-class figures, ECE and, with a confluence output, its MAE in percentage points."""
+    k = len(classes)
+    probs = metrics.calibrated(outputs[:, :k], temperature)
+    m = metrics.classification_metrics(cache.labels, probs)
+    m["per_class"] = metrics.per_class_metrics(cache.labels, probs, classes)
+    m["ece"] = metrics.expected_calibration_error(cache.labels, probs)
+    if outputs.shape[1] > k and has_confluence(cache):
+        pct = confluence_from_outputs(outputs, classes, temperature)
+        m["confluence_mae"] = float(np.mean(np.abs(pct - 100 * cache.confluence)))
+    return m
+
+
+def confluence_from_outputs(outputs: np.ndarray, classes: list[str], temperature: float = 1.0) -> np.ndarray:
+    """Confluence % per image, always inside the predicted band (see :func:`metrics.confluence_in_band`)."""
+    k = len(classes)
+    probs = metrics.calibrated(outputs[:, :k], temperature)
+    regressed = 1 / (1 + np.exp(-outputs[:, k])) if outputs.shape[1] > k else None
+    return metrics.confluence_in_band(probs, regressed)
