@@ -24,13 +24,13 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import corpus, data, metrics, models
+from . import corpus, data, engine, metrics, models
 from .config import DataConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,15 @@ class DetectJobConfig:
     out: str
     stack: str = "sstack"
     folds: tuple[int, ...] = ()  # validation folds to run; () = every fold of the manifest
-    epochs: int = 10
+    epochs: int = 30  # at most: early stopping on the inner validation fold's mAP@0.5
+    patience: int = 6
     workers: int = 2
     gpu: bool = False
     cpus_per_worker: float = 1.0
-    backbone: str = "resnet50_fpn"
-    size: int = 512
-    batch_size: int = 4
-    lr: float = 1e-4
+    backbone: str = "compact_fpn"
+    size: int = 128  # abnormal cells are large: 128 px keeps them 20–50 px across
+    batch_size: int = 8
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
     max_failures: int = 2
@@ -78,19 +79,8 @@ class DetectJobConfig:
         )
 
 
-def _shard(rows, seed: int, epoch: int, rank: int, world: int):
-    """This rank's equal-sized slice of the epoch's seeded permutation."""
-    import pyarrow as pa
-
-    perm = np.random.default_rng([seed, epoch, 7]).permutation(rows.num_rows)
-    per = rows.num_rows // world
-    return rows.take(pa.array(perm[rank * per : (rank + 1) * per]))
-
-
 def _inject_fault(job: DetectJobConfig, fold: int) -> None:
     """Kill this worker process once, without any clean-up (tests of FailureConfig and resume)."""
-    import time
-
     marker = Path(job.out) / f".fault-injected-fold{fold}"
     if not marker.exists():
         marker.write_text("killed once on purpose\n")
@@ -98,96 +88,125 @@ def _inject_fault(job: DetectJobConfig, fold: int) -> None:
         os._exit(1)
 
 
+def detection_rows(manifest, stack: str):
+    """Rows the detector may learn from: images whose annotation parsed (``ok``). A missing or
+    malformed XML says nothing about the image's cells, so it must not train as "no abnormal cell"."""
+    import pyarrow.compute as pc
+
+    rows = data.select(manifest, stack=stack)
+    good = rows.filter(pc.equal(rows["annotation"], "ok"))
+    left = rows.num_rows - good.num_rows
+    if left:
+        log.warning("detector: %d %s image(s) without a usable annotation left out", left, stack)
+    if good.num_rows == 0:
+        raise ValueError(f"no {stack} image has a usable Pascal VOC annotation")
+    return good
+
+
+def _stop_together(stop: bool, device) -> bool:
+    """Rank 0's early-stopping decision, shared with every rank (all stop at the same epoch)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def detector_worker(config: dict) -> None:
-    """Ray Train worker loop (one process per worker). ``config``: ``job`` (DetectJobConfig as a
-    dict) and ``fold`` (the validation fold; -1 trains on everything)."""
+    """Ray Train worker loop, a thin wrapper around :func:`engine.train_detector_epoch`.
+
+    ``config``: ``job`` (DetectJobConfig as a dict), ``fold`` (the outer fold), ``folds``, ``cache``
+    (an ObjectRef of the decoded :class:`engine.Cache`), ``anchors``. The outer fold is never seen;
+    rank 0 scores the inner validation fold after every epoch (mAP@0.5) for early stopping, and keeps
+    the best epoch's weights in the checkpoint."""
+    import ray
     import ray.train
     import ray.train.torch
 
     job = from_dict(DetectJobConfig, config["job"])
-    fold = int(config["fold"])
+    fold, folds = int(config["fold"]), int(config["folds"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    rows = data.select(manifest, stack=job.stack, fold=None if fold < 0 else fold, train=True)
-    if rows.num_rows < world:
-        raise ValueError(f"fold {fold}: {rows.num_rows} training images for {world} workers")
-    max_boxes = data.max_box_count(manifest)
+    cache = ray.get(config["cache"])
+    train, val, _ = cache.split(fold, folds)
+    if len(train) < world:
+        raise ValueError(f"fold {fold}: {len(train)} training images for {world} workers")
     dcfg = job.data_config()
     torch.manual_seed(job.seed + fold)
-    model = models.build_detector(job.backbone, image_size=job.size)
+    model = models.build_detector(job.backbone, image_size=job.size, anchors=config["anchors"])
     opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=job.epochs)
-    start = 0
+    steps = max((len(train) // world) // job.batch_size + int((len(train) // world) % job.batch_size > 0), 1)
+    sched = engine.warmup_cosine(opt, job.epochs * steps, steps)
+    state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0}
+    best_model = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["epoch"])
-        log.info("fold %d rank %d: resuming after epoch %d", fold, rank, start)
+            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        best_model = saved["best_model"]
+        state.update({k: saved[k] for k in state})
+        log.info("fold %d rank %d: resuming after epoch %d", fold, rank, state["epoch"])
+    start = state["epoch"]
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    inner = model.module if hasattr(model, "module") else model
+    aug_train = engine.Augmenter(dcfg, train=True, boxes=True)
+    aug_eval = engine.Augmenter(dcfg, train=False, boxes=True)
     epoch_times: list[float] = []
     for epoch in range(start, job.epochs):
         t_epoch = time.perf_counter()
-        model.train()
-        ds = data.make_dataset(
-            _shard(rows, job.seed, epoch, rank, world),
-            dcfg,
-            train=True,
-            epoch=epoch,
-            detection=True,
-            max_boxes=max_boxes,
-        )
-        stats = data.BatchStats()
-        total, steps, n_boxes = 0.0, 0, 0
-        for imgs, targets, _ in data.torch_batches(ds, job.batch_size, stats=stats, detection=True, keep_empty=True):
-            if imgs:
-                losses = model([i.to(device) for i in imgs], [{k: v.to(device) for k, v in t.items()} for t in targets])
-                loss = sum(losses.values())
-                n_boxes += sum(len(t["boxes"]) for t in targets)
-            else:  # every image of this batch was an error record: a zero step keeps DDP in lock-step
-                loss = sum(p.sum() * 0.0 for p in model.parameters())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss)
-            steps += 1
-            if job.fail_at_epoch and job.fail_at_epoch == epoch and rank == world - 1 and steps == 1:
+
+        def maybe_fail(step: int, epoch=epoch) -> None:
+            if job.fail_at_epoch and job.fail_at_epoch == epoch and rank == world - 1 and step == 1:
                 _inject_fault(job, fold)
-        sched.step()
+
+        stats = engine.train_detector_epoch(
+            model, train, aug_train, opt, sched, epoch=epoch, batch_size=job.batch_size, device=device,
+            rank=rank, world=world, seed=job.seed, on_step=maybe_fail,
+        )
+        state["epoch"] = epoch + 1
+        report = {"epoch": epoch + 1, "fold": fold, "loss": stats["loss"], "images": stats["images"],
+                  "boxes": stats["boxes"], "resumed_from": start}
+        stop = False
+        if rank == 0:
+            if len(val):
+                preds, truths = engine.predict_detections(inner, val, aug_eval, batch_size=job.batch_size * 2,
+                                                          device=device)
+                val_map = engine.detection_map(preds, truths)
+                val_map = -1.0 if math.isnan(val_map) else val_map
+            else:
+                val_map = 0.0
+            report["val_map50"] = val_map
+            if val_map > state["best_map"]:
+                state.update(best_map=val_map, best_epoch=epoch + 1, bad_epochs=0)
+                best_model = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+            else:
+                state["bad_epochs"] += 1
+            stop = state["bad_epochs"] >= job.patience
+        stop = _stop_together(stop, device)
         epoch_times.append(time.perf_counter() - t_epoch)
-        report = {
-            "epoch": epoch + 1,
-            "fold": fold,
-            "loss": total / max(steps, 1),
-            "images": stats.images,
-            "boxes": n_boxes,
-            "error_records": stats.errors,
-            "resumed_from": start,
-            "epoch_seconds": epoch_times[-1],
-            # mean epoch time after this session's first epoch (which includes start-up)
-            "mean_epoch_seconds": float(np.mean(epoch_times[1:] or epoch_times)),
-        }
+        report.update(best_epoch=state["best_epoch"], best_val_map50=state["best_map"], stopped_early=stop,
+                      epoch_seconds=epoch_times[-1],
+                      # mean epoch time after this session's first epoch (which includes start-up)
+                      mean_epoch_seconds=float(np.mean(epoch_times[1:] or epoch_times)))
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                inner = model.module if hasattr(model, "module") else model
                 torch.save(
-                    {
-                        "model": inner.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "epoch": epoch + 1,
-                        "config": json.dumps(asdict(job)),
-                    },
+                    {"model": inner.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "best_model": best_model, "anchors": json.dumps(config["anchors"]),
+                     "config": json.dumps(asdict(job)), **state},
                     os.path.join(d, "state.pt"),
                 )
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(report)
+        if stop:
+            break
 
 
 @dataclass
@@ -195,12 +214,16 @@ class FoldResult:
     fold: int
     checkpoint: str
     epochs: int
-    preds: list = field(default_factory=list)  # [(boxes (k, 4), scores (k,))] per validation image
-    truths: list = field(default_factory=list)  # [(m, 4)] per validation image
+    best_epoch: int
+    best_val_map: float
+    val_preds: list = field(default_factory=list)  # inner validation: the operating point is chosen here
+    val_truths: list = field(default_factory=list)
+    preds: list = field(default_factory=list)  # outer fold: [(boxes (k, 4), scores (k,))] per image
+    truths: list = field(default_factory=list)  # [(m, 4)] per outer-fold image
     rows: list = field(default_factory=list)
 
 
-def _train_fold(job: DetectJobConfig, fold: int) -> tuple[str, dict]:
+def _train_fold(job: DetectJobConfig, fold: int, folds: int, cache_ref, anchors: dict) -> tuple[str, dict]:
     """Train (or resume) one fold; returns its latest checkpoint and last reported metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -210,7 +233,7 @@ def _train_fold(job: DetectJobConfig, fold: int) -> tuple[str, dict]:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         detector_worker,
-        train_loop_config={"job": asdict(job), "fold": fold},
+        train_loop_config={"job": asdict(job), "fold": fold, "folds": folds, "cache": cache_ref, "anchors": anchors},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"fold{fold}",
@@ -225,27 +248,31 @@ def _train_fold(job: DetectJobConfig, fold: int) -> tuple[str, dict]:
     return result.checkpoint.path, dict(result.metrics or {})
 
 
+def _device(job: DetectJobConfig) -> torch.device:
+    return torch.device("cuda" if job.gpu and torch.cuda.is_available() else "cpu")
+
+
 def _load(ckpt_dir: str, job: DetectJobConfig, score_thresh: float = 0.01, nms: float = max(NMS_CANDIDATES)):
+    """The best epoch's model of a fold checkpoint, on the job's device, with a loose threshold and
+    the loosest NMS (both tightened later at the operating point)."""
     state = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=True)
-    model = models.build_detector(job.backbone, image_size=job.size, score_thresh=score_thresh, nms_thresh=nms)
-    model.load_state_dict(state["model"])
-    return model.eval(), int(state["epoch"])
+    model = models.build_detector(job.backbone, image_size=job.size, score_thresh=score_thresh, nms_thresh=nms,
+                                  anchors=json.loads(state["anchors"]))
+    model.load_state_dict(state["best_model"] or state["model"])
+    return model.eval().to(_device(job)), state
 
 
-def predict_fold(job: DetectJobConfig, fold: int, ckpt_dir: str) -> FoldResult:
-    """The fold's model on its validation images: loose threshold, loosest NMS (tightened later)."""
-    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    rows = data.select(manifest, stack=job.stack, fold=fold, train=False)
-    model, epochs = _load(ckpt_dir, job)
-    res = FoldResult(fold=fold, checkpoint=ckpt_dir, epochs=epochs)
-    ds = data.make_dataset(rows, job.data_config(), train=False, detection=True, max_boxes=data.max_box_count(manifest))
-    with torch.inference_mode():
-        for imgs, targets, r in data.torch_batches(ds, job.batch_size * 2, detection=True):
-            for out, t in zip(model(imgs), targets, strict=True):
-                res.preds.append((out["boxes"].numpy(), out["scores"].numpy()))
-                res.truths.append(t["boxes"].numpy())
-            res.rows.extend(r.tolist())
-    return res
+def predict_fold(job: DetectJobConfig, fold: int, folds: int, ckpt_dir: str, cache) -> FoldResult:
+    """The fold's best model on its inner validation part and on its outer fold."""
+    _, val, test = cache.split(fold, folds)
+    model, state = _load(ckpt_dir, job)
+    aug = engine.Augmenter(job.data_config(), train=False, boxes=True)
+    dev = _device(job)
+    vp, vt = engine.predict_detections(model, val, aug, batch_size=job.batch_size * 2, device=dev)
+    tp, tt = engine.predict_detections(model, test, aug, batch_size=job.batch_size * 2, device=dev)
+    return FoldResult(fold=fold, checkpoint=ckpt_dir, epochs=int(state["epoch"]), best_epoch=int(state["best_epoch"]),
+                      best_val_map=float(state["best_map"]), val_preds=vp, val_truths=vt, preds=tp, truths=tt,
+                      rows=test.rows.tolist())
 
 
 def _apply_nms(preds, iou: float):
@@ -258,16 +285,16 @@ def _apply_nms(preds, iou: float):
     return out
 
 
-def choose_operating_point(results: list[FoldResult]) -> dict:
-    """NMS IoU and score threshold with the best box-level F1 over all out-of-fold predictions."""
-    truths = [t for r in results for t in r.truths]
+def choose_operating_point(preds: list, truths: list) -> dict:
+    """NMS IoU and score threshold with the best box-level F1 on the given predictions (the inner
+    validation folds': the outer folds that Table 2 reports are not used)."""
     best = {"f1": -1.0, "nms_iou": max(NMS_CANDIDATES), "score_threshold": 0.5}
     for iou in NMS_CANDIDATES:
-        preds = _apply_nms([p for r in results for p in r.preds], iou)
-        all_scores = np.concatenate([s for _, s in preds]) if preds else np.zeros(0)
+        kept = _apply_nms(preds, iou)
+        all_scores = np.concatenate([s for _, s in kept]) if kept else np.zeros(0)
         cands = np.unique(np.quantile(all_scores, np.linspace(0, 0.99, 60))) if len(all_scores) else [0.5]
         for th in cands:
-            m = metrics.detection_metrics(preds, truths, float(th))
+            m = metrics.detection_metrics(kept, truths, float(th))
             f1 = 2 * m["tp"] / max(2 * m["tp"] + m["fp"] + m["fn"], 1)
             if f1 > best["f1"]:
                 best = {"f1": f1, "nms_iou": iou, "score_threshold": float(th)}
@@ -315,20 +342,11 @@ def _panel(job: DetectJobConfig, results: list[FoldResult], op: dict, dest: Path
     return str(dest)
 
 
-def train_detector(job: DetectJobConfig) -> dict:
-    """Train every fold, evaluate, choose the operating point, write Table 2 and the artifact."""
-    job.validate()
-    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    info = corpus.manifest_info(manifest)
-    folds = list(job.folds) or list(range(int(info["folds"])))
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for fold in folds:
-        ckpt, last = _train_fold(job, fold)
-        log.info("fold %d: %s, checkpoint %s", fold, last, ckpt)
-        results.append(predict_fold(job, fold, ckpt))
-    op = choose_operating_point(results)
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+def _table(results: list[FoldResult], op: dict) -> tuple[list[dict], dict]:
     rows = []
     for r in results:
         preds = _apply_nms(r.preds, op["nms_iou"])
@@ -337,36 +355,79 @@ def train_detector(job: DetectJobConfig) -> dict:
             {
                 "fold": r.fold,
                 "epochs": r.epochs,
+                "best_epoch": r.best_epoch,
                 "images": len(r.truths),
                 "abnormal_cells": int(sum(len(t) for t in r.truths)),
                 **m,
                 "map50": metrics.average_precision(preds, r.truths),
             }
         )
-    keys = ("hit_rate", "fdr", "image_hit_rate", "image_fdr", "map50")
-    summary = {k: metrics.mean_sd([r[k] for r in rows]) for k in keys}
+    summary = {k: metrics.mean_sd([r[k] for r in rows]) for k in TABLE2_KEYS}
+    return rows, summary
+
+
+TABLE2_KEYS = ("hit_rate", "fdr", "image_hit_rate", "image_fdr", "map50")
+
+
+def _write_table2(rows: list[dict], summary: dict, op: dict, out: Path) -> None:
     metrics.write_csv(rows, out / "metrics.csv")
     md = [
-        "| fold | images | cells | hit rate (box) | FDR (box) | hit rate (image) | FDR (image) | mAP@0.5 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fold | epochs (best) | images | cells | hit rate (box) | FDR (box) | hit rate (image) | FDR (image) | mAP@0.5 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         md.append(
-            f"| {r['fold']} | {r['images']} | {r['abnormal_cells']} | {r['hit_rate']:.3f} | {r['fdr']:.3f} | "
-            f"{r['image_hit_rate']:.3f} | {r['image_fdr']:.3f} | {r['map50']:.3f} |"
+            f"| {r['fold']} | {r['epochs']} ({r['best_epoch']}) | {r['images']} | {r['abnormal_cells']} | "
+            + " | ".join(_fmt(r[k]) for k in TABLE2_KEYS) + " |"
         )
-    md.append("| mean ± SD | | | " + " | ".join(f"{summary[k][0]:.3f} ± {summary[k][1]:.3f}" for k in keys) + " |")
-    md.append("")
-    md.append(
-        f"Operating point chosen on the validation folds: NMS IoU {op['nms_iou']}, score threshold "
-        f"{op['score_threshold']:.3f} (box-level F1 {op['f1']:.3f}). Matching at IoU ≥ 0.5."
-    )
+    md.append("| mean ± SD | | | | " + " | ".join(
+        "n/a" if math.isnan(summary[k][0]) else f"{summary[k][0]:.3f} ± {summary[k][1]:.3f}" for k in TABLE2_KEYS
+    ) + " |")
+    md += [
+        "",
+        f"Outer folds: no image of a fold's row was trained on or used to choose anything. Early stopping "
+        f"(mAP@0.5) and the operating point used the inner validation folds: NMS IoU {op['nms_iou']}, score "
+        f"threshold {op['score_threshold']:.3f} (inner box-level F1 {op['f1']:.3f}). Matching at IoU ≥ 0.5. "
+        "n/a: undefined (FDR where nothing was predicted; hit rate where there was nothing to find), never 0.",
+    ]
     (out / "metrics.md").write_text("\n".join(md) + "\n")
+
+
+def train_detector(job: DetectJobConfig) -> dict:
+    """Decode once, train every outer fold on Ray Train, choose the operating point on the inner
+    validation folds, write Table 2 (outer folds), the panel and the artifact."""
+    import ray
+
+    job.validate()
+    job = replace(job, manifest=job.manifest if "://" in job.manifest else os.path.abspath(job.manifest),
+                  out=job.out if "://" in job.out else os.path.abspath(job.out))
+    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
+    info = corpus.manifest_info(manifest)
+    n_folds = int(info["folds"])
+    if n_folds < 3:
+        raise ValueError(f"{job.manifest}: {n_folds} folds; nested evaluation needs at least 3")
+    folds = list(job.folds) or list(range(n_folds))
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = data.build_cache(detection_rows(manifest, job.stack), job.data_config(), detection=True)
+    for e in cache.errors:
+        log.warning("left out: %s", e)
+    cache_ref = ray.put(cache)
+    results = []
+    for fold in folds:
+        anchors = engine.anchor_plan(cache.split(fold, n_folds)[0].boxes, models.DETECTOR_LEVELS[job.backbone])
+        ckpt, last = _train_fold(job, fold, n_folds, cache_ref, anchors)
+        log.info("fold %d: %d epochs, best %d (inner mAP@0.5 %.3f)", fold, last.get("epoch", 0),
+                 last.get("best_epoch", 0), last.get("best_val_map50", float("nan")))
+        results.append(predict_fold(job, fold, n_folds, ckpt, cache))
+    op = choose_operating_point([p for r in results for p in r.val_preds], [t for r in results for t in r.val_truths])
+    rows, summary = _table(results, op)
+    _write_table2(rows, summary, op, out)
+    keys = TABLE2_KEYS
     panel = _panel(job, results, op, out / "predictions.png")
-    best = max(
-        results, key=lambda r: -1 if math.isnan(rows[results.index(r)]["map50"]) else rows[results.index(r)]["map50"]
-    )
-    state = torch.load(os.path.join(best.checkpoint, "state.pt"), map_location="cpu", weights_only=True)["model"]
+    best = max(results, key=lambda r: r.best_val_map)  # chosen on inner validation, not on the outer folds
+    saved = torch.load(os.path.join(best.checkpoint, "state.pt"), map_location="cpu", weights_only=True)
+    state = saved["best_model"] or saved["model"]
     art = models.save_artifact(
         out / "artifact",
         state,
@@ -377,10 +438,11 @@ def train_detector(job: DetectJobConfig) -> dict:
             "image_size": job.size,
             "score_threshold": op["score_threshold"],
             "nms_iou": op["nms_iou"],
+            "anchors": json.loads(saved["anchors"]),
             "stack": job.stack,
-            "trained_on": f"every fold but {best.fold} (the fold with the best validation mAP@0.5)",
+            "trained_on": f"folds other than {best.fold} and its inner validation fold (best inner mAP@0.5)",
             "metrics": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in keys},
-            "run": {"out": str(out.resolve()), "manifest": job.manifest, "epochs": best.epochs},
+            "run": {"out": str(out.resolve()), "manifest": job.manifest, "epochs": best.best_epoch},
         },
     )
     result = {

@@ -247,3 +247,102 @@ def confluence_from_outputs(outputs: np.ndarray, classes: list[str], temperature
     probs = metrics.calibrated(outputs[:, :k], temperature)
     regressed = 1 / (1 + np.exp(-outputs[:, k])) if outputs.shape[1] > k else None
     return metrics.confluence_in_band(probs, regressed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Detector: batches, one epoch, predictions
+# --------------------------------------------------------------------------------------------------
+
+
+def detection_batches(cache: Cache, aug: Augmenter, batch_size: int, *, epoch: int = 0, order=None):
+    """``(list of images (3, S, S), list of {"boxes": (k, 4), "labels": (k,)}, rows)`` in ``order``
+    (default: the cache's order). Images without abnormal cells come with empty targets (negatives)."""
+    order = np.arange(len(cache)) if order is None else np.asarray(order)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        imgs, targets = [], []
+        for j in idx:
+            x, b = aug.one(cache.images[j], cache.keys[j], epoch, cache.boxes[j])
+            imgs.append(x)
+            targets.append({"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)})
+        yield imgs, targets, cache.rows[idx]
+
+
+def rank_slice(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+    """This rank's equal-sized slice of the epoch's seeded permutation (every rank takes the same
+    number of steps, so DDP's all-reduce never waits for a rank that ran out)."""
+    perm = epoch_order(n, seed, epoch)
+    per = n // world
+    return perm[rank * per : (rank + 1) * per]
+
+
+def train_detector_epoch(
+    model: nn.Module,
+    cache: Cache,
+    aug: Augmenter,
+    opt: torch.optim.Optimizer,
+    sched,
+    *,
+    epoch: int,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    on_step=None,
+) -> dict:
+    """One epoch of RetinaNet training on this rank's slice; the schedule steps per batch."""
+    model.train()
+    total, steps, boxes = 0.0, 0, 0
+    order = rank_slice(len(cache), seed, epoch, rank, world)
+    for imgs, targets, _ in detection_batches(cache, aug, batch_size, epoch=epoch, order=order):
+        losses = model([i.to(device) for i in imgs], [{k: v.to(device) for k, v in t.items()} for t in targets])
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += float(loss.detach())
+        steps += 1
+        boxes += sum(len(t["boxes"]) for t in targets)
+        if on_step is not None:
+            on_step(steps)
+    return {"loss": total / max(steps, 1), "images": len(order), "boxes": boxes, "steps": steps}
+
+
+@torch.no_grad()
+def predict_detections(model: nn.Module, cache: Cache, aug: Augmenter, *, batch_size: int, device: torch.device):
+    """``[(boxes (k, 4), scores (k,))]`` per cached image and the true boxes ``[(m, 4)]``."""
+    model.eval()
+    preds = []
+    for imgs, _, _ in detection_batches(cache, aug, batch_size):
+        for out in model([i.to(device) for i in imgs]):
+            preds.append((out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy()))
+    return preds, [np.asarray(b, np.float32).reshape(-1, 4) for b in (cache.boxes or [])]
+
+
+def detection_map(preds, truths) -> float:
+    """mAP@0.5 of predictions against truth (NaN when there is nothing to find)."""
+    return metrics.average_precision(preds, truths)
+
+
+def anchor_plan(boxes: list[np.ndarray], levels: int, per_level: int = 3) -> dict:
+    """Anchor sizes and aspect ratios from the training boxes: ``levels × per_level`` sizes spread
+    geometrically from the 5th to the 95th percentile of the boxes' sqrt(area) (widened by 25 %),
+    smallest on the finest level; aspect ratios (height / width) at the 10th, 50th and 90th
+    percentiles. Falls back to 16–64 px squares-ish when there are no boxes."""
+    allb = np.concatenate([b.reshape(-1, 4) for b in boxes]) if boxes else np.zeros((0, 4))
+    w, h = allb[:, 2] - allb[:, 0], allb[:, 3] - allb[:, 1]
+    keep = (w > 1) & (h > 1)
+    if keep.sum() >= 3:
+        side = np.sqrt(w[keep] * h[keep])
+        lo, hi = np.percentile(side, 5) / 1.25, np.percentile(side, 95) * 1.25
+        ratios = np.clip(np.percentile(h[keep] / w[keep], [10, 50, 90]), 0.33, 3.0)
+    else:
+        lo, hi, ratios = 16.0, 64.0, np.array([0.5, 1.0, 2.0])
+    sizes = np.geomspace(lo, max(hi, lo * 1.01), levels * per_level)
+    return {
+        "sizes": [[round(float(s), 2) for s in sizes[i * per_level : (i + 1) * per_level]] for i in range(levels)],
+        "aspect_ratios": sorted({round(float(r), 3) for r in ratios}),
+    }

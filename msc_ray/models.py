@@ -331,27 +331,71 @@ def load_classifier(src: str | os.PathLike, endpoint_url: str | None = None) -> 
 # Detector: torchvision RetinaNet
 # --------------------------------------------------------------------------------------------------
 
-DETECTOR_BACKBONES = ("resnet50_fpn", "resnet18_fpn")
+DETECTOR_BACKBONES = ("compact_fpn", "resnet18_fpn", "resnet50_fpn")
+DETECTOR_LEVELS = {"compact_fpn": 2, "resnet18_fpn": 5, "resnet50_fpn": 5}
+
+
+class CompactFPN(nn.Module):
+    """A small detection backbone: :class:`CompactCNN`'s blocks (per-image standardisation first),
+    with a feature pyramid over strides 8 and 16 (``out_channels`` each). Input (N, 3, H, W);
+    output ``{"0": (N, C, H/8, W/8), "1": (N, C, H/16, W/16)}``."""
+
+    def __init__(self, out_channels: int = 64, widths: tuple[int, ...] = (32, 64, 128, 192)):
+        from torchvision.ops import FeaturePyramidNetwork
+
+        super().__init__()
+        self.body = CompactCNN(widths=widths).features
+        self.out_channels = out_channels
+        self.fpn = FeaturePyramidNetwork([widths[2], widths[3]], out_channels)
+
+    def forward(self, x: torch.Tensor):
+        from collections import OrderedDict
+
+        feats = OrderedDict()
+        blocks = 0
+        for layer in self.body:
+            x = layer(x)
+            if isinstance(layer, nn.MaxPool2d):
+                blocks += 1
+                if blocks >= 3:
+                    feats[str(blocks - 3)] = x
+        return self.fpn(feats)
 
 
 def build_detector(
-    backbone_name: str = "resnet50_fpn",
+    backbone_name: str = "compact_fpn",
     *,
     num_classes: int = 2,
     image_size: int = 512,
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
+    anchors: dict | None = None,
 ) -> nn.Module:
     """RetinaNet for abnormal cells. Input: list of float (3, H, W) in [0, 1]; output per image
     ``{"boxes": (k, 4) [x1, y1, x2, y2] pixels, "scores": (k,), "labels": (k,)}`` with label 1 =
-    abnormal (0 is background). ``resnet50_fpn`` is torchvision's RetinaNet; ``resnet18_fpn`` is the
-    same detector on a ResNet-18 FPN, light enough for CPUs. Images are resized so their short side is
-    ``image_size`` (the transform inside RetinaNet), boxes are returned in the input's pixels."""
-    from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
+    abnormal (0 is background). ``compact_fpn`` is a small CNN with a two-level pyramid (CPUs, 64–256
+    px); ``resnet18_fpn`` / ``resnet50_fpn`` are ResNet FPNs with five levels (GPUs, 300–800 px).
+    ``anchors``: ``{"sizes": [[px, ...] per level], "aspect_ratios": [h/w, ...]}`` (see
+    :func:`msc_ray.engine.anchor_plan`); default torchvision's. Images are resized so their short side
+    is ``image_size`` (the transform inside RetinaNet), boxes are returned in the input's pixels."""
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+    if backbone_name not in DETECTOR_BACKBONES:
+        raise ValueError(f"unknown detector backbone {backbone_name!r}; valid: {', '.join(DETECTOR_BACKBONES)}")
+    levels = DETECTOR_LEVELS[backbone_name]
+    if anchors is None:
+        base = [32, 64, 128, 256, 512][-levels:] if levels < 5 else [32, 64, 128, 256, 512]
+        anchors = {"sizes": [[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in base], "aspect_ratios": [0.5, 1.0, 2.0]}
+    if len(anchors["sizes"]) != levels:
+        raise ValueError(f"{backbone_name} has {levels} pyramid levels, anchors give {len(anchors['sizes'])}")
+    gen = AnchorGenerator(
+        tuple(tuple(float(s) for s in lv) for lv in anchors["sizes"]),
+        tuple(tuple(float(r) for r in anchors["aspect_ratios"]) for _ in range(levels)),
+    )
     common = dict(
         min_size=image_size,
         max_size=image_size * 2,
@@ -360,20 +404,19 @@ def build_detector(
         detections_per_img=detections_per_img,
         image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225],
+        anchor_generator=gen,
     )
-    if backbone_name == "resnet50_fpn":
-        return retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
-    if backbone_name == "resnet18_fpn":
-        fpn = resnet_fpn_backbone(
-            backbone_name="resnet18",
-            weights=None,
-            norm_layer=nn.BatchNorm2d,
-            trainable_layers=5,
-            returned_layers=[2, 3, 4],
-            extra_blocks=LastLevelP6P7(256, 256),
-        )
-        return RetinaNet(fpn, num_classes=num_classes, **common)
-    raise ValueError(f"unknown detector backbone {backbone_name!r}; valid: {', '.join(DETECTOR_BACKBONES)}")
+    if backbone_name == "compact_fpn":
+        return RetinaNet(CompactFPN(), num_classes=num_classes, **common)
+    fpn = resnet_fpn_backbone(
+        backbone_name=backbone_name.removesuffix("_fpn"),
+        weights=None,
+        norm_layer=nn.BatchNorm2d,
+        trainable_layers=5,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+    return RetinaNet(fpn, num_classes=num_classes, **common)
 
 
 def load_detector(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[nn.Module, dict]:
@@ -388,6 +431,7 @@ def load_detector(src: str | os.PathLike, endpoint_url: str | None = None) -> tu
         image_size=config["image_size"],
         score_thresh=config["score_threshold"],
         nms_thresh=config["nms_iou"],
+        anchors=config.get("anchors"),
     )
     model.load_state_dict(state)
     return model.eval(), config
