@@ -4,9 +4,9 @@ A user error (bad option, unreadable input) prints one line ``error: ...`` and e
 
 from __future__ import annotations
 
-import os
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -156,7 +156,9 @@ def tune(
     out: Annotated[Path, typer.Option(help="Run folder: experiments, table, plots, artifact.")],
     stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
     backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "compact_cnn,resnet18",
-    folds: Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")] = 5,
+    folds: Annotated[
+        int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")
+    ] = 5,
     max_epochs: Annotated[int, typer.Option(help="Epochs per trial at most.")] = 25,
     patience: Annotated[
         int, typer.Option(help="Epochs without a better inner-validation ROC-AUC before a trial stops.")
@@ -246,7 +248,9 @@ def train_detector(
     workers: Annotated[int, typer.Option(help="DDP workers per fold.")] = 2,
     gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker.")] = 1.0,
-    folds: Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")] = 5,
+    folds: Annotated[
+        int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")
+    ] = 5,
     only_folds: Annotated[str, typer.Option(help="Comma-separated outer folds to run (default: all).")] = "",
     epochs: Annotated[int, typer.Option(help="Epochs per fold at most (early stopping on inner mAP@0.5).")] = 30,
     patience: Annotated[int, typer.Option(help="Epochs without a better inner mAP@0.5 before a fold stops.")] = 6,
@@ -254,7 +258,7 @@ def train_detector(
         str, typer.Option(help="compact_fpn (default, CPUs), resnet18_fpn or resnet50_fpn (GPUs).")
     ] = "compact_fpn",
     size: Annotated[int, typer.Option(help="Image side the detector sees.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 4,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (after a one-epoch warm-up; cosine decay).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of folds, shards and augmentation.")] = 0,
     endpoint_url: EndpointOpt = None,
@@ -324,10 +328,10 @@ def score(
     from . import score as score_mod
 
     cfg = score_mod.ScoreConfig(
-        archive=archive,
-        classifier=classifier,
-        out=out,
-        detector=detector,
+        archive=_absolute(archive),
+        classifier=_absolute(classifier),
+        out=_absolute(out),
+        detector=_absolute(detector) if detector else None,
         stack=stack,
         detect_all_stacks=detect_all_stacks,
         batch_size=batch_size,
@@ -372,16 +376,22 @@ def report_cmd(
 @_one_line_errors
 def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for every output of the run.")] = Path("quickstart-out"),
-    n: Annotated[int, typer.Option("--n", help="Synthetic images per stack.")] = 80,
+    n: Annotated[int, typer.Option("--n", help="Synthetic single-stack training images.")] = 240,
     size: Annotated[int, typer.Option(help="Synthetic image side in pixels.")] = 128,
-    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 3,
+    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 25,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic corpus, folds and search.")] = 0,
 ) -> None:
     """Run the main job end to end on embedded defaults and print where the outputs are."""
     from .quickstart import QuickstartConfig, run
 
     outputs = run(QuickstartConfig(out=str(out), n=n, size=size, max_epochs=max_epochs, seed=seed))
-    typer.echo("quickstart finished; outputs:")
+    from .quickstart import heldout_lines
+
+    typer.echo("quickstart finished.")
+    held = __import__("json").loads(Path(outputs["heldout"]).read_text())
+    for line in heldout_lines(held):
+        typer.echo(line)
+    typer.echo("outputs:")
     for what, path in outputs.items():
         typer.echo(f"  {what:12s} {path}")
 

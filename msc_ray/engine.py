@@ -290,25 +290,37 @@ def train_detector_epoch(
     world: int = 1,
     seed: int = 0,
     on_step=None,
+    clip: float = 0.0,
 ) -> dict:
-    """One epoch of RetinaNet training on this rank's slice; the schedule steps per batch."""
+    """One epoch of RetinaNet training on this rank's slice; the schedule steps per batch; ``clip``
+    caps the gradient norm (0: no cap)."""
     model.train()
-    total, steps, boxes = 0.0, 0, 0
+    total, steps, boxes, parts = 0.0, 0, 0, {}
     order = rank_slice(len(cache), seed, epoch, rank, world)
     for imgs, targets, _ in detection_batches(cache, aug, batch_size, epoch=epoch, order=order):
         losses = model([i.to(device) for i in imgs], [{k: v.to(device) for k, v in t.items()} for t in targets])
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if sched is not None:
             sched.step()
         total += float(loss.detach())
+        for k, v in losses.items():
+            parts[k] = parts.get(k, 0.0) + float(v.detach())
         steps += 1
         boxes += sum(len(t["boxes"]) for t in targets)
         if on_step is not None:
             on_step(steps)
-    return {"loss": total / max(steps, 1), "images": len(order), "boxes": boxes, "steps": steps}
+    return {
+        "loss": total / max(steps, 1),
+        "images": len(order),
+        "boxes": boxes,
+        "steps": steps,
+        **{k: v / max(steps, 1) for k, v in parts.items()},
+    }
 
 
 @torch.no_grad()

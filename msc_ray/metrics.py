@@ -67,8 +67,14 @@ def per_class_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> l
         pos = y == j
         auc = float(roc_auc_score(pos, probs[:, j])) if 0 < pos.sum() < len(y) else float("nan")
         out.append(
-            {"class": name, "precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j]),
-             "support": int(s[j]), "roc_auc": auc}
+            {
+                "class": name,
+                "precision": float(p[j]),
+                "recall": float(r[j]),
+                "f1": float(f[j]),
+                "support": int(s[j]),
+                "roc_auc": auc,
+            }
         )
     return out
 

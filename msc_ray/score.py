@@ -17,9 +17,10 @@ Exactly once: an object is keyed by its URI and version (S3 ETag; size and mtime
 model versions. A rerun lists the committed manifests and skips those keys, so a run killed half-way
 and run again ends with one row per object; the chunks it had committed are kept.
 
-The confluence-percent estimate is the probability-weighted mean of the band midpoints
-(20, 50, 70, 90 %) with the calibrated class probabilities; it is given only for the four standard
-bands.
+The confluence-percent estimate always lies inside the predicted band: the classifier's regressed
+confluence (where it was trained on measured confluence) clipped to the band, else an order-aware
+position inside the band from the calibrated probabilities (:func:`msc_ray.metrics.confluence_in_band`).
+It is given only for the four standard bands.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import BAND_EDGES, BAND_NAMES, images, storage
+from . import BAND_EDGES, BAND_NAMES, images, metrics, storage
 
 log = logging.getLogger(__name__)
 
-BAND_MIDPOINTS = {name: 100 * (BAND_EDGES[i] + BAND_EDGES[i + 1]) / 2 for i, name in enumerate(BAND_NAMES)}
 BAND_LABELS = {name: f"{100 * BAND_EDGES[i]:.0f}-{100 * BAND_EDGES[i + 1]:.0f}%" for i, name in enumerate(BAND_NAMES)}
 KEY_PATTERN = re.compile(r"(?P<vessel>[A-Za-z0-9]+)_d(?P<day>\d+)(?:_(?P<position>[A-Za-z0-9]+))?")
 STACK_CHOICES = ("auto", "sstack", "mstack")
@@ -359,14 +359,18 @@ class ModelActor:
         torch = self.torch
         n = len(batch["row"])
         ok = np.asarray(batch["ok"], bool)
-        probs = np.zeros((n, len(self.clf_cfg["classes"])), np.float32)
+        k = len(self.clf_cfg["classes"])
+        probs = np.zeros((n, k), np.float32)
+        conf = np.full(n, np.nan, np.float32)  # the confluence output (a fraction), when the model has one
         boxes = ["[]"] * n
         amp = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             idx = np.flatnonzero(ok)
             if len(idx):
-                logits = self.clf(torch.from_numpy(batch["image"][idx]).to(self.device)).float()
-                probs[idx] = torch.softmax(logits / self.temperature, 1).cpu().numpy()
+                out = self.clf(torch.from_numpy(batch["image"][idx]).to(self.device)).float()
+                probs[idx] = torch.softmax(out[:, :k] / self.temperature, 1).cpu().numpy()
+                if out.shape[1] > k:
+                    conf[idx] = torch.sigmoid(out[:, k]).cpu().numpy()
             if self.det is not None:
                 didx = np.flatnonzero(ok & np.asarray(batch["use_det"], bool))
                 if len(didx):
@@ -385,6 +389,7 @@ class ModelActor:
             "ok": ok,
             "error": batch["error"],
             "probs": probs,
+            "confluence": conf,
             "boxes": np.array(boxes, dtype=object).astype(str),
         }
 
@@ -404,7 +409,8 @@ def _rows_for_chunk(
     detector: bool,
     detect_all: bool,
 ) -> pa.Table:
-    """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json)`` for object ``i``."""
+    """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json, confluence)`` for object
+    ``i`` (confluence: the model's regressed fraction, NaN when it has no such output)."""
     now = dt.datetime.now(dt.timezone.utc)
     standard = classes == list(BAND_NAMES)
     rows = []
@@ -424,7 +430,7 @@ def _rows_for_chunk(
             "run_id": run_id,
             "scored_at": now,
         }
-        ok, error, p, boxes = results.get(i, (False, f"{o.key}: not scored", None, "[]"))
+        ok, error, p, boxes, regressed = results.get(i, (False, f"{o.key}: not scored", None, "[]", np.nan))
         if ok:
             c = int(np.argmax(p))
             row.update(
@@ -434,7 +440,11 @@ def _rows_for_chunk(
                 classes=classes,
                 probabilities=[float(v) for v in p],
                 band=BAND_LABELS.get(classes[c]) if standard else None,
-                confluence_pct=float(sum(p[j] * BAND_MIDPOINTS[n] for j, n in enumerate(classes)))
+                confluence_pct=float(
+                    metrics.confluence_in_band(
+                        np.asarray(p)[None], None if np.isnan(regressed) else np.array([regressed])
+                    )[0]
+                )
                 if standard
                 else None,
             )
@@ -567,8 +577,10 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
         results: dict[int, tuple] = {}
         next_chunk, received = 0, 0
         for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for r, ok, e, p, bx in zip(b["row"], b["ok"], b["error"], b["probs"], b["boxes"], strict=True):
-                results[int(r)] = (bool(ok), str(e), p, str(bx))
+            for r, ok, e, p, bx, cf in zip(
+                b["row"], b["ok"], b["error"], b["probs"], b["boxes"], b["confluence"], strict=True
+            ):
+                results[int(r)] = (bool(ok), str(e), p, str(bx), float(cf))
                 received += 1
             while next_chunk < n_chunks and received >= min((next_chunk + 1) * cfg.chunk_size, len(todo)):
                 commit(next_chunk, results)

@@ -142,8 +142,13 @@ def classifier_trial(config: dict, caches: dict | None = None) -> None:
     torch.manual_seed(job.seed + 1000 * max(fold, 0))
     regress = job.confluence_head and engine.has_confluence(train)
     model = models.build_classifier(
-        name, k, in_channels=job.channels, image_size=dcfg.size, dropout=job.dropout,
-        weights_file=weights_file, extra_outputs=int(regress),
+        name,
+        k,
+        in_channels=job.channels,
+        image_size=dcfg.size,
+        dropout=job.dropout,
+        weights_file=weights_file,
+        extra_outputs=int(regress),
     ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True)
     steps = max(len(train) // job.batch_size, 1)
@@ -172,8 +177,15 @@ def classifier_trial(config: dict, caches: dict | None = None) -> None:
         stats = engine.train_one_epoch(
             model, train, aug_train, opt, sched, loss_fn, epoch=epoch, batch_size=job.batch_size, device=device
         )
-        report = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images": stats["images"],
-                  "phase": phase, "backbone": name, "fold": fold, "confluence_output": regress}
+        report = {
+            "epoch": epoch + 1,
+            "train_loss": stats["loss"],
+            "train_images": stats["images"],
+            "phase": phase,
+            "backbone": name,
+            "fold": fold,
+            "confluence_output": regress,
+        }
         state["epoch"] = epoch + 1
         done_reason, extra = None, {}
         if len(val) == 0:
@@ -195,13 +207,21 @@ def classifier_trial(config: dict, caches: dict | None = None) -> None:
         if done_reason and len(test):
             extra = _outer_figures(model, best_model, predict, val, test, classes)
             report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
-        report.update(best_epoch=state["best_epoch"], done_reason=done_reason or "",
-                      epoch_seconds=time.perf_counter() - t0)
+        report.update(
+            best_epoch=state["best_epoch"], done_reason=done_reason or "", epoch_seconds=time.perf_counter() - t0
+        )
         with tempfile.TemporaryDirectory() as d:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "best_model": best_model,
-                        "confluence_output": bool(regress), **state},
-                       os.path.join(d, "state.pt"))
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "best_model": best_model,
+                    "confluence_output": bool(regress),
+                    **state,
+                },
+                os.path.join(d, "state.pt"),
+            )
             arrays = {key: v for key, v in extra.items() if isinstance(v, np.ndarray)}
             if arrays:
                 np.savez(os.path.join(d, "outputs.npz"), **arrays)
@@ -220,11 +240,19 @@ def _outer_figures(model, best_model, predict, val, test, classes) -> dict:
     m = engine.evaluate(out_test, test, classes, temperature)
     raw = engine.evaluate(out_test, test, classes)
     figures = {
-        "test_auc": m["roc_auc"], "test_acc": m["accuracy"], "test_pr_auc": m["pr_auc"],
-        "test_ece_before": raw["ece"], "test_ece_after": m["ece"], "temperature": temperature,
+        "test_auc": m["roc_auc"],
+        "test_acc": m["accuracy"],
+        "test_pr_auc": m["pr_auc"],
+        "test_ece_before": raw["ece"],
+        "test_ece_after": m["ece"],
+        "temperature": temperature,
         "test_confluence_mae": m.get("confluence_mae", float("nan")),
-        "val_outputs": out_val, "val_labels": val.labels, "test_outputs": out_test, "test_labels": test.labels,
-        "test_rows": test.rows, "test_confluence": test.confluence,
+        "val_outputs": out_val,
+        "val_labels": val.labels,
+        "test_outputs": out_test,
+        "test_labels": test.labels,
+        "test_rows": test.rows,
+        "test_confluence": test.confluence,
     }
     return figures
 
@@ -433,8 +461,16 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
             else:
                 cut.append(f)
         status = "complete" if not cut else f"cut by ASHA on fold(s) {','.join(map(str, cut))}: no mean"
-        rows.append(_row(name, "search: best trial per fold by inner validation", [] if cut else picked, folds,
-                         status, complete=len(picked)))
+        rows.append(
+            _row(
+                name,
+                "search: best trial per fold by inner validation",
+                [] if cut else picked,
+                folds,
+                status,
+                complete=len(picked),
+            )
+        )
     if final:
         label = f"winner, lr={winner['lr']:.2e} wd={winner['weight_decay']:.2e}, all folds"
         done = [t for t in final if t.complete]
@@ -492,8 +528,11 @@ def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
             f"| {r['backbone']} | {r['run']} | {r['folds_complete']} | {cell(r, 'auc')} | {cell(r, 'acc')} | "
             f"{cell(r, 'pr_auc')} | {cell(r, 'ece_after')} | {cell(r, 'confluence_mae')} | {r['status']} |"
         )
-    lines += ["", "Figures are on the outer folds: nothing was trained, stopped or calibrated on them. Early "
-              "stopping, ASHA, backbone choice and the temperature used the inner validation fold."]
+    lines += [
+        "",
+        "Figures are on the outer folds: nothing was trained, stopped or calibrated on them. Early "
+        "stopping, ASHA, backbone choice and the temperature used the inner validation fold.",
+    ]
     md_path.write_text("\n".join(lines) + "\n")
     return {"table_csv": str(csv_path), "table_md": str(md_path)}
 
@@ -553,8 +592,16 @@ def search_phase(
 
     lr = tune.loguniform(job.lr_min, job.lr_max) if job.lr_max > job.lr_min else job.lr_min
     wd = tune.loguniform(job.wd_min, job.wd_max) if job.wd_max > job.wd_min else job.wd_min
-    space = _space(job, "search", folds, classes, backbone=tune.grid_search(list(job.backbones)),
-                   fold=tune.grid_search(list(range(folds))), lr=lr, weight_decay=wd)
+    space = _space(
+        job,
+        "search",
+        folds,
+        classes,
+        backbone=tune.grid_search(list(job.backbones)),
+        fold=tune.grid_search(list(range(folds))),
+        lr=lr,
+        weight_decay=wd,
+    )
     samples = job.samples if (job.lr_max > job.lr_min or job.wd_max > job.wd_min) else 1
     return _run_experiment(job, name, space, caches, asha=job.asha, resume=resume, num_samples=samples)
 
@@ -564,21 +611,44 @@ def final_phase(job, folds, classes, caches, search, winner, *, resume: bool) ->
     already ran exactly that configuration to completion are reused, not trained again."""
     from ray import tune
 
-    same = {t.fold: t for t in search if t.backbone == winner["backbone"] and t.complete
-            and t.lr == winner["lr"] and t.weight_decay == winner["weight_decay"]}
+    same = {
+        t.fold: t
+        for t in search
+        if t.backbone == winner["backbone"]
+        and t.complete
+        and t.lr == winner["lr"]
+        and t.weight_decay == winner["weight_decay"]
+    }
     missing = [f for f in range(folds) if f not in same]
     ran = []
     if missing:
-        space = _space(job, "final", folds, classes, backbone=winner["backbone"], fold=tune.grid_search(missing),
-                       lr=winner["lr"], weight_decay=winner["weight_decay"])
+        space = _space(
+            job,
+            "final",
+            folds,
+            classes,
+            backbone=winner["backbone"],
+            fold=tune.grid_search(missing),
+            lr=winner["lr"],
+            weight_decay=winner["weight_decay"],
+        )
         ran = _run_experiment(job, "final", space, caches, asha=False, resume=resume)
     return sorted(list(same.values()) + ran, key=lambda t: t.fold)
 
 
 def export_phase(job, folds, classes, caches, winner, epochs: int, *, resume: bool) -> TrialResult:
     """The winner trained on all images for ``epochs`` (the median best epoch of its folds)."""
-    space = _space(job, "export", folds, classes, backbone=winner["backbone"], fold=-1, lr=winner["lr"],
-                   weight_decay=winner["weight_decay"], epochs=epochs)
+    space = _space(
+        job,
+        "export",
+        folds,
+        classes,
+        backbone=winner["backbone"],
+        fold=-1,
+        lr=winner["lr"],
+        weight_decay=winner["weight_decay"],
+        epochs=epochs,
+    )
     (export,) = _run_experiment(job, "export", space, caches, asha=False, resume=resume)
     if export.checkpoint is None:
         raise RuntimeError(f"the export run left no checkpoint: {export.error}")
@@ -631,6 +701,7 @@ def _export_artifact(job, out: Path, export: TrialResult, winner, classes, calib
 
 def absolute(job: TuneJobConfig) -> TuneJobConfig:
     """Local paths made absolute: trials run in their own working folders."""
+
     def fix(p: str) -> str:
         return p if "://" in p else os.path.abspath(p)
 
@@ -672,7 +743,10 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
         pct = engine.confluence_from_outputs(outs["test_outputs"], classes, calib["temperature"])
         oof["confluence_mae"] = float(np.mean(np.abs(pct - 100 * outs["test_confluence"])))
     outputs["plots"] = _plot_winner(
-        outs, classes, calib["temperature"], f"{job.stack}: {winner['backbone']} (winner), outer folds",
+        outs,
+        classes,
+        calib["temperature"],
+        f"{job.stack}: {winner['backbone']} (winner), outer folds",
         out / "winner.png",
     )
     art_cfg = _export_artifact(job, out, export, winner, classes, calib, oof, epochs, info)

@@ -5,8 +5,9 @@
    ASHA per fold plus patience, once as the exhaustive grid (every trial to --max-epochs, no early
    stop). Prints epochs run with ASHA / epochs of the grid (aim: at most 0.35) and whether both pick
    the same winner.
-2. The mean epoch time of a Tune trial (Ray Data feeding, reporting, checkpointing) against a plain
-   torch loop (DataLoader, same images, same augmentation, same model and batch) in this process.
+2. The mean epoch time of one Tune trial running alone (training from the decoded cache, inner
+   validation, checkpoint, report) against a plain torch loop doing the same epochs over the same
+   cache (same augmentation, model, optimizer, schedule, batch) in this process, both on one thread.
 
     .venv/bin/python scripts/bench_tune.py [--n 60] [--folds 3] [--samples 4] [--max-epochs 8]
 """
@@ -24,46 +25,42 @@ import numpy as np
 import torch
 
 
-def plain_epoch_time(manifest, backbone: str, size: int, batch: int, epochs: int = 3) -> float:
-    from torchvision import tv_tensors
+def plain_epoch_time(caches, job, classes, fold: int, folds: int, epochs: int) -> float:
+    """The same epochs as a trial, as a plain torch loop in this process: the same cached images,
+    augmentation, model, optimizer, schedule, loss and inner validation pass; no Tune, no report,
+    no checkpoint. Mean epoch time after the first."""
+    from msc_ray import engine, models
+    from msc_ray import tune as mt
 
-    from msc_ray import augment, corpus, data, models
-    from msc_ray.config import DataConfig
-
-    table = corpus.read_manifest(manifest)
-    rows = data.select(table, stack="sstack", fold=0, train=True)
-    cfg = DataConfig(size=models.input_size(backbone, size), channels=3, decode_batch=min(32, batch))
-    tf = augment.build(cfg, train=True)
-    uris, paths, labels = (rows.column(c).to_pylist() for c in ("uri", "path", "label"))
-
-    class Set(torch.utils.data.Dataset):
-        epoch = 0
-
-        def __len__(self):
-            return len(uris)
-
-        def __getitem__(self, i):
-            img = tv_tensors.Image(torch.from_numpy(data.load_image(uris[i], paths[i], cfg)))
-            out = augment.apply(tf, {"image": img}, augment.sample_seed(0, self.epoch, paths[i]))["image"]
-            return out.as_subclass(torch.Tensor), labels[i]
-
-    ds = Set()
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=1, persistent_workers=True)
-    n_classes = len(corpus.manifest_info(table)["classes"]["sstack"])
-    model = models.build_classifier(backbone, n_classes, image_size=cfg.size)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    name = job.backbones[0]
+    dcfg = mt._data_config(job, name, False)
+    train, val, _ = caches[dcfg.size].split(fold, folds)
+    torch.manual_seed(0)
+    model = models.build_classifier(name, len(classes), image_size=dcfg.size, extra_outputs=1)
+    opt = torch.optim.Adam(model.parameters(), lr=job.lr_min, amsgrad=True)
+    steps = max(len(train) // job.batch_size, 1)
+    sched = engine.warmup_cosine(opt, job.max_epochs * steps, job.warmup_epochs * steps)
+    loss_fn = engine.ClassifierLoss(engine.balanced_weights(train.labels, len(classes)), len(classes))
+    aug, plain = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
     times = []
-    for e in range(epochs):
-        ds.epoch = e
+    for epoch in range(epochs):
         t0 = time.perf_counter()
         model.train()
-        for x, y in loader:
-            if len(y) < 2:
-                continue
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+        order = engine.epoch_order(len(train), dcfg.seed, epoch)
+        for i in range(0, len(order) - 1, job.batch_size):
+            idx = order[i : i + job.batch_size]
+            x = torch.stack([aug.one(train.images[j], train.keys[j], epoch) for j in idx])
+            y = torch.from_numpy(train.labels[idx])
+            c = torch.from_numpy(train.confluence[idx])
+            loss = loss_fn(model(x), y, c)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(val), job.batch_size * 2):
+                model(torch.stack([plain.one(val.images[j], val.keys[j], 0) for j in range(i, min(i + 32, len(val)))]))
         times.append(time.perf_counter() - t0)
     return float(np.mean(times[1:]))
 
@@ -73,17 +70,19 @@ def trial_epoch_times(exp_dir: Path, backbone: str) -> list[float]:
     for res in exp_dir.glob(f"{backbone}-fold*/result.json"):
         lines = [json.loads(x) for x in res.read_text().splitlines() if x.strip()]
         out += [r["time_this_iter_s"] for r in lines[1:]]  # the first epoch includes start-up
+        # time_this_iter_s spans report to report: training, validation, checkpoint and reporting
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--n", type=int, default=90)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-epochs", type=int, default=8)
-    ap.add_argument("--backbones", default="resnet18,mobilenet_v3_small")
+    ap.add_argument("--timing-epochs", type=int, default=6)
+    ap.add_argument("--backbones", default="compact_cnn,mobilenet_v3_small")
     args = ap.parse_args()
 
     import ray
@@ -107,24 +106,47 @@ def main() -> None:
         batch_size=16,
         pretrained="none",
         seed=0,
+        verbose=0,
     )
+    classes = corpus.manifest_info(table)["classes"]["sstack"]
+    caches = mt.build_caches(base, table)
     t0 = time.perf_counter()
-    asha = mt.search_phase(base, args.folds, name="asha")
+    asha = mt.search_phase(base, args.folds, classes, caches, name="asha")
     t_asha = time.perf_counter() - t0
     grid_job = replace(base, asha=False, patience=args.max_epochs + 1)
     t0 = time.perf_counter()
-    grid = mt.search_phase(grid_job, args.folds, name="grid")
+    grid = mt.search_phase(grid_job, args.folds, classes, caches, name="grid")
     t_grid = time.perf_counter() - t0
     e_asha, e_grid = sum(t.epochs_run for t in asha), sum(t.epochs_run for t in grid)
     w_asha, w_grid = mt.pick_winner(asha, args.folds), mt.pick_winner(grid, args.folds)
     same_trials = sorted((t.backbone, t.fold, round(t.lr, 12)) for t in asha) == sorted(
         (t.backbone, t.fold, round(t.lr, 12)) for t in grid
     )
+    # epoch cost: one trial alone (one CPU, one thread), then the same epochs as a plain loop
     first = base.backbones[0]
-    tune_epoch = float(np.mean(trial_epoch_times(tmp / "run" / "grid", first)))
+    timing_job = replace(
+        base,
+        backbones=(first,),
+        asha=False,
+        samples=1,
+        lr_min=1e-3,
+        lr_max=1e-3,
+        max_epochs=args.timing_epochs,
+        patience=args.timing_epochs + 1,
+        max_concurrent=1,
+    )
+    mt._run_experiment(
+        timing_job,
+        "timing",
+        mt._space(timing_job, "search", args.folds, classes, backbone=first, fold=0, lr=1e-3, weight_decay=base.wd_min),
+        caches,
+        asha=False,
+        resume=False,
+    )
+    tune_epoch = float(np.mean(trial_epoch_times(tmp / "run" / "timing", first)))
     ray.shutdown()
     torch.set_num_threads(1)
-    plain = plain_epoch_time(manifest, first, args.size, 16)
+    plain = plain_epoch_time(caches, timing_job, classes, 0, args.folds, args.timing_epochs)
     print(
         f"trials={len(asha)} ({len(base.backbones)} backbones x {args.folds} folds x {args.samples} samples), "
         f"max_epochs={args.max_epochs}, {args.n} images {args.size}px, same sampled trials: {same_trials}"
@@ -136,8 +158,8 @@ def main() -> None:
         f"lr={w_grid['lr']:.2e}; same backbone: {w_asha['backbone'] == w_grid['backbone']}"
     )
     print(
-        f"epoch time of a Tune trial ({first}): {tune_epoch:.2f}s; plain torch loop: {plain:.2f}s; "
-        f"ratio {tune_epoch / plain:.2f}"
+        f"epoch time of a Tune trial ({first}, cached images, report + checkpoint included): {tune_epoch:.3f}s; "
+        f"plain torch loop over the same cache: {plain:.3f}s; ratio {tune_epoch / plain:.2f} (aim <= 1.2)"
     )
 
 

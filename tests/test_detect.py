@@ -1,21 +1,20 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
 
-from msc_ray import corpus, detect, metrics, models, synth
+from msc_ray import corpus, data, detect, engine, metrics, models, synth
 
 
 @pytest.fixture(scope="module")
 def det_manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("det-corpus")
-    synth.synthesize(root, synth.SynthConfig(n=20, size=96, stack="sstack", seed=2, abnormal_fraction=0.5))
-    table, _ = corpus.index_corpus(str(root), folds=2, seed=0)
+    synth.synthesize(root, synth.SynthConfig(n=30, size=96, stack="sstack", seed=2, abnormal_fraction=0.5))
+    table, _ = corpus.index_corpus(str(root), folds=3, seed=0)
     return corpus.write_manifest(table, str(root / "manifest.parquet")), table
 
 
@@ -26,32 +25,36 @@ def _job(manifest, out, **kw):
         folds=(0,),
         epochs=1,
         workers=2,
-        cpus_per_worker=0.5,
-        backbone="resnet18_fpn",
+        cpus_per_worker=1.0,
+        backbone="compact_fpn",
         size=96,
         batch_size=4,
     )
     return detect.DetectJobConfig(**{**base, **kw})
 
 
+def _fold_inputs(ray_session, job, table):
+    cache = data.build_cache(detect.detection_rows(table, "sstack"), job.data_config(), detection=True)
+    return cache, ray_session.put(cache), engine.anchor_plan(cache.split(0, 3)[0].boxes, 2)
+
+
 def test_two_workers_write_checkpoint_metrics_and_artifact(ray_session, det_manifest, tmp_path):
     manifest, table = det_manifest
-    train = table.filter(pc.not_equal(table["fold"], 0))
-    n_boxes = pc.list_value_length(train["boxes"]).to_pylist()
-    assert 0 in n_boxes and max(n_boxes) > 0  # negatives (no abnormal cell) are in the training data
-    res = detect.train_detector(_job(manifest, tmp_path / "run"))
+    res = detect.train_detector(_job(manifest, tmp_path / "run", epochs=2))
     ckpts = list((tmp_path / "run" / "fold0").glob("checkpoint_*/state.pt"))
     assert ckpts
-    state = torch.load(ckpts[0], map_location="cpu", weights_only=True)
-    assert state["epoch"] == 1 and {"model", "optimizer", "scheduler", "config"} <= set(state)
+    state = torch.load(sorted(ckpts)[-1], map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and {"model", "best_model", "optimizer", "scheduler", "anchors"} <= set(state)
     md = (tmp_path / "run" / "metrics.md").read_text()
-    assert "hit rate (box)" in md and "mean ± SD" in md and "Operating point" in md
+    assert "hit rate (box)" in md and "mean ± SD" in md and "inner validation" in md
     row = res["folds"][0]
     assert row["images"] == pc.sum(pc.equal(table["fold"], 0)).as_py()
-    assert 0 <= row["hit_rate"] <= 1 and 0 <= row["fdr"] <= 1
+    assert row["abnormal_cells"] == sum(
+        len(b) for b, f in zip(table["boxes"].to_pylist(), table["fold"].to_pylist(), strict=True) if f == 0
+    )
     model, cfg = models.load_detector(tmp_path / "run" / "artifact")
     assert cfg["score_threshold"] == res["operating_point"]["score_threshold"]
-    assert cfg["nms_iou"] in detect.NMS_CANDIDATES
+    assert cfg["nms_iou"] in detect.NMS_CANDIDATES and len(cfg["anchors"]["sizes"]) == 2
     with torch.no_grad():
         out = model([torch.rand(3, 96, 96)])[0]
     assert out["boxes"].shape[1] == 4 and (out["scores"] >= cfg["score_threshold"]).all()
@@ -60,28 +63,54 @@ def test_two_workers_write_checkpoint_metrics_and_artifact(ray_session, det_mani
 
 
 def test_killed_worker_resumes_from_its_checkpoint(ray_session, det_manifest, tmp_path):
-    manifest, _ = det_manifest
-    job = _job(manifest, tmp_path / "run", epochs=2, fail_at_epoch=1, max_failures=2)
-    ckpt, last = detect._train_fold(job, 0)
+    _, table = det_manifest
+    job = _job("unused", tmp_path / "run", epochs=2, fail_at_epoch=1, max_failures=2)
+    cache, ref, anchors = _fold_inputs(ray_session, job, table)
+    ckpt, last = detect._train_fold(job, 0, 3, ref, anchors)
     assert (tmp_path / "run" / ".fault-injected-fold0").exists()  # a worker really died after epoch 1
     assert last["epoch"] == 2 and last["resumed_from"] == 1  # the new worker group started at epoch 2
     assert torch.load(f"{ckpt}/state.pt", map_location="cpu", weights_only=True)["epoch"] == 2
-    # rerunning the same command with more epochs continues from the latest checkpoint
-    more = _job(manifest, tmp_path / "run", epochs=3)
-    _, last = detect._train_fold(more, 0)
+    more = _job("unused", tmp_path / "run", epochs=3)  # the same command with more epochs continues
+    _, last = detect._train_fold(more, 0, 3, ref, anchors)
     assert last["epoch"] == 3 and last["resumed_from"] == 2
 
 
 def test_images_with_no_boxes_train(ray_session, det_manifest, tmp_path):
-    """A training set of negatives only: the loss is defined (classification of background) and
-    training runs; the detector learns to say none."""
+    """Negatives only: the loss is defined (background) and training runs."""
     _, table = det_manifest
     neg = table.filter(pc.equal(pc.list_value_length(table["boxes"]), 0))
-    root = tmp_path / "neg"
-    manifest = corpus.write_manifest(neg.replace_schema_metadata(table.schema.metadata), str(root / "m.parquet"))
-    _, last = detect._train_fold(_job(manifest, tmp_path / "run"), 0)
+    job = _job("unused", tmp_path / "run")
+    cache, ref, anchors = _fold_inputs(ray_session, job, neg)
+    assert sum(len(b) for b in cache.boxes) == 0
+    _, last = detect._train_fold(job, 0, 3, ref, anchors)
     assert last["epoch"] == 1 and last["boxes"] == 0 and last["images"] > 0 and np.isfinite(last["loss"])
-    shutil.rmtree(root)
+
+
+def test_missing_or_malformed_annotations_never_train_as_negatives(corpus_copy):
+    root, _ = corpus_copy
+    xmls = sorted((root / "sstack" / "annotations").glob("*.xml"))
+    xmls[0].unlink()
+    xmls[1].write_text("<annotation><object>")
+    table, _ = corpus.index_corpus(str(root), folds=3)
+    rows = detect.detection_rows(table, "sstack")
+    names = set(rows.column("path").to_pylist())
+    assert not any(n.endswith((xmls[0].stem + ".png", xmls[1].stem + ".png")) for n in names)
+    assert rows.num_rows == pc.sum(pc.equal(table["stack"], "sstack")).as_py() - 2
+
+
+def test_operating_point_is_the_threshold_that_separates_true_from_false_boxes():
+    rng = np.random.default_rng(0)
+    preds, truths = [], []
+    for _ in range(30):
+        t = rng.uniform(0, 60, 2)
+        truth = np.array([[t[0], t[1], t[0] + 30, t[1] + 30]])
+        false = np.array([[80, 80, 100, 100.0]])
+        preds.append((np.vstack([truth + 1, false]), np.array([rng.uniform(0.6, 0.9), rng.uniform(0.1, 0.4)])))
+        truths.append(truth)
+    op = detect.choose_operating_point(preds, truths)
+    assert 0.4 < op["score_threshold"] <= 0.6 and op["f1"] == pytest.approx(1.0)
+    m = metrics.detection_metrics(detect._apply_nms(preds, op["nms_iou"]), truths, op["score_threshold"])
+    assert (m["hit_rate"], m["fdr"]) == (1.0, 0.0)
 
 
 def test_detection_metrics_definitions():

@@ -15,7 +15,9 @@ def test_micro_metrics_match_a_hand_computation():
     assert m["roc_auc"] == pytest.approx(roc_auc_score(np.eye(3)[y].ravel(), p.ravel()))
     assert m["confusion"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
     # defined even when the fold lacks a class
-    assert 0 <= metrics.classification_metrics(np.array([0, 0]), p[:2])["roc_auc"] <= 1
+    one_class = np.array([0, 0])
+    expected = roc_auc_score(np.eye(3)[one_class].ravel(), p[:2].ravel())
+    assert metrics.classification_metrics(one_class, p[:2])["roc_auc"] == pytest.approx(expected)
 
 
 def test_temperature_scaling_fixes_overconfidence():
@@ -40,3 +42,33 @@ def test_mean_sd_over_folds():
     assert metrics.mean_sd([0.8, 0.9, float("nan"), 1.0]) == pytest.approx((0.9, 0.1))
     assert metrics.mean_sd([0.7]) == (0.7, 0.0)
     assert all(np.isnan(metrics.mean_sd([])))
+
+
+def test_confluence_in_band_known_values():
+    # regression clipped to the predicted band
+    p = np.array([[0.1, 0.7, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.0, 0.0, 0.2, 0.8]])
+    assert metrics.confluence_in_band(p, np.array([0.55, 0.75, 0.85])) == pytest.approx([55.0, 60.0, 85.0])
+    # order-aware without regression: midpoint moved towards the heavier neighbour
+    q = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.6, 0.4, 0.0], [0.3, 0.7, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert metrics.confluence_in_band(q) == pytest.approx([50.0, 54.0, 47.0, 20.0])
+    with pytest.raises(ValueError, match="4 confluence bands"):
+        metrics.confluence_in_band(np.ones((1, 3)) / 3)
+
+
+def test_per_class_metrics_known_values():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
+    a, b = metrics.per_class_metrics(y, p, ["neg", "pos"])
+    assert (a["precision"], a["recall"], a["support"]) == (1.0, 0.5, 2)
+    assert b["precision"] == pytest.approx(2 / 3) and b["recall"] == 1.0 and b["f1"] == pytest.approx(0.8)
+    assert b["roc_auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+
+
+def test_undefined_detection_ratios_are_nan_never_zero():
+    truth = [np.array([[0, 0, 10, 10]], float), np.zeros((0, 4))]
+    nothing = [(np.zeros((0, 4)), np.zeros(0)), (np.zeros((0, 4)), np.zeros(0))]
+    m = metrics.detection_metrics(nothing, truth, 0.5)
+    assert m["hit_rate"] == 0.0 and np.isnan(m["fdr"]) and np.isnan(m["image_fdr"])
+    none_to_find = metrics.detection_metrics(nothing[1:], truth[1:], 0.5)
+    assert np.isnan(none_to_find["hit_rate"]) and np.isnan(none_to_find["fdr"])
+    assert metrics.mean_sd([0.1, float("nan"), 0.3]) == pytest.approx((0.2, 0.1414213), abs=1e-6)

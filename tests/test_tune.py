@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,11 +9,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 import torch
 
-from msc_ray import corpus, data, models, synth
+from msc_ray import corpus, data, engine, models, synth
 from msc_ray import tune as mt
 from msc_ray.config import DataConfig, from_dict
 
@@ -22,8 +20,8 @@ from msc_ray.config import DataConfig, from_dict
 @pytest.fixture(scope="module")
 def sstack_manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune-corpus")
-    synth.synthesize(root, synth.SynthConfig(n=30, size=64, stack="sstack", seed=5))
-    table, _ = corpus.index_corpus(str(root), folds=2, seed=0)
+    synth.synthesize(root, synth.SynthConfig(n=45, size=64, stack="sstack", seed=5))
+    table, _ = corpus.index_corpus(str(root), folds=3, seed=0)
     return corpus.write_manifest(table, str(root / "manifest.parquet")), table
 
 
@@ -35,13 +33,16 @@ def tiny_search(ray_session, sstack_manifest, tmp_path_factory):
         manifest=manifest,
         out=str(out),
         stack="sstack",
-        backbones=("resnet18", "mobilenet_v3_small"),
+        backbones=("compact_cnn", "mobilenet_v3_small"),
         max_epochs=2,
         patience=2,
         samples=1,
+        lr_min=2e-3,
+        lr_max=2e-3,
         size=64,
         batch_size=16,
         pretrained="none",
+        verbose=0,
     )
     return job, mt.run_search(job)
 
@@ -49,79 +50,97 @@ def tiny_search(ray_session, sstack_manifest, tmp_path_factory):
 def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, sstack_manifest):
     job, outcome = tiny_search
     out = Path(job.out)
-    assert {t.backbone for t in outcome.search} == {"resnet18", "mobilenet_v3_small"}
-    assert {(t.backbone, t.fold) for t in outcome.search} == {(b, f) for b in job.backbones for f in (0, 1)}
+    assert {(t.backbone, t.fold) for t in outcome.search} == {(b, f) for b in job.backbones for f in (0, 1, 2)}
     table = (out / "table.md").read_text()
-    assert "resnet18" in table and "mobilenet_v3_small" in table and "±" in table
-    assert (out / "table.csv").read_text().count("\n") == len(outcome.table) + 1
-    assert (out / "winner.png").stat().st_size > 10_000
+    assert "compact_cnn" in table and "mobilenet_v3_small" in table and "outer folds" in table
     winner_rows = [r for r in outcome.table if r["run"].startswith("winner")]
-    assert (
-        len(winner_rows) == 1 and winner_rows[0]["folds_complete"] == "2/2" and winner_rows[0]["status"] == "complete"
-    )
-    # rows of backbones ASHA cut short say so and are not averaged as if complete
-    for r in outcome.table:
-        if r["status"] != "complete":
-            assert "ASHA" in r["status"] and r["folds_complete"] != "2/2"
+    assert len(winner_rows) == 1 and winner_rows[0]["folds_complete"] == "3/3"
+    # the winner's outer-fold figures are the mean of its fold trials' outer figures
+    assert winner_rows[0]["acc_mean"] == pytest.approx(np.mean([t.test_acc for t in outcome.final]))
     summary = json.loads((out / "summary.json").read_text())
-    cal = summary["calibration"]
-    assert cal["temperature"] > 0 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
+    assert summary["calibration"]["fitted_on"] == "inner validation folds"
+    assert len(summary["outer_folds"]["per_class"]) == 4
 
     model, cfg = models.load_classifier(out / "artifact")
     assert cfg["architecture"] == outcome.winner["backbone"] and cfg["classes"] == ["1", "2", "3", "4"]
-    assert cfg["trained_on"] == "all images" and cfg["temperature"] == pytest.approx(cal["temperature"])
+    assert cfg["confluence_output"] is True  # the synthetic corpus carries measured confluence
     dcfg = from_dict(DataConfig, cfg["data"])
-    _, table = sstack_manifest
-    rows = data.select(table, stack="sstack")
-    x, _, _ = next(data.torch_batches(data.make_dataset(rows, dcfg, train=False), 4))
+    _, mf = sstack_manifest
+    x, _, _ = next(data.torch_batches(data.make_dataset(data.select(mf, stack="sstack"), dcfg, train=False), 4))
     with torch.no_grad():
-        probs = torch.softmax(model(x) / cfg["temperature"], 1)
-    assert probs.shape == (4, 4) and torch.allclose(probs.sum(1), torch.ones(4))
+        assert model(x).shape == (4, 5)  # four band logits and the confluence output
 
 
-def test_fold_groups_never_leak(tiny_search, sstack_manifest):
+def test_outer_folds_are_never_trained_on(tiny_search, sstack_manifest):
     _, outcome = tiny_search
     _, table = sstack_manifest
-    groups = table.column("group").to_pylist()
-    folds = table.column("fold").to_pylist()
+    folds = table.column("fold").to_numpy()
     for t in outcome.final:
-        with np.load(os.path.join(t.checkpoint, "val.npz"), allow_pickle=False) as z:
-            val_rows = z["rows"].tolist()
-        assert val_rows and all(folds[r] == t.fold for r in val_rows)
-        train_rows = data.select(table, stack="sstack", fold=t.fold, train=True)["row"].to_pylist()
-        assert {groups[r] for r in val_rows}.isdisjoint({groups[r] for r in train_rows})
+        with np.load(os.path.join(t.checkpoint, "outputs.npz"), allow_pickle=False) as z:
+            rows = z["test_rows"]
+        assert len(rows) and set(folds[rows]) == {t.fold}
 
 
-def test_two_class_corpus(ray_session, small_corpus, tmp_path):
-    src, rows = small_corpus
-    root = tmp_path / "two"
-    for r in rows:
-        if r["stack"] != "sstack":
-            continue
-        name = "sparse" if r["class"] <= 2 else "dense"
-        dst = root / "sstack" / name / Path(r["image"]).name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / r["image"], dst)
-    table, _ = corpus.index_corpus(str(root), folds=2)
-    assert corpus.manifest_info(table)["classes"]["sstack"] == ["dense", "sparse"]
-    manifest = corpus.write_manifest(table, str(root / "manifest.parquet"))
+def test_winner_and_table_use_inner_validation_and_mark_cut_backbones():
+    t = mt.TrialResult
+    search = [
+        t("a", 0, 1e-3, 0.0, 4, "patience", best_val_auc=0.9, test_acc=0.5),
+        t("a", 1, 1e-3, 0.0, 4, "patience", best_val_auc=0.8, test_acc=0.7),
+        t("b", 0, 1e-3, 0.0, 4, "patience", best_val_auc=0.6, test_acc=0.99),  # best outer, worse inner
+        t("b", 1, 1e-3, 0.0, 1, "", best_val_auc=0.5),  # cut by ASHA
+    ]
+    w = mt.pick_winner(search, 2)
+    assert w["backbone"] == "a"
+    rows = {r["backbone"]: r for r in mt.build_table(search, [], 2, w)}
+    assert rows["a"]["acc_mean"] == pytest.approx(0.6) and rows["a"]["status"] == "complete"
+    assert "cut" in rows["b"]["status"] and np.isnan(rows["b"]["acc_mean"])  # no flattering partial mean
+    assert rows["b"]["folds_complete"] == "1/2"
+
+
+def test_asha_compares_trials_only_within_their_fold():
+    from ray.tune.schedulers import TrialScheduler
+
+    class Trial:
+        def __init__(self, fold, tid):
+            self.config, self.trial_id = {"fold": fold}, tid
+
+        def __repr__(self):
+            return self.trial_id
+
+    job = mt.TuneJobConfig(manifest="m", out="o", max_epochs=8, grace_period=1, reduction_factor=2)
+    sched = mt.per_fold_asha(job)
+    sched.set_search_properties(mt.METRIC, "max")
+    good0, bad0, weak1 = Trial(0, "good0"), Trial(0, "bad0"), Trial(1, "weak1")
+    for tr in (good0, bad0, weak1):
+        sched.on_trial_add(None, tr)
+
+    def res(v):
+        return {mt.METRIC: v, "training_iteration": 1}
+
+    assert sched.on_trial_result(None, good0, res(0.9)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, bad0, res(0.2)) == TrialScheduler.STOP  # beaten in its own fold
+    # far below fold 0's trials, but alone in fold 1: a global ASHA would cut it, per fold it goes on
+    assert sched.on_trial_result(None, weak1, res(0.3)) == TrialScheduler.CONTINUE
+
+
+def test_every_trial_failing_raises_the_first_error_in_one_line(ray_session, sstack_manifest, tmp_path):
+    manifest, _ = sstack_manifest
     job = mt.TuneJobConfig(
         manifest=manifest,
         out=str(tmp_path / "run"),
-        backbones=("mobilenet_v3_small",),
+        backbones=("compact_cnn",),
         max_epochs=1,
         samples=1,
+        lr_min=1e-3,
+        lr_max=1e-3,
         size=64,
-        batch_size=16,
-        asha=False,
         pretrained="none",
+        verbose=0,
     )
-    outcome = mt.run_search(job)
-    model, cfg = models.load_classifier(tmp_path / "run" / "artifact")
-    assert cfg["classes"] == ["dense", "sparse"]
-    with torch.no_grad():
-        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2)
-    assert outcome.table[-1]["folds_complete"] == "2/2"
+    with pytest.raises(ValueError) as err:
+        mt.search_phase(job, 3, ["1", "2", "3", "4"], caches={}, name="broken")  # no cache for 64 px
+    msg = str(err.value)
+    assert msg.startswith("every broken trial failed; the first:") and "KeyError" in msg and "\n" not in msg
 
 
 def _finished_trials(exp: Path) -> dict[str, int]:
@@ -145,7 +164,7 @@ def test_interrupted_search_resumes(sstack_manifest, tmp_path):
         "--out",
         str(out),
         "--backbones",
-        "mobilenet_v3_small",
+        "compact_cnn",
         "--samples",
         "2",
         "--max-epochs",
@@ -157,6 +176,8 @@ def test_interrupted_search_resumes(sstack_manifest, tmp_path):
         "--no-asha",
         "--pretrained",
         "none",
+        "--max-concurrent",
+        "1",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -169,13 +190,22 @@ def test_interrupted_search_resumes(sstack_manifest, tmp_path):
     text = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0
     assert not (out / "artifact").exists()
-    assert len(before) < 4 or "--resume" in text
+    assert len(before) < 6 or "--resume" in text
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     after = _finished_trials(out / "search")
-    assert len(after) == 4
+    assert len(after) == 6
     for trial, n_results in before.items():  # finished trials were not trained again
         assert after[trial] == n_results
     assert (out / "artifact" / "weights.pt").exists() and "winner:" in again.stdout
-    mf = corpus.read_manifest(manifest)
-    assert pc.sum(pc.equal(mf["stack"], "sstack")).as_py() == 30
+
+
+def test_cache_leaves_out_a_corrupt_image_and_keeps_the_rest(ray_session, corpus_copy):
+    root, _ = corpus_copy
+    victim = sorted((root / "sstack").glob("[0-9]/*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    table, _ = corpus.index_corpus(str(root), folds=3)
+    rows = data.select(table, stack="sstack")
+    c = data.build_cache(rows, DataConfig(size=32))
+    assert len(c) == rows.num_rows - 1 and len(c.errors) == 1 and victim.name in c.errors[0]
+    assert isinstance(c, engine.Cache)

@@ -1,0 +1,89 @@
+"""Every command from a fresh working folder with relative arguments, as a user types them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+
+def _run(args, cwd, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "msc_ray.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{args[0]}: {proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+    return proc.stdout
+
+
+def test_every_command_with_relative_paths(tmp_path):
+    _run(["synth", "c", "--n", "30", "--size", "64", "--stack", "sstack", "--seed", "4"], tmp_path)
+    assert "manifest:" in _run(["index", "c", "--folds", "3", "--out", "m.parquet"], tmp_path)
+    out = _run(
+        [
+            "tune",
+            "c",
+            "--out",
+            "run2",
+            "--stack",
+            "sstack",
+            "--backbones",
+            "compact_cnn",
+            "--max-epochs",
+            "1",
+            "--samples",
+            "1",
+            "--folds",
+            "3",
+            "--lr",
+            "1e-3",
+            "--pretrained",
+            "none",
+        ],
+        tmp_path,
+    )
+    assert "winner: compact_cnn" in out and (tmp_path / "run2" / "artifact" / "weights.pt").exists()
+    _run(
+        [
+            "train-detector",
+            "m.parquet",
+            "--out",
+            "det",
+            "--workers",
+            "1",
+            "--only-folds",
+            "0",
+            "--epochs",
+            "1",
+            "--size",
+            "64",
+        ],
+        tmp_path,
+    )
+    assert (tmp_path / "det" / "artifact" / "config.json").exists()
+    _run(["score", "c/sstack", "--classifier", "run2/artifact", "--detector", "det/artifact", "--out", "rep"], tmp_path)
+    report = _run(["report", "rep", "--plots", "plots"], tmp_path)
+    assert "30 rows" in report and (tmp_path / "plots" / "bands.png").exists()
+    rows = pq.read_table(tmp_path / "rep" / "parts").to_pylist()
+    assert len(rows) == 30 and all(r["status"] == "ok" for r in rows)
+    edges = {"0-40%": (0, 40), "40-60%": (40, 60), "60-80%": (60, 80), "80-100%": (80, 100)}
+    for r in rows:  # the confluence estimate always sits inside the predicted band
+        lo, hi = edges[r["band"]]
+        assert lo <= r["confluence_pct"] <= hi
+
+
+def test_a_failing_tune_names_the_real_error_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "msc_ray.cli", "tune", "nowhere", "--out", "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "nowhere" in last
