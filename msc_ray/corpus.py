@@ -201,126 +201,123 @@ def _list(loc: storage.Location) -> list[pafs.FileInfo]:
         raise storage.StorageError(f"cannot list {loc.uri()}: {storage.describe_error(exc)}") from None
 
 
-def index_corpus(
-    corpus: str,
-    *,
-    folds: int = 5,
-    seed: int = 0,
-    endpoint_url: str | None = None,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
-    threads: int = 16,
-) -> tuple[pa.Table, IndexSummary]:
-    """Index ``corpus`` (local path or ``s3://`` URI) into a manifest table and a summary."""
-    loc = storage.resolve(corpus, endpoint_url)
-    root = loc.path.rstrip("/")
-    summary = IndexSummary(corpus=loc.uri(root))
-    entries: list[tuple[str, str, str, pafs.FileInfo]] = []  # rel, stack, class, info
-    xmls: dict[tuple[str, str], pafs.FileInfo] = {}
-    annotated_stacks: set[str] = set()
-    meta_info = None
+@dataclass
+class _Layout:
+    """What a listing of the corpus holds: image entries (rel, stack, class, info), VOC files by
+    (stack, stem), stacks that have an annotations folder, and the metadata file."""
+
+    entries: list[tuple[str, str, str, pafs.FileInfo]] = field(default_factory=list)
+    xmls: dict[tuple[str, str], pafs.FileInfo] = field(default_factory=dict)
+    annotated_stacks: set[str] = field(default_factory=set)
+    meta_info: pafs.FileInfo | None = None
+
+
+def _discover(loc: storage.Location, root: str, summary: IndexSummary) -> _Layout:
+    """Sort the corpus listing into the layout; count what does not belong to it."""
+    layout = _Layout()
     for f in _list(loc):
         rel = f.path[len(root) + 1 :] if f.path.startswith(root + "/") else f.base_name
         parts = rel.split("/")
         if rel == "metadata.csv":
-            meta_info = f
+            layout.meta_info = f
         elif len(parts) == 3 and parts[0] not in RESERVED_TOP and parts[1] == ANNOTATIONS:
-            annotated_stacks.add(parts[0])
+            layout.annotated_stacks.add(parts[0])
             if parts[2].lower().endswith(".xml"):
-                xmls[(parts[0], PurePosixPath(parts[2]).stem)] = f
+                layout.xmls[(parts[0], PurePosixPath(parts[2]).stem)] = f
         elif len(parts) == 3 and parts[0] not in RESERVED_TOP:
             if images.is_image_name(parts[2]):
-                entries.append((rel, parts[0], parts[1], f))
+                layout.entries.append((rel, parts[0], parts[1], f))
             else:
                 summary.skipped[PurePosixPath(parts[2]).suffix.lower()] += 1
         else:
             summary.ignored += 1
-    if not entries:
+    if not layout.entries:
         raise ValueError(f"{summary.corpus}: no images found in the layout <stack>/<class>/<image>")
-    entries.sort(key=lambda e: e[0])
+    layout.entries.sort(key=lambda e: e[0])
+    return layout
 
-    def fetch(info: pafs.FileInfo) -> bytes:
-        with loc.fs.open_input_stream(info.path) as fh:
+
+@dataclass
+class _Reader:
+    """Reads what indexing needs of one image: its header (size) and its VOC annotation."""
+
+    loc: storage.Location
+    layout: _Layout
+    max_pixels: int
+
+    def fetch(self, info: pafs.FileInfo) -> bytes:
+        with self.loc.fs.open_input_stream(info.path) as fh:
             return fh.read()
 
-    def probe(entry) -> tuple[int | None, int | None, str | None]:
+    def probe(self, entry) -> tuple[int | None, int | None, str | None]:
         rel = entry[0]
         try:
-            w, h = images.image_size(fetch(entry[3]), rel, max_pixels)
+            w, h = images.image_size(self.fetch(entry[3]), rel, self.max_pixels)
             return w, h, None
         except images.ImageError as exc:
             return None, None, str(exc)
         except OSError as exc:
             return None, None, f"{rel}: cannot read ({storage.describe_error(exc)})"
 
-    def annotation(entry) -> tuple[list[dict], str | None, str | None]:
+    def annotation(self, entry) -> tuple[list[dict], str | None, str | None]:
         rel, stack = entry[0], entry[1]
-        if stack not in annotated_stacks:
+        if stack not in self.layout.annotated_stacks:
             return [], None, None
         stem = PurePosixPath(rel).stem
-        info = xmls.get((stack, stem))
+        name = f"{stack}/{ANNOTATIONS}/{stem}.xml"
+        info = self.layout.xmls.get((stack, stem))
         if info is None:
-            return [], "missing", f"{stack}/{ANNOTATIONS}/{stem}.xml: missing"
+            return [], "missing", f"{name}: missing"
         try:
-            return parse_voc(fetch(info), f"{stack}/{ANNOTATIONS}/{stem}.xml"), "ok", None
+            return parse_voc(self.fetch(info), name), "ok", None
         except ValueError as exc:
             return [], "malformed", str(exc)
         except OSError as exc:
-            return (
-                [],
-                "malformed",
-                f"{stack}/{ANNOTATIONS}/{stem}.xml: cannot read ({storage.describe_error(exc)})",
-            )
+            return [], "malformed", f"{name}: cannot read ({storage.describe_error(exc)})"
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        probes = list(pool.map(probe, entries))
-        annots = list(pool.map(annotation, entries))
-    meta: dict[str, dict] = {}
-    if meta_info is not None:
-        meta = _read_metadata(fetch(meta_info))
+    def metadata(self) -> dict[str, dict]:
+        """metadata.csv rows by relative path, and by bare file name where that is unambiguous."""
+        if self.layout.meta_info is None:
+            return {}
+        meta = _read_metadata(self.fetch(self.layout.meta_info))
         by_name = Counter(PurePosixPath(k).name for k in meta)
-        for k in list(meta):  # also match by file name alone where that is unambiguous
+        for k in list(meta):
             name = PurePosixPath(k).name
             if by_name[name] == 1:
                 meta.setdefault(name, meta[k])
+        return meta
 
-    classes = {
-        s: sorted({e[2] for e in entries if e[1] == s}, key=natural_key) for s in sorted({e[1] for e in entries})
+
+def _row(loc, entry, probe, annot, meta: dict, classes: dict[str, list[str]]) -> dict:
+    """One manifest row (fold still -1)."""
+    (rel, stack, cls, info), (w, h, err), (boxes, ann, ann_err) = entry, probe, annot
+    m = meta.get(rel) or meta.get(PurePosixPath(rel).name) or {}
+    vessel = (m.get("vessel") or "").strip() or None
+    day = (m.get("day") or "").strip()
+    return {
+        "uri": loc.uri(info.path),
+        "path": rel,
+        "stack": stack,
+        "label": classes[stack].index(cls),
+        "label_name": cls,
+        "group": vessel or rel,
+        "vessel": vessel,
+        "day": int(day) if day.lstrip("-").isdigit() else None,
+        "position": (m.get("position") or "").strip() or None,
+        "fold": -1,
+        "size": info.size,
+        "width": w,
+        "height": h,
+        "image_error": err,
+        "boxes": boxes,
+        "annotation": ann,
+        "annotation_error": ann_err,
+        "confluence": _confluence(m.get("confluence"), rel),
     }
-    rows = []
-    for (rel, stack, cls, info), (w, h, err), (boxes, ann, ann_err) in zip(entries, probes, annots, strict=True):
-        m = meta.get(rel) or meta.get(PurePosixPath(rel).name) or {}
-        vessel = (m.get("vessel") or "").strip() or None
-        day = (m.get("day") or "").strip()
-        conf = _confluence(m.get("confluence"), rel)
-        rows.append(
-            {
-                "uri": loc.uri(info.path),
-                "path": rel,
-                "stack": stack,
-                "label": classes[stack].index(cls),
-                "label_name": cls,
-                "group": vessel or rel,
-                "vessel": vessel,
-                "day": int(day) if day.lstrip("-").isdigit() else None,
-                "position": (m.get("position") or "").strip() or None,
-                "fold": -1,
-                "size": info.size,
-                "width": w,
-                "height": h,
-                "image_error": err,
-                "boxes": boxes,
-                "annotation": ann,
-                "annotation_error": ann_err,
-                "confluence": conf,
-            }
-        )
-        if err:
-            summary.unreadable.append(err)
-        if ann_err:
-            summary.annotation_problems.append(ann_err)
-    for problem in summary.annotation_problems:
-        log.warning("annotation: %s", problem)
 
+
+def _fold_stacks(rows: list[dict], classes: dict, folds: int, seed: int, summary: IndexSummary) -> None:
+    """Assign every row its validation fold, per stack, grouped by vessel where vessels are known."""
     for stack in classes:
         idx = [i for i, r in enumerate(rows) if r["stack"] == stack]
         labels = np.array([rows[i]["label"] for i in idx])
@@ -334,6 +331,35 @@ def index_corpus(
             c = counts.setdefault(int(f), {})
             c[rows[i]["label_name"]] = c.get(rows[i]["label_name"], 0) + 1
         summary.fold_counts[stack] = counts
+
+
+def index_corpus(
+    corpus: str,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    endpoint_url: str | None = None,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    threads: int = 16,
+) -> tuple[pa.Table, IndexSummary]:
+    """Index ``corpus`` (local path or ``s3://`` URI) into a manifest table and a summary."""
+    loc = storage.resolve(corpus, endpoint_url)
+    root = loc.path.rstrip("/")
+    summary = IndexSummary(corpus=loc.uri(root))
+    layout = _discover(loc, root, summary)
+    reader = _Reader(loc, layout, max_pixels)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        probes = list(pool.map(reader.probe, layout.entries))
+        annots = list(pool.map(reader.annotation, layout.entries))
+    meta = reader.metadata()
+    stacks = sorted({e[1] for e in layout.entries})
+    classes = {s: sorted({e[2] for e in layout.entries if e[1] == s}, key=natural_key) for s in stacks}
+    rows = [_row(loc, *parts, meta, classes) for parts in zip(layout.entries, probes, annots, strict=True)]
+    summary.unreadable += [r["image_error"] for r in rows if r["image_error"]]
+    summary.annotation_problems += [r["annotation_error"] for r in rows if r["annotation_error"]]
+    for problem in summary.annotation_problems:
+        log.warning("annotation: %s", problem)
+    _fold_stacks(rows, classes, folds, seed, summary)
     summary.n_images = len(rows)
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     meta_json = {"corpus": summary.corpus, "classes": classes, "folds": folds, "seed": seed}

@@ -115,121 +115,149 @@ def _stop_together(stop: bool, device) -> bool:
     return bool(flag.item())
 
 
+class DetectorRun:
+    """What one DDP worker trains for one outer fold (see :func:`detector_worker`); resumable. The
+    model is wrapped for DDP by the caller (``wrap``); rank 0 scores the inner validation part."""
+
+    def __init__(
+        self,
+        job: DetectJobConfig,
+        fold: int,
+        folds: int,
+        cache: engine.Cache,
+        anchors: dict,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.job, self.fold, self.rank, self.world, self.anchors = job, fold, rank, world, anchors
+        self.train, self.val, _ = cache.split(fold, folds)
+        if len(self.train) < world:
+            raise ValueError(f"fold {fold}: {len(self.train)} training images for {world} workers")
+        dcfg = job.data_config()
+        torch.manual_seed(job.seed + fold)
+        self.model = models.build_detector(job.backbone, image_size=job.size, anchors=anchors)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+        steps = max(-(-(len(self.train) // world) // job.batch_size), 1)
+        self.sched = engine.warmup_cosine(self.opt, job.epochs * steps, steps)
+        self.stopper = engine.EarlyStopping(job.patience)
+        self.aug_train = engine.Augmenter(dcfg, train=True, boxes=True)
+        self.aug_eval = engine.Augmenter(dcfg, train=False, boxes=True)
+        self.start = 0
+        self.ddp, self.device = self.model, torch.device("cpu")
+
+    def restore(self, ckpt) -> None:
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        self.stopper.load_state_dict(saved["stopper"])
+        self.start = int(saved["epoch"])
+        log.info("fold %d rank %d: resuming after epoch %d", self.fold, self.rank, self.start)
+
+    def wrap(self, ddp_model, device) -> None:
+        self.ddp, self.device = ddp_model, device
+        self.model = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+
+    def run_epoch(self, epoch: int, on_step=None) -> dict:
+        """Train this rank's slice; rank 0 scores the inner validation fold (mAP@0.5) and updates the
+        early-stopping state. Returns the epoch's metrics (``stop`` only meaningful on rank 0)."""
+        job = self.job
+        stats = engine.train_detector_epoch(
+            self.ddp,
+            self.train,
+            self.aug_train,
+            self.opt,
+            self.sched,
+            epoch=epoch,
+            batch_size=job.batch_size,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+            seed=job.seed,
+            on_step=on_step,
+            clip=job.grad_clip,
+        )
+        report = {
+            "epoch": epoch + 1,
+            "fold": self.fold,
+            "loss": stats["loss"],
+            "images": stats["images"],
+            "boxes": stats["boxes"],
+            "resumed_from": self.start,
+        }
+        if self.rank == 0:
+            val_map = 0.0
+            if len(self.val):
+                preds, truths = engine.predict_detections(
+                    self.model, self.val, self.aug_eval, batch_size=job.batch_size * 2, device=self.device
+                )
+                val_map = engine.detection_map(preds, truths)
+                val_map = -1.0 if math.isnan(val_map) else val_map
+            self.stopper.update(val_map, epoch + 1, self.model)
+            report["val_map50"] = val_map
+        report.update(best_epoch=self.stopper.best_epoch, best_val_map50=self.stopper.best)
+        return report
+
+    def save(self, folder: str, epoch: int) -> None:
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "stopper": self.stopper.state_dict(),
+                "best_model": self.stopper.best_state,
+                "best_epoch": self.stopper.best_epoch,
+                "best_map": self.stopper.best,
+                "anchors": json.dumps(self.anchors),
+                "config": json.dumps(asdict(self.job)),
+                "epoch": epoch + 1,
+            },
+            os.path.join(folder, "state.pt"),
+        )
+
+
 def detector_worker(config: dict) -> None:
-    """Ray Train worker loop, a thin wrapper around :func:`engine.train_detector_epoch`.
+    """Ray Train worker loop: a thin wrapper around :class:`DetectorRun` (which calls
+    :func:`engine.train_detector_epoch`).
 
     ``config``: ``job`` (DetectJobConfig as a dict), ``fold`` (the outer fold), ``folds``, ``cache``
     (an ObjectRef of the decoded :class:`engine.Cache`), ``anchors``. The outer fold is never seen;
-    rank 0 scores the inner validation fold after every epoch (mAP@0.5) for early stopping, and keeps
-    the best epoch's weights in the checkpoint."""
+    rank 0 scores the inner validation fold after every epoch (mAP@0.5) for early stopping, keeps the
+    best epoch's weights in the checkpoint, and every rank stops at the same epoch."""
     import ray
     import ray.train
     import ray.train.torch
 
     job = from_dict(DetectJobConfig, config["job"])
-    fold, folds = int(config["fold"]), int(config["folds"])
+    fold = int(config["fold"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cache = ray.get(config["cache"])
-    train, val, _ = cache.split(fold, folds)
-    if len(train) < world:
-        raise ValueError(f"fold {fold}: {len(train)} training images for {world} workers")
-    dcfg = job.data_config()
-    torch.manual_seed(job.seed + fold)
-    model = models.build_detector(job.backbone, image_size=job.size, anchors=config["anchors"])
-    opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
-    steps = max((len(train) // world) // job.batch_size + int((len(train) // world) % job.batch_size > 0), 1)
-    sched = engine.warmup_cosine(opt, job.epochs * steps, steps)
-    state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0}
-    best_model = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        best_model = saved["best_model"]
-        state.update({k: saved[k] for k in state})
-        log.info("fold %d rank %d: resuming after epoch %d", fold, rank, state["epoch"])
-    start = state["epoch"]
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    inner = model.module if hasattr(model, "module") else model
-    aug_train = engine.Augmenter(dcfg, train=True, boxes=True)
-    aug_eval = engine.Augmenter(dcfg, train=False, boxes=True)
+    run = DetectorRun(job, fold, int(config["folds"]), ray.get(config["cache"]), config["anchors"], rank, world)
+    run.restore(ray.train.get_checkpoint())
+    run.wrap(ray.train.torch.prepare_model(run.model), ray.train.torch.get_device())
     epoch_times: list[float] = []
-    for epoch in range(start, job.epochs):
-        t_epoch = time.perf_counter()
+    for epoch in range(run.start, job.epochs):
+        t0 = time.perf_counter()
 
         def maybe_fail(step: int, epoch=epoch) -> None:
             if job.fail_at_epoch and job.fail_at_epoch == epoch and rank == world - 1 and step == 1:
                 _inject_fault(job, fold)
 
-        stats = engine.train_detector_epoch(
-            model,
-            train,
-            aug_train,
-            opt,
-            sched,
-            epoch=epoch,
-            batch_size=job.batch_size,
-            device=device,
-            rank=rank,
-            world=world,
-            seed=job.seed,
-            on_step=maybe_fail,
-        )
-        state["epoch"] = epoch + 1
-        report = {
-            "epoch": epoch + 1,
-            "fold": fold,
-            "loss": stats["loss"],
-            "images": stats["images"],
-            "boxes": stats["boxes"],
-            "resumed_from": start,
-        }
-        stop = False
-        if rank == 0:
-            if len(val):
-                preds, truths = engine.predict_detections(
-                    inner, val, aug_eval, batch_size=job.batch_size * 2, device=device
-                )
-                val_map = engine.detection_map(preds, truths)
-                val_map = -1.0 if math.isnan(val_map) else val_map
-            else:
-                val_map = 0.0
-            report["val_map50"] = val_map
-            if val_map > state["best_map"]:
-                state.update(best_map=val_map, best_epoch=epoch + 1, bad_epochs=0)
-                best_model = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
-            else:
-                state["bad_epochs"] += 1
-            stop = state["bad_epochs"] >= job.patience
-        stop = _stop_together(stop, device)
-        epoch_times.append(time.perf_counter() - t_epoch)
+        report = run.run_epoch(epoch, on_step=maybe_fail)
+        stop = _stop_together(rank == 0 and run.stopper.stop, run.device)
+        epoch_times.append(time.perf_counter() - t0)
+        # mean epoch time after this session's first epoch (which includes start-up)
         report.update(
-            best_epoch=state["best_epoch"],
-            best_val_map50=state["best_map"],
             stopped_early=stop,
             epoch_seconds=epoch_times[-1],
-            # mean epoch time after this session's first epoch (which includes start-up)
             mean_epoch_seconds=float(np.mean(epoch_times[1:] or epoch_times)),
         )
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {
-                        "model": inner.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "best_model": best_model,
-                        "anchors": json.dumps(config["anchors"]),
-                        "config": json.dumps(asdict(job)),
-                        **state,
-                    },
-                    os.path.join(d, "state.pt"),
-                )
+                run.save(d, epoch)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(report)
@@ -441,6 +469,32 @@ def _write_table2(rows: list[dict], summary: dict, op: dict, out: Path) -> None:
     (out / "metrics.md").write_text("\n".join(md) + "\n")
 
 
+def _export(job: DetectJobConfig, out: Path, results: list[FoldResult], op: dict, summary: dict) -> dict:
+    """The artifact: the fold model with the best inner-validation mAP@0.5 (not chosen on the outer
+    folds), with the operating point and the anchors it was trained with."""
+    keys = TABLE2_KEYS
+    best = max(results, key=lambda r: r.best_val_map)  # chosen on inner validation, not on the outer folds
+    saved = torch.load(os.path.join(best.checkpoint, "state.pt"), map_location="cpu", weights_only=True)
+    state = saved["best_model"] or saved["model"]
+    return models.save_artifact(
+        out / "artifact",
+        state,
+        {
+            "kind": "detector",
+            "architecture": job.backbone,
+            "classes": ["Flatten"],
+            "image_size": job.size,
+            "score_threshold": op["score_threshold"],
+            "nms_iou": op["nms_iou"],
+            "anchors": json.loads(saved["anchors"]),
+            "stack": job.stack,
+            "trained_on": f"folds other than {best.fold} and its inner validation fold (best inner mAP@0.5)",
+            "metrics": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in keys},
+            "run": {"out": str(out.resolve()), "manifest": job.manifest, "epochs": best.best_epoch},
+        },
+    )
+
+
 def train_detector(job: DetectJobConfig) -> dict:
     """Decode once, train every outer fold on Ray Train, choose the operating point on the inner
     validation folds, write Table 2 (outer folds), the panel and the artifact."""
@@ -481,26 +535,7 @@ def train_detector(job: DetectJobConfig) -> dict:
     _write_table2(rows, summary, op, out)
     keys = TABLE2_KEYS
     panel = _panel(job, results, op, out / "predictions.png")
-    best = max(results, key=lambda r: r.best_val_map)  # chosen on inner validation, not on the outer folds
-    saved = torch.load(os.path.join(best.checkpoint, "state.pt"), map_location="cpu", weights_only=True)
-    state = saved["best_model"] or saved["model"]
-    art = models.save_artifact(
-        out / "artifact",
-        state,
-        {
-            "kind": "detector",
-            "architecture": job.backbone,
-            "classes": ["Flatten"],
-            "image_size": job.size,
-            "score_threshold": op["score_threshold"],
-            "nms_iou": op["nms_iou"],
-            "anchors": json.loads(saved["anchors"]),
-            "stack": job.stack,
-            "trained_on": f"folds other than {best.fold} and its inner validation fold (best inner mAP@0.5)",
-            "metrics": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in keys},
-            "run": {"out": str(out.resolve()), "manifest": job.manifest, "epochs": best.best_epoch},
-        },
-    )
+    art = _export(job, out, results, op, summary)
     result = {
         "table_csv": str(out / "metrics.csv"),
         "table_md": str(out / "metrics.md"),

@@ -136,6 +136,43 @@ def classification_batches(
         yield x, torch.from_numpy(cache.labels[idx]), torch.from_numpy(cache.confluence[idx].astype(np.float32))
 
 
+@dataclass
+class EarlyStopping:
+    """Keeps the best epoch's weights of a validation metric (higher is better) and says when
+    ``patience`` epochs have passed without a better value."""
+
+    patience: int
+    best: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_state: dict | None = None
+
+    def update(self, value: float, epoch: int, model: nn.Module) -> bool:
+        """Record epoch ``epoch`` (1-based); True when it is the best so far (its weights kept)."""
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.bad_epochs, self.best_state = int(state["bad_epochs"]), state["best_state"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Schedules and losses
 # --------------------------------------------------------------------------------------------------

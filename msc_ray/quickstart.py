@@ -27,8 +27,8 @@ class QuickstartConfig:
     input_size: int = 64  # classifier input side: confluence is a low-frequency property
     backbones: tuple[str, ...] = ("compact_cnn", "mobilenet_v3_small")
     folds: int = 5
-    max_epochs: int = 25
-    patience: int = 6
+    max_epochs: int = 20
+    patience: int = 5
     lr: float = 2e-3
     detector_folds: tuple[int, ...] = (0, 1, 2)  # outer folds the detector's Table 2 covers
     detector_epochs: int = 24
@@ -109,123 +109,144 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(cfg: QuickstartConfig) -> dict[str, Path]:
-    """Run every step; returns ``{what: path}`` of the outputs worth opening."""
-    import json
-    import os
+def _fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    return path
 
-    import pyarrow.parquet as pq
-    import ray
 
+def make_corpora(cfg: QuickstartConfig, out: Path) -> tuple[Path, Path, Path, str]:
+    """Steps 1–2: the training corpus (and its contact sheet), the held-out corpus of new vessels,
+    the manifest. Returns (corpus, held-out corpus, contact sheet, manifest URI)."""
     from . import corpus as corpus_mod
-    from . import detect, report, score, synth
-    from . import tune as tune_mod
+    from . import synth
 
-    t_all = time.perf_counter()
-    out = Path(cfg.out).resolve()
-    corpus, heldout = out / "corpus", out / "heldout"
+    corpus, heldout = _fresh(out / "corpus"), _fresh(out / "heldout")
     log.info("step 1/7: synthetic corpus (%d single-stack images, %d px) → %s", cfg.n, cfg.size, corpus)
-    for d in (corpus, heldout):
-        if d.exists():
-            shutil.rmtree(d)
     rows = synth.synthesize(corpus, synth.SynthConfig(n=cfg.n, size=cfg.size, stack="sstack", seed=cfg.seed, workers=2))
     sheet = synth.preview(corpus, rows, out / "plots" / "corpus_preview.png")
-    synth.synthesize(
-        heldout, synth.SynthConfig(n=cfg.heldout_n, size=cfg.size, stack="sstack", seed=cfg.heldout_seed, workers=2)
-    )
-
+    held = synth.SynthConfig(n=cfg.heldout_n, size=cfg.size, stack="sstack", seed=cfg.heldout_seed, workers=2)
+    synth.synthesize(heldout, held)
     log.info("step 2/7: index with %d folds grouped by vessel", cfg.folds)
-    table, summary = corpus_mod.index_corpus(str(corpus), folds=cfg.folds, seed=cfg.seed)
-    manifest = corpus_mod.write_manifest(table, str(out / "manifest.parquet"))
+    table, _ = corpus_mod.index_corpus(str(corpus), folds=cfg.folds, seed=cfg.seed)
+    return corpus, heldout, sheet, corpus_mod.write_manifest(table, str(out / "manifest.parquet"))
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    _quiet()
-    run_dir = out / "classifier"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+
+def train_classifier(cfg: QuickstartConfig, manifest: str, out: Path):
+    """Step 3: the backbone × outer-fold search on Ray Tune and the exported classifier."""
+    from . import tune as tune_mod
+
     log.info(
         "step 3/7: classifier search on Ray Tune: %s × %d outer folds, up to %d epochs",
         ", ".join(cfg.backbones),
         cfg.folds,
         cfg.max_epochs,
     )
-    outcome = tune_mod.run_search(
-        tune_mod.TuneJobConfig(
-            manifest=manifest,
-            out=str(run_dir),
-            stack="sstack",
-            backbones=cfg.backbones,
-            max_epochs=cfg.max_epochs,
-            patience=cfg.patience,
-            samples=1,
-            lr_min=cfg.lr,
-            lr_max=cfg.lr,
-            size=cfg.input_size,
-            batch_size=32,
-            pretrained="none",
-            seed=cfg.seed,
-            verbose=0,
-        )
+    job = tune_mod.TuneJobConfig(
+        manifest=manifest,
+        out=str(_fresh(out / "classifier")),
+        stack="sstack",
+        backbones=cfg.backbones,
+        max_epochs=cfg.max_epochs,
+        patience=cfg.patience,
+        samples=1,
+        lr_min=cfg.lr,
+        lr_max=cfg.lr,
+        wd_min=1e-5,
+        wd_max=1e-5,
+        size=cfg.input_size,
+        batch_size=32,
+        pretrained="none",
+        seed=cfg.seed,
+        verbose=0,
     )
+    outcome = tune_mod.run_search(job)
     log.info("winner: %s; Table 1 (outer folds) → %s", outcome.winner["backbone"], outcome.outputs["table_md"])
+    return outcome
 
-    det_dir = out / "detector"
-    if det_dir.exists():
-        shutil.rmtree(det_dir)
+
+def train_abnormal_detector(cfg: QuickstartConfig, manifest: str, out: Path) -> dict:
+    """Step 4: RetinaNet on Ray Train with two DDP workers, per outer fold."""
+    from . import detect
+
     log.info(
         "step 4/7: abnormal-cell detector on Ray Train: RetinaNet (compact FPN), 2 DDP workers, outer folds "
         "%s, up to %d epochs",
         ",".join(map(str, cfg.detector_folds)),
         cfg.detector_epochs,
     )
-    det = detect.train_detector(
-        detect.DetectJobConfig(
-            manifest=manifest,
-            out=str(det_dir),
-            folds=cfg.detector_folds,
-            epochs=cfg.detector_epochs,
-            patience=6,
-            workers=2,
-            cpus_per_worker=1.0,
-            backbone="compact_fpn",
-            size=cfg.size,
-            batch_size=4,
-            seed=cfg.seed,
-        )
+    job = detect.DetectJobConfig(
+        manifest=manifest,
+        out=str(_fresh(out / "detector")),
+        folds=cfg.detector_folds,
+        epochs=cfg.detector_epochs,
+        patience=6,
+        workers=2,
+        cpus_per_worker=1.0,
+        backbone="compact_fpn",
+        size=cfg.size,
+        batch_size=4,
+        seed=cfg.seed,
     )
+    return detect.train_detector(job)
 
-    archive = out / "archive"
-    n_objects = _archive(heldout, archive)
-    report_dir = out / "report"
-    if report_dir.exists():
-        shutil.rmtree(report_dir)
+
+def score_heldout(heldout: Path, classifier: str, detector: str, out: Path) -> tuple[Path, dict[str, str]]:
+    """Steps 5–6: score the archive of new vessels (with broken files) and report on it."""
+    from . import report, score
+
+    n_objects = _archive(heldout, out / "archive")
+    report_dir = _fresh(out / "report")
     log.info("step 5/7: scoring %d archived images of new vessels (2 of them broken) → %s", n_objects, report_dir)
     s = score.score_archive(
         score.ScoreConfig(
-            archive=str(archive),
-            classifier=outcome.outputs["artifact"],
-            detector=det["artifact"],
-            out=str(report_dir),
-            stack="sstack",
+            archive=str(out / "archive"), classifier=classifier, detector=detector, out=str(report_dir), stack="sstack"
         )
     )
     log.info("scored %d objects, %d error rows, %d non-images ignored", s.scored, s.errors, s.ignored)
-
     log.info("step 6/7: report and plots")
     counts, plots = report.report(str(report_dir), out / "plots")
     for line in report.lines(counts):
         log.info("%s", line)
+    return report_dir, plots
 
-    log.info("step 7/7: the archive against the truth of its images (new vessels, seed %d)", cfg.heldout_seed)
+
+def judge(report_dir: Path, heldout: Path, out: Path, seed: int, started: float) -> Path:
+    """Step 7: the report against the truth of the held-out images → heldout_metrics.json."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from . import score
+
+    log.info("step 7/7: the archive against the truth of its images (new vessels, seed %d)", seed)
     held = heldout_metrics(score.read_report(str(report_dir)), pq.read_table(heldout / "truth.parquet"))
-    held["minutes"] = (time.perf_counter() - t_all) / 60
-    held_path = out / "heldout_metrics.json"
-    held_path.write_text(json.dumps(held, indent=2) + "\n")
+    held["minutes"] = (time.perf_counter() - started) / 60
+    path = out / "heldout_metrics.json"
+    path.write_text(json.dumps(held, indent=2) + "\n")
     for line in heldout_lines(held):
         log.info("%s", line)
     log.info("quickstart took %.1f minutes", held["minutes"])
+    return path
+
+
+def run(cfg: QuickstartConfig) -> dict[str, Path]:
+    """Run every step; returns ``{what: path}`` of the outputs worth opening."""
+    import os
+
+    import ray
+
+    started = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    corpus, heldout, sheet, manifest = make_corpora(cfg, out)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    _quiet()
+    outcome = train_classifier(cfg, manifest, out)
+    det = train_abnormal_detector(cfg, manifest, out)
+    report_dir, plots = score_heldout(heldout, outcome.outputs["artifact"], det["artifact"], out)
+    held_path = judge(report_dir, heldout, out, cfg.heldout_seed, started)
     return {
         "corpus": corpus,
         "preview": sheet,

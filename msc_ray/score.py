@@ -458,22 +458,10 @@ def _rows_for_chunk(
     return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
 
 
-def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
-    """Score every object of ``cfg.archive`` not yet in the report at ``cfg.out``; see the module doc.
-
-    ``connect`` (optional) is called once the report location, the models and the archive listing
-    have been checked and there is work to do: the CLI starts or joins Ray there, so a bad bucket,
-    credential or endpoint fails in seconds without starting anything."""
-    import ray
-
+def _check_models(cfg: ScoreConfig) -> tuple[dict, dict | None]:
+    """The artifacts' configs (no weights read): each must exist and be of the right kind."""
     from . import models
 
-    cfg.validate()
-    t0 = time.perf_counter()
-    run_id = cfg.run_id or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    summary = ScoreSummary(run_id=run_id)
-    # everything that can fail fast does so before any work: report location, models, listing
-    check_writable(cfg.out, cfg.endpoint_url)
     clf_cfg = models.read_config(cfg.classifier, cfg.endpoint_url)
     if clf_cfg.get("kind") != "classifier":
         raise ValueError(f"--classifier {cfg.classifier}: a {clf_cfg.get('kind')} artifact, not a classifier")
@@ -482,12 +470,15 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
         det_cfg = models.read_config(cfg.detector, cfg.endpoint_url)
         if det_cfg.get("kind") != "detector":
             raise ValueError(f"--detector {cfg.detector}: a {det_cfg.get('kind')} artifact, not a detector")
-    versions = (clf_cfg["version"], det_cfg["version"] if det_cfg else "")
+    return clf_cfg, det_cfg
+
+
+def _plan(cfg: ScoreConfig, versions: tuple[str, str], summary: ScoreSummary) -> list[ArchiveObject]:
+    """The objects to score: image-named objects of the archive not yet committed for these models.
+    Objects whose names are not images (annotations, notes, checksums) are counted and left out."""
     out_uri = cfg.out if storage.is_s3(cfg.out) else os.path.abspath(cfg.out)
     listed = list_archive(cfg.archive, cfg.endpoint_url, exclude=out_uri)
     summary.listed = len(listed)
-    # objects named as images are scored (a broken one is an error row); others (annotations,
-    # notes, checksums) are counted and left out
     objs = [o for o in listed if images.is_image_name(o.key)]
     summary.ignored = len(listed) - len(objs)
     if summary.ignored:
@@ -501,92 +492,136 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
         len(objs),
         summary.skipped,
         len(todo),
-        run_id,
+        summary.run_id,
     )
-    if todo and connect is not None:
-        connect()
-    default_stack = clf_cfg.get("stack", "sstack")
-    classes = list(clf_cfg["classes"])
-    data_cfg = {**clf_cfg["data"], "endpoint_url": None}
-    det_size = int(det_cfg["image_size"]) if det_cfg else None
-    stacks = [stack_of(o.key, default_stack) if cfg.stack == "auto" else cfg.stack for o in todo]
-    n_chunks = -(-len(todo) // cfg.chunk_size)
+    return todo
 
-    def commit(c: int, results: dict[int, tuple]) -> None:
-        lo, hi = c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(todo))
+
+def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str], data_cfg: dict, det_size: int | None):
+    """One streaming Ray Data execution: read + decode + preprocess tasks → the model actor pool."""
+    import ray
+
+    table = pa.table(
+        {
+            "row": pa.array(range(len(todo)), pa.int64()),
+            "uri": [o.uri for o in todo],
+            "key": [o.key for o in todo],
+            "stack": stacks,
+        }
+    )
+    blocks = [table.slice(i, cfg.decode_batch) for i in range(0, table.num_rows, cfg.decode_batch)]
+    ds = ray.data.from_arrow(blocks)
+    ds.context.op_resource_reservation_enabled = False
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(
+        _preprocess,
+        batch_size=cfg.decode_batch,
+        batch_format="numpy",
+        num_cpus=1,
+        fn_kwargs={
+            "cls_cfg": data_cfg,
+            "det_size": det_size,
+            "detect_all": cfg.detect_all_stacks,
+            "endpoint_url": cfg.endpoint_url,
+            "max_pixels": cfg.max_pixels,
+        },
+    )
+    return ds.map_batches(
+        ModelActor,
+        fn_constructor_kwargs={
+            "classifier": cfg.classifier,
+            "detector": cfg.detector,
+            "endpoint_url": cfg.endpoint_url,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_gpus=cfg.gpus_per_actor or None,
+        num_cpus=0 if cfg.gpus_per_actor else 1,
+    )
+
+
+@dataclass
+class _Committer:
+    """Turns results into report parts, one chunk at a time, each published with its manifest."""
+
+    cfg: ScoreConfig
+    todo: list[ArchiveObject]
+    stacks: list[str]
+    classes: list[str]
+    versions: tuple[str, str]
+    summary: ScoreSummary
+
+    def commit(self, c: int, results: dict[int, tuple]) -> None:
+        cfg, size = self.cfg, self.cfg.chunk_size
+        lo, hi = c * size, min((c + 1) * size, len(self.todo))
         local = {i - lo: results.pop(i) for i in range(lo, hi) if i in results}
         table = _rows_for_chunk(
-            todo[lo:hi], local, stacks[lo:hi], classes, versions, run_id, bool(cfg.detector), cfg.detect_all_stacks
+            self.todo[lo:hi],
+            local,
+            self.stacks[lo:hi],
+            self.classes,
+            self.versions,
+            self.summary.run_id,
+            bool(cfg.detector),
+            cfg.detect_all_stacks,
         )
-        name = f"{run_id}-{c:05d}"
+        name = f"{self.summary.run_id}-{c:05d}"
         meta = {
-            "run_id": run_id,
+            "run_id": self.summary.run_id,
             "archive": cfg.archive,
-            "classifier_version": versions[0],
-            "detector_version": versions[1],
+            "classifier_version": self.versions[0],
+            "detector_version": self.versions[1],
             "config": asdict(cfg),
         }
-        summary.parts.append(_publish(table, cfg.out, cfg.endpoint_url, name, meta))
+        self.summary.parts.append(_publish(table, cfg.out, cfg.endpoint_url, name, meta))
         n_err = table.num_rows - sum(1 for v in table.column("status").to_pylist() if v == "ok")
-        summary.scored += table.num_rows
-        summary.errors += n_err
-        log.info("committed %s: %d rows (%d errors), %d/%d objects", name, table.num_rows, n_err, hi, len(todo))
+        self.summary.scored += table.num_rows
+        self.summary.errors += n_err
+        log.info("committed %s: %d rows (%d errors), %d/%d objects", name, table.num_rows, n_err, hi, len(self.todo))
 
-    if todo:
-        # one streaming execution over the whole archive (one actor pool, models loaded once per
-        # actor); results arrive in order and each complete chunk is committed as it fills
-        table = pa.table(
-            {
-                "row": pa.array(range(len(todo)), pa.int64()),
-                "uri": [o.uri for o in todo],
-                "key": [o.key for o in todo],
-                "stack": stacks,
-            }
-        )
-        blocks = [table.slice(i, cfg.decode_batch) for i in range(0, table.num_rows, cfg.decode_batch)]
-        ds = ray.data.from_arrow(blocks)
-        ds.context.op_resource_reservation_enabled = False
-        ds.context.execution_options.preserve_order = True
-        ds = ds.map_batches(
-            _preprocess,
-            batch_size=cfg.decode_batch,
-            batch_format="numpy",
-            num_cpus=1,
-            fn_kwargs={
-                "cls_cfg": data_cfg,
-                "det_size": det_size,
-                "detect_all": cfg.detect_all_stacks,
-                "endpoint_url": cfg.endpoint_url,
-                "max_pixels": cfg.max_pixels,
-            },
-        )
-        scored = ds.map_batches(
-            ModelActor,
-            fn_constructor_kwargs={
-                "classifier": cfg.classifier,
-                "detector": cfg.detector,
-                "endpoint_url": cfg.endpoint_url,
-            },
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=cfg.gpus_per_actor or None,
-            num_cpus=0 if cfg.gpus_per_actor else 1,
-        )
-        # the driver keeps only report-sized results (probabilities, boxes, error texts) of one chunk
+    def consume(self, scored) -> None:
+        """Commit each chunk as soon as all its rows are back; the driver holds one chunk's results
+        (probabilities, boxes, error texts). Rows that never come back become error rows."""
+        n_chunks = -(-len(self.todo) // self.cfg.chunk_size)
         results: dict[int, tuple] = {}
         next_chunk, received = 0, 0
         for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for r, ok, e, p, bx, cf in zip(
-                b["row"], b["ok"], b["error"], b["probs"], b["boxes"], b["confluence"], strict=True
-            ):
+            cols = (b["row"], b["ok"], b["error"], b["probs"], b["boxes"], b["confluence"])
+            for r, ok, e, p, bx, cf in zip(*cols, strict=True):
                 results[int(r)] = (bool(ok), str(e), p, str(bx), float(cf))
                 received += 1
-            while next_chunk < n_chunks and received >= min((next_chunk + 1) * cfg.chunk_size, len(todo)):
-                commit(next_chunk, results)
+            while next_chunk < n_chunks and received >= min((next_chunk + 1) * self.cfg.chunk_size, len(self.todo)):
+                self.commit(next_chunk, results)
                 next_chunk += 1
-        while next_chunk < n_chunks:  # rows that never came back become error rows of their chunk
-            commit(next_chunk, results)
+        while next_chunk < n_chunks:
+            self.commit(next_chunk, results)
             next_chunk += 1
+
+
+def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
+    """Score every object of ``cfg.archive`` not yet in the report at ``cfg.out``; see the module doc.
+
+    ``connect`` (optional) is called once the report location, the models and the archive listing
+    have been checked and there is work to do: the CLI starts or joins Ray there, so a bad bucket,
+    credential or endpoint fails in seconds without starting anything."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    run_id = cfg.run_id or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    summary = ScoreSummary(run_id=run_id)
+    # everything that can fail fast does so before any work: report location, models, listing
+    check_writable(cfg.out, cfg.endpoint_url)
+    clf_cfg, det_cfg = _check_models(cfg)
+    versions = (clf_cfg["version"], det_cfg["version"] if det_cfg else "")
+    todo = _plan(cfg, versions, summary)
+    if todo:
+        if connect is not None:
+            connect()
+        default_stack = clf_cfg.get("stack", "sstack")
+        stacks = [stack_of(o.key, default_stack) if cfg.stack == "auto" else cfg.stack for o in todo]
+        data_cfg = {**clf_cfg["data"], "endpoint_url": None}
+        det_size = int(det_cfg["image_size"]) if det_cfg else None
+        committer = _Committer(cfg, todo, stacks, list(clf_cfg["classes"]), versions, summary)
+        committer.consume(_pipeline(cfg, todo, stacks, data_cfg, det_size))
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -114,12 +114,119 @@ def build_caches(job: TuneJobConfig, manifest) -> dict[int, engine.Cache]:
     return caches
 
 
-def _state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+class ClassifierRun:
+    """Everything one trial trains and evaluates, built from its config dict (see
+    :func:`classifier_trial`); resumable from its checkpoint. Ray-free: tests drive it directly."""
+
+    def __init__(self, config: dict, caches: dict):
+        job = self.job = from_dict(TuneJobConfig, config["job"])
+        self.phase, self.name = config["phase"], config["backbone"]
+        self.fold, folds = int(config["fold"]), int(config["folds"])
+        self.classes = list(config["classes"])
+        k = len(self.classes)
+        weights_file = models.resolve_pretrained(self.name, job.pretrained)
+        dcfg = _data_config(job, self.name, weights_file is not None)
+        self.train, self.val, self.test = caches[dcfg.size].split(self.fold, folds)
+        self.device = _device()
+        torch.manual_seed(job.seed + 1000 * max(self.fold, 0))
+        self.regress = bool(job.confluence_head and engine.has_confluence(self.train))
+        self.model = models.build_classifier(
+            self.name,
+            k,
+            in_channels=job.channels,
+            image_size=dcfg.size,
+            dropout=job.dropout,
+            weights_file=weights_file,
+            extra_outputs=int(self.regress),
+        ).to(self.device)
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True
+        )
+        steps = max(len(self.train) // job.batch_size, 1)
+        self.sched = engine.warmup_cosine(self.opt, job.max_epochs * steps, job.warmup_epochs * steps)
+        self.loss_fn = engine.ClassifierLoss(engine.balanced_weights(self.train.labels, k).to(self.device), k)
+        self.aug_train, self.aug_eval = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
+        self.epochs = int(config.get("epochs") or job.max_epochs)
+        self.stopper = engine.EarlyStopping(job.patience)
+        self.start = 0
+
+    def restore(self, ckpt) -> None:
+        """Continue where an interrupted trial stopped (a Tune checkpoint, or None)."""
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), map_location=self.device, weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        self.stopper.load_state_dict(saved["stopper"])
+        self.start = int(saved["epoch"])
+
+    def predict(self, part: engine.Cache) -> np.ndarray:
+        return engine.predict(self.model, part, self.aug_eval, batch_size=self.job.batch_size * 2, device=self.device)
+
+    def run_epoch(self, epoch: int) -> tuple[dict, dict, str]:
+        """Train one epoch, score the inner validation part; when the trial is done, score the outer
+        fold once with the best epoch's weights. Returns (metrics, outer-fold arrays, done reason)."""
+        t0 = time.perf_counter()
+        stats = engine.train_one_epoch(
+            self.model,
+            self.train,
+            self.aug_train,
+            self.opt,
+            self.sched,
+            self.loss_fn,
+            epoch=epoch,
+            batch_size=self.job.batch_size,
+            device=self.device,
+        )
+        report = {
+            "epoch": epoch + 1,
+            "train_loss": stats["loss"],
+            "train_images": stats["images"],
+            "phase": self.phase,
+            "backbone": self.name,
+            "fold": self.fold,
+            "confluence_output": self.regress,
+        }
+        last = epoch + 1 == self.epochs
+        if len(self.val) == 0:  # export: all images train, no early stopping
+            self.stopper.update(float(epoch), epoch + 1, self.model)
+            done = "epochs" if last else ""
+        else:
+            m = engine.evaluate(self.predict(self.val), self.val, self.classes)
+            report.update({METRIC: m["roc_auc"], "val_acc": m["accuracy"], "val_pr_auc": m["pr_auc"]})
+            self.stopper.update(m["roc_auc"], epoch + 1, self.model)
+            done = "patience" if self.stopper.stop else "max_epochs" if last else ""
+            report["best_val_auc"] = self.stopper.best
+        extra = {}
+        if done and len(self.test):
+            extra = _outer_figures(self.model, self.stopper.best_state, self.predict, self.val, self.test, self.classes)
+            report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
+        report.update(best_epoch=self.stopper.best_epoch, done_reason=done, epoch_seconds=time.perf_counter() - t0)
+        return report, extra, done
+
+    def save(self, folder: str, epoch: int, extra: dict) -> None:
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "stopper": self.stopper.state_dict(),
+                "best_model": self.stopper.best_state,
+                "confluence_output": self.regress,
+                "epoch": epoch + 1,
+            },
+            os.path.join(folder, "state.pt"),
+        )
+        arrays = {key: v for key, v in extra.items() if isinstance(v, np.ndarray)}
+        if arrays:
+            np.savez(os.path.join(folder, "outputs.npz"), **arrays)
 
 
 def classifier_trial(config: dict, caches: dict | None = None) -> None:
-    """One Tune trial, a thin wrapper around :func:`engine.train_one_epoch` / :func:`engine.evaluate`.
+    """One Tune trial: a thin Ray wrapper around :class:`ClassifierRun` (which calls
+    :func:`engine.train_one_epoch` and :func:`engine.evaluate`).
 
     ``config``: ``job`` (TuneJobConfig as a dict), ``phase`` (search | final | export), ``backbone``,
     ``fold`` (the outer fold; -1 trains on all images), ``folds``, ``classes``, ``lr``,
@@ -131,102 +238,14 @@ def classifier_trial(config: dict, caches: dict | None = None) -> None:
     of Table 1. Reports per-epoch metrics and a checkpoint holding the current and best state."""
     from ray import tune
 
-    job = from_dict(TuneJobConfig, config["job"])
-    phase, name, fold, folds = config["phase"], config["backbone"], int(config["fold"]), int(config["folds"])
-    classes = list(config["classes"])
-    k = len(classes)
-    weights_file = models.resolve_pretrained(name, job.pretrained)
-    dcfg = _data_config(job, name, weights_file is not None)
-    train, val, test = caches[dcfg.size].split(fold, folds)
-    device = _device()
-    torch.manual_seed(job.seed + 1000 * max(fold, 0))
-    regress = job.confluence_head and engine.has_confluence(train)
-    model = models.build_classifier(
-        name,
-        k,
-        in_channels=job.channels,
-        image_size=dcfg.size,
-        dropout=job.dropout,
-        weights_file=weights_file,
-        extra_outputs=int(regress),
-    ).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True)
-    steps = max(len(train) // job.batch_size, 1)
-    sched = engine.warmup_cosine(opt, job.max_epochs * steps, job.warmup_epochs * steps)
-    loss_fn = engine.ClassifierLoss(engine.balanced_weights(train.labels, k).to(device), k)
-    aug_train, aug_eval = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
-    epochs = int(config.get("epochs") or job.max_epochs)
-
-    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0}
-    best_model = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:  # resumed: continue where the trial stopped
-        with ckpt.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        best_model = saved["best_model"]
-        state.update({key: saved[key] for key in state})
-
-    def predict(part):
-        return engine.predict(model, part, aug_eval, batch_size=job.batch_size * 2, device=device)
-
-    for epoch in range(state["epoch"], epochs):
-        t0 = time.perf_counter()
-        stats = engine.train_one_epoch(
-            model, train, aug_train, opt, sched, loss_fn, epoch=epoch, batch_size=job.batch_size, device=device
-        )
-        report = {
-            "epoch": epoch + 1,
-            "train_loss": stats["loss"],
-            "train_images": stats["images"],
-            "phase": phase,
-            "backbone": name,
-            "fold": fold,
-            "confluence_output": regress,
-        }
-        state["epoch"] = epoch + 1
-        done_reason, extra = None, {}
-        if len(val) == 0:
-            best_model, state["best_epoch"] = _state(model), epoch + 1
-            done_reason = "epochs" if epoch + 1 == epochs else None
-        else:
-            m = engine.evaluate(predict(val), val, classes)
-            report.update({METRIC: m["roc_auc"], "val_acc": m["accuracy"], "val_pr_auc": m["pr_auc"]})
-            if m["roc_auc"] > state["best_auc"]:
-                state.update(best_auc=m["roc_auc"], best_epoch=epoch + 1, bad_epochs=0)
-                best_model = _state(model)
-            else:
-                state["bad_epochs"] += 1
-            if state["bad_epochs"] >= job.patience:
-                done_reason = "patience"
-            elif epoch + 1 == epochs:
-                done_reason = "max_epochs"
-            report["best_val_auc"] = state["best_auc"]
-        if done_reason and len(test):
-            extra = _outer_figures(model, best_model, predict, val, test, classes)
-            report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
-        report.update(
-            best_epoch=state["best_epoch"], done_reason=done_reason or "", epoch_seconds=time.perf_counter() - t0
-        )
+    run = ClassifierRun(config, caches)
+    run.restore(tune.get_checkpoint())
+    for epoch in range(run.start, run.epochs):
+        report, extra, done = run.run_epoch(epoch)
         with tempfile.TemporaryDirectory() as d:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "best_model": best_model,
-                    "confluence_output": bool(regress),
-                    **state,
-                },
-                os.path.join(d, "state.pt"),
-            )
-            arrays = {key: v for key, v in extra.items() if isinstance(v, np.ndarray)}
-            if arrays:
-                np.savez(os.path.join(d, "outputs.npz"), **arrays)
+            run.save(d, epoch, extra)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
-        if done_reason:
+        if done:
             break
 
 
@@ -403,13 +422,16 @@ def _run_experiment(
 
 
 def _first_line(error) -> str:
-    """The innermost error's own message, one line (Tune wraps a trial's exception)."""
-    text = str(getattr(error, "cause", None) or error).strip().splitlines()
-    lines = [ln.strip() for ln in text if ln.strip()]
-    for ln in reversed(lines):  # the raised exception is the last "Type: message" line of a traceback
-        if ":" in ln and not ln.startswith(("File ", "^", "~")) and ln.split(":")[0].replace(".", "").isidentifier():
-            return ln
-    return lines[-1] if lines else repr(error)
+    """The trial's own exception as one line, ``Type: message`` (Tune wraps it in its own errors)."""
+    cause = getattr(error, "cause", None) or error
+    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+    if len(lines) > 1:  # a formatted traceback: the raised exception is its last "Type: message" line
+        for ln in reversed(lines):
+            head = ln.split(":")[0]
+            if ":" in ln and head.replace(".", "").isidentifier() and not ln.startswith("File "):
+                return ln
+    msg = lines[-1] if lines else ""
+    return f"{type(cause).__name__}: {msg}" if msg else type(cause).__name__
 
 
 def _collect(grid) -> list[TrialResult]:

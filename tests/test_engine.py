@@ -122,7 +122,9 @@ def test_confluence_from_outputs_sits_inside_the_predicted_band():
 @pytest.fixture(scope="module")
 def det_cache(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-det")
-    synth.synthesize(root, synth.SynthConfig(n=150, size=128, stack="sstack", seed=21, abnormal_fraction=0.5, workers=2))
+    synth.synthesize(
+        root, synth.SynthConfig(n=150, size=128, stack="sstack", seed=21, abnormal_fraction=0.5, workers=2)
+    )
     table, _ = corpus.index_corpus(str(root), folds=5, seed=0)
     cfg = DataConfig(size=128, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed=0)
     return data.build_cache(data.select(table, stack="sstack"), cfg, detection=True), cfg
@@ -158,3 +160,24 @@ def test_a_short_detector_training_finds_abnormal_cells_on_held_out_vessels(det_
     m = metrics.detection_metrics(detect._apply_nms(preds, op["nms_iou"]), truths, op["score_threshold"])
     assert m["hit_rate"] >= 0.5, (m, op)
     assert m["fdr"] <= 0.5, (m, op)
+
+
+def test_the_same_seed_gives_the_same_weights_on_a_cpu(cache):
+    c, _ = cache
+    train = c.split(0, 5)[0].subset(range(64))
+    cfg = DataConfig(size=64, seed=3)
+
+    def one_epoch():
+        torch.manual_seed(3)
+        model = models.build_classifier("compact_cnn", 4, image_size=64, extra_outputs=1)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+        loss_fn = engine.ClassifierLoss(engine.balanced_weights(train.labels, 4), 4)
+        aug = engine.Augmenter(cfg, train=True)
+        cpu = torch.device("cpu")
+        engine.train_one_epoch(model, train, aug, opt, None, loss_fn, epoch=0, batch_size=16, device=cpu)
+        return initial, model.state_dict()
+
+    (init_a, a), (_, b) = one_epoch(), one_epoch()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc.3.weight"], init_a["fc.3.weight"])  # it did train

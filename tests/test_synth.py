@@ -112,7 +112,9 @@ def test_layout_matches_design(small_corpus):
     assert images == sorted(r["image"] for r in rows)
     with open(root / "metadata.csv") as fh:
         meta = list(csv.DictReader(fh))
-    assert list(meta[0]) == ["image", "vessel", "day", "position"]
+    assert list(meta[0]) == ["image", "vessel", "day", "position", "confluence"]
+    truth = {r["image"]: r["confluence"] for r in rows}
+    assert all(float(m["confluence"]) == pytest.approx(truth[m["image"]], abs=1e-4) for m in meta)
     assert sorted(m["image"] for m in meta) == images
     assert {m["position"] for m in meta} == set(synth.POSITIONS)
     # a vessel is photographed on consecutive days; its culture grows over them
