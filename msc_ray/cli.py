@@ -254,6 +254,9 @@ def train_detector(
     only_folds: Annotated[str, typer.Option(help="Comma-separated outer folds to run (default: all).")] = "",
     epochs: Annotated[int, typer.Option(help="Epochs per fold at most (early stopping on inner mAP@0.5).")] = 30,
     patience: Annotated[int, typer.Option(help="Epochs without a better inner mAP@0.5 before a fold stops.")] = 6,
+    min_epochs: Annotated[
+        int, typer.Option(help="Epochs before validation and early stopping start (0: half of --epochs).")
+    ] = 0,
     backbone: Annotated[
         str, typer.Option(help="compact_fpn (default, CPUs), resnet18_fpn or resnet50_fpn (GPUs).")
     ] = "compact_fpn",
@@ -287,6 +290,7 @@ def train_detector(
         folds=tuple(int(f) for f in only_folds.split(",") if f.strip()),
         epochs=epochs,
         patience=patience,
+        min_epochs=min_epochs,
         workers=workers,
         gpu=gpu,
         cpus_per_worker=cpus_per_worker,
@@ -378,7 +382,7 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for every output of the run.")] = Path("quickstart-out"),
     n: Annotated[int, typer.Option("--n", help="Synthetic single-stack training images.")] = 240,
     size: Annotated[int, typer.Option(help="Synthetic image side in pixels.")] = 128,
-    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 25,
+    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic corpus, folds and search.")] = 0,
 ) -> None:
     """Run the main job end to end on embedded defaults and print where the outputs are."""

@@ -46,6 +46,8 @@ class DetectJobConfig:
     folds: tuple[int, ...] = ()  # validation folds to run; () = every fold of the manifest
     epochs: int = 30  # at most: early stopping on the inner validation fold's mAP@0.5
     patience: int = 6
+    min_epochs: int = 0  # no validation nor stopping before this epoch; 0: half of --epochs (detectors
+    # learn little in their first epochs, then fast: stopping during that plateau stops them for good)
     workers: int = 2
     gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -188,7 +190,8 @@ class DetectorRun:
             "boxes": stats["boxes"],
             "resumed_from": self.start,
         }
-        if self.rank == 0:
+        warm = epoch + 1 >= (job.min_epochs or job.epochs // 2)
+        if self.rank == 0 and warm:
             val_map = 0.0
             if len(self.val):
                 preds, truths = engine.predict_detections(
@@ -247,7 +250,7 @@ def detector_worker(config: dict) -> None:
                 _inject_fault(job, fold)
 
         report = run.run_epoch(epoch, on_step=maybe_fail)
-        stop = _stop_together(rank == 0 and run.stopper.stop, run.device)
+        stop = _stop_together(rank == 0 and run.stopper.best_epoch > 0 and run.stopper.stop, run.device)
         epoch_times.append(time.perf_counter() - t0)
         # mean epoch time after this session's first epoch (which includes start-up)
         report.update(

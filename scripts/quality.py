@@ -4,7 +4,7 @@ corpus, with nested folds: every figure is on outer folds that nothing trained, 
 calibrated on. Then the exported models score a corpus of new vessels (another seed) against its
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
-    .venv/bin/python scripts/quality.py [--n 400] [--size 128] [--folds 5]     # CPU, about 25 min
+    .venv/bin/python scripts/quality.py [--n 300] [--size 128] [--folds 5]     # CPU, about 25 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 """
 
@@ -57,12 +57,13 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=6)
     ap.add_argument("--backbones", default=None, help="CPU compact_cnn; GPU inception_v3,resnet50,vit_b_16")
-    ap.add_argument("--detector-epochs", type=int, default=30)
+    ap.add_argument("--detector-epochs", type=int, default=24)
+    ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1,2; GPU all)")
     ap.add_argument("--heldout-n", type=int, default=100)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
     gpu = args.gpu
-    n = args.n or (1000 if gpu else 400)
+    n = args.n or (1000 if gpu else 300)
     size = args.size or (512 if gpu else 128)
     input_size = args.input_size or (224 if gpu else 64)
     backbones = tuple((args.backbones or ("inception_v3,resnet50,vit_b_16" if gpu else "compact_cnn")).split(","))
@@ -120,6 +121,7 @@ def main() -> None:
         detect.DetectJobConfig(
             manifest=manifest,
             out=str(out / "detector"),
+            folds=tuple(int(f) for f in (args.detector_folds or ("" if gpu else "0,1,2")).split(",") if f),
             epochs=args.detector_epochs,
             patience=6,
             workers=2 if not gpu else 1,
