@@ -46,6 +46,24 @@ def load_image(uri: str, name: str, cfg: DataConfig) -> np.ndarray:
     return images.to_channels(img, cfg.channels)
 
 
+def _read_sample(batch: dict, i: int, cfg: DataConfig, detection: bool) -> tuple[dict | None, str]:
+    """Row ``i`` of a block → ``({"image", ["boxes"]}, "")`` as tv_tensors, or ``(None, error line)``."""
+    uri, path = str(batch["uri"][i]), str(batch["path"][i])
+    try:
+        arr = load_image(uri, path, cfg)
+    except (images.ImageError, OSError) as exc:
+        msg = str(exc) if isinstance(exc, images.ImageError) else f"{path}: {storage.describe_error(exc)}"
+        log.warning("error record: %s", msg)
+        return None, msg
+    h, w = arr.shape[-2:]
+    sample: dict = {"image": tv_tensors.Image(torch.from_numpy(arr))}
+    if detection:
+        raw = batch["boxes"][i]
+        xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
+        sample["boxes"] = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(h, w))
+    return sample, ""
+
+
 def _transform_batch(
     batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, epoch: int, max_boxes: int
 ) -> dict[str, np.ndarray]:
@@ -58,21 +76,12 @@ def _transform_batch(
     out_boxes = np.zeros((n, max(max_boxes, 1), 4), np.float32)
     n_boxes = np.zeros(n, np.int64)
     for i in range(n):
-        uri, path = str(batch["uri"][i]), str(batch["path"][i])
-        try:
-            arr = load_image(uri, path, cfg)
-        except (images.ImageError, OSError) as exc:
-            msg = str(exc) if isinstance(exc, images.ImageError) else f"{path}: {storage.describe_error(exc)}"
-            log.warning("error record: %s", msg)
+        sample, _ = _read_sample(batch, i, cfg, detection)
+        if sample is None:
             continue
-        h, w = arr.shape[-2:]
-        sample: dict = {"image": tv_tensors.Image(torch.from_numpy(arr))}
         if detection:
-            raw = batch["boxes"][i]
-            xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
-            sample["boxes"] = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(h, w))
-            sample["labels"] = torch.ones(len(xyxy), dtype=torch.int64)
-        seed = augment.sample_seed(cfg.seed, epoch, path)
+            sample["labels"] = torch.ones(len(sample["boxes"]), dtype=torch.int64)
+        seed = augment.sample_seed(cfg.seed, epoch, str(batch["path"][i]))
         res = augment.apply(tf, sample, seed)
         out_img[i] = res["image"].numpy()
         ok[i] = True
@@ -225,20 +234,10 @@ def _cache_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, detection: bo
     err = np.full(n, "", dtype=object)
     boxes_out = np.empty(n, dtype=object)
     for i in range(n):
-        uri, path = str(batch["uri"][i]), str(batch["path"][i])
         boxes_out[i] = np.zeros((0, 4), np.float32)
-        try:
-            arr = load_image(uri, path, cfg)
-        except (images.ImageError, OSError) as exc:
-            err[i] = str(exc) if isinstance(exc, images.ImageError) else f"{path}: {storage.describe_error(exc)}"
-            log.warning("error record: %s", err[i])
+        sample, err[i] = _read_sample(batch, i, cfg, detection)
+        if sample is None:
             continue
-        h, w = arr.shape[-2:]
-        sample: dict = {"image": tv_tensors.Image(torch.from_numpy(arr))}
-        if detection:
-            raw = batch["boxes"][i]
-            xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
-            sample["boxes"] = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(h, w))
         res = tf(sample)
         out_img[i] = (res["image"].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
         ok[i] = True
@@ -286,7 +285,7 @@ def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False):
     good = np.flatnonzero(ok)
     conf = rows.column("confluence").to_numpy(zero_copy_only=False) if "confluence" in rows.column_names else None
     conf = np.full(rows.num_rows, np.nan) if conf is None else np.asarray(conf, np.float64)
-    conf = np.where(np.isnan(conf.astype(np.float64)), np.nan, conf).astype(np.float32)
+    conf = conf.astype(np.float32)
     return Cache(
         images=np.ascontiguousarray(image[good]),
         labels=rows.column("label").to_numpy().astype(np.int64)[pos[good]],
