@@ -251,7 +251,7 @@ def train_one_epoch(
         opt.step()
         if sched is not None:
             sched.step()
-        total += float(loss) * len(y)
+        total += float(loss.detach()) * len(y)
         n += len(y)
     return {"loss": total / max(n, 1), "images": n}
 

@@ -48,12 +48,12 @@ class Backbone:
 
 class CompactCNN(nn.Module):
     """A small 4-block CNN baseline: (N, 3, S, S) → (N, num_classes). Each block is two 3×3
-    convolutions with BatchNorm and ReLU and a 2× max-pool (widths 32, 64, 128, 192), then global
+    convolutions with BatchNorm and ReLU and a 2× max-pool (widths 16, 32, 64, 128), then global
     average pooling — coverage-like properties such as confluence are averages over the image.
     The input is standardised per image and channel first (instance normalisation).
     Fast on CPUs at 64–128 px; ``fc`` is replaced by the study's head like a torchvision model's."""
 
-    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (32, 64, 128, 192)):
+    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
         # per-image standardisation first: brightness, contrast and min–max stretch (illumination, and
         # the study's photometric augmentations) leave the features unchanged, so BatchNorm statistics

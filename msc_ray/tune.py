@@ -412,7 +412,7 @@ def _run_experiment(
                 verbose=job.verbose,
             ),
         )
-    grid = tuner.fit()
+    grid = _fit(tuner, quiet=job.verbose == 0)
     if grid.num_terminated + grid.num_errors < len(grid):
         raise ValueError(f"the {name} experiment was interrupted; finish it with --resume (same --out)")
     results = _collect(grid)
@@ -432,6 +432,23 @@ def _first_line(error) -> str:
                 return ln
     msg = lines[-1] if lines else ""
     return f"{type(cause).__name__}: {msg}" if msg else type(cause).__name__
+
+
+def _fit(tuner, *, quiet: bool):
+    """``tuner.fit()``; ``quiet``: with no console output at all. Tune's default console reporter
+    prints the experiment's header and paths even at verbosity 0; its legacy reporter prints nothing
+    there, so a silent fit selects it for the duration of the call."""
+    if not quiet:
+        return tuner.fit()
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def _collect(grid) -> list[TrialResult]:

@@ -52,7 +52,13 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="the study's scale: 1000 images per stack, 224 px, GPUs")
     ap.add_argument("--n", type=int, default=None, help="images per stack (CPU 400, GPU 1000)")
     ap.add_argument("--size", type=int, default=None, help="stored image side (CPU 128, GPU 512)")
-    ap.add_argument("--input-size", type=int, default=None, help="classifier input (CPU 64, GPU 224)")
+    ap.add_argument("--input-size", type=int, default=None, help="single-stack classifier input (CPU 64, GPU 224)")
+    ap.add_argument(
+        "--mstack-input-size",
+        type=int,
+        default=None,
+        help="multi-stack classifier input (CPU 128, GPU 224): its thin, low-contrast cells vanish at 64 px",
+    )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--max-epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=6)
@@ -65,7 +71,10 @@ def main() -> None:
     gpu = args.gpu
     n = args.n or (1000 if gpu else 300)
     size = args.size or (512 if gpu else 128)
-    input_size = args.input_size or (224 if gpu else 64)
+    input_size = {
+        "sstack": args.input_size or (224 if gpu else 64),
+        "mstack": args.mstack_input_size or (224 if gpu else 128),
+    }
     backbones = tuple((args.backbones or ("inception_v3,resnet50,vit_b_16" if gpu else "compact_cnn")).split(","))
 
     import ray
@@ -95,7 +104,7 @@ def main() -> None:
             lr_max=2e-3 if not gpu else 1e-3,
             wd_min=1e-5,
             wd_max=1e-5,
-            size=input_size,
+            size=input_size[stack],
             batch_size=32 if not gpu else 64,
             pretrained="none",
             asha=len(backbones) > 1,
@@ -141,7 +150,7 @@ def main() -> None:
     print(f"\n== Table 2, abnormal cells ({report['detector']['minutes']:.1f} min)")
     print(Path(det["table_md"]).read_text())
     print(
-        f"settings: {n} images per stack at {size}px (classifier input {input_size}px), {args.folds} folds grouped "
+        f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, {input_size['mstack']}px multi-stack), {args.folds} folds grouped "
         f"by vessel (outer test, next fold inner validation), backbones {','.join(backbones)}, up to "
         f"{args.max_epochs} epochs (patience {args.patience}), detector up to {args.detector_epochs} epochs, random "
         f"init, {'GPU' if gpu else '2 CPU cores'}; total {(time.perf_counter() - t_all) / 60:.1f} min"
