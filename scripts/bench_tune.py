@@ -6,8 +6,9 @@
    stop). Prints epochs run with ASHA / epochs of the grid (aim: at most 0.35) and whether both pick
    the same winner.
 2. The mean epoch time of one Tune trial running alone (training from the decoded cache, inner
-   validation, checkpoint, report) against a plain torch loop doing the same epochs over the same
-   cache (same augmentation, model, optimizer, schedule, batch) in this process, both on one thread.
+   validation, checkpoint, report) against the same epochs in this process without Ray: the trial's
+   own training object (plain torch loops over the same cache: same augmentation, model, optimizer,
+   schedule, batch, validation and metrics), both on one thread. The ratio is what Ray and Tune add.
 
     .venv/bin/python scripts/bench_tune.py [--n 60] [--folds 3] [--samples 4] [--max-epochs 8]
 """
@@ -25,44 +26,27 @@ import numpy as np
 import torch
 
 
-def plain_epoch_time(caches, job, classes, fold: int, folds: int, epochs: int) -> float:
-    """The same epochs as a trial, as a plain torch loop in this process: the same cached images,
-    augmentation, model, optimizer, schedule, loss and inner validation pass; no Tune, no report,
-    no checkpoint. Mean epoch time after the first."""
-    from msc_ray import engine, models
+def plain_epoch_time(caches, job, classes, fold: int, folds: int, epochs: int) -> tuple[float, float]:
+    """The same epochs as the timed trial, in this process without Ray: the trial's own
+    :class:`msc_ray.tune.ClassifierRun` (the plain torch loops of :mod:`msc_ray.engine`: training
+    over the cached images with the study's augmentation, inner validation, metrics, early-stopping
+    bookkeeping), without Tune's report and checkpoint. Returns (mean epoch time after the first,
+    mean of the trial's own ``epoch_seconds`` measure)."""
     from msc_ray import tune as mt
 
-    name = job.backbones[0]
-    dcfg = mt._data_config(job, name, False)
-    train, val, _ = caches[dcfg.size].split(fold, folds)
-    torch.manual_seed(0)
-    model = models.build_classifier(name, len(classes), image_size=dcfg.size, extra_outputs=1)
-    opt = torch.optim.Adam(model.parameters(), lr=job.lr_min, amsgrad=True)
-    steps = max(len(train) // job.batch_size, 1)
-    sched = engine.warmup_cosine(opt, job.max_epochs * steps, job.warmup_epochs * steps)
-    loss_fn = engine.ClassifierLoss(engine.balanced_weights(train.labels, len(classes)), len(classes))
-    aug, plain = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
-    times = []
+    run = mt.ClassifierRun(
+        mt._space(
+            job, "search", folds, classes, backbone=job.backbones[0], fold=fold, lr=job.lr_min, weight_decay=job.wd_min
+        ),
+        caches,
+    )
+    times, inner = [], []
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        model.train()
-        order = engine.epoch_order(len(train), dcfg.seed, epoch)
-        for i in range(0, len(order) - 1, job.batch_size):
-            idx = order[i : i + job.batch_size]
-            x = torch.stack([aug.one(train.images[j], train.keys[j], epoch) for j in idx])
-            y = torch.from_numpy(train.labels[idx])
-            c = torch.from_numpy(train.confluence[idx])
-            loss = loss_fn(model(x), y, c)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
-        with torch.no_grad():
-            for i in range(0, len(val), job.batch_size * 2):
-                model(torch.stack([plain.one(val.images[j], val.keys[j], 0) for j in range(i, min(i + 32, len(val)))]))
+        report, _, _ = run.run_epoch(epoch)
         times.append(time.perf_counter() - t0)
-    return float(np.mean(times[1:]))
+        inner.append(report["epoch_seconds"])
+    return float(np.mean(times[1:])), float(np.mean(inner[1:]))
 
 
 def trial_epoch_times(exp_dir: Path, backbone: str) -> list[float]:
@@ -146,7 +130,7 @@ def main() -> None:
     tune_epoch = float(np.mean(trial_epoch_times(tmp / "run" / "timing", first)))
     ray.shutdown()
     torch.set_num_threads(1)
-    plain = plain_epoch_time(caches, timing_job, classes, 0, args.folds, args.timing_epochs)
+    plain, _ = plain_epoch_time(caches, timing_job, classes, 0, args.folds, args.timing_epochs)
     print(
         f"trials={len(asha)} ({len(base.backbones)} backbones x {args.folds} folds x {args.samples} samples), "
         f"max_epochs={args.max_epochs}, {args.n} images {args.size}px, same sampled trials: {same_trials}"

@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=6)
     ap.add_argument("--backbones", default=None, help="CPU compact_cnn; GPU inception_v3,resnet50,vit_b_16")
     ap.add_argument("--detector-epochs", type=int, default=24)
-    ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1,2; GPU all)")
+    ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1; GPU all)")
     ap.add_argument("--heldout-n", type=int, default=100)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
@@ -130,7 +130,7 @@ def main() -> None:
         detect.DetectJobConfig(
             manifest=manifest,
             out=str(out / "detector"),
-            folds=tuple(int(f) for f in (args.detector_folds or ("" if gpu else "0,1,2")).split(",") if f),
+            folds=tuple(int(f) for f in (args.detector_folds or ("" if gpu else "0,1")).split(",") if f),
             epochs=args.detector_epochs,
             patience=6,
             workers=2 if not gpu else 1,
@@ -150,10 +150,11 @@ def main() -> None:
     print(f"\n== Table 2, abnormal cells ({report['detector']['minutes']:.1f} min)")
     print(Path(det["table_md"]).read_text())
     print(
-        f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, {input_size['mstack']}px multi-stack), {args.folds} folds grouped "
-        f"by vessel (outer test, next fold inner validation), backbones {','.join(backbones)}, up to "
-        f"{args.max_epochs} epochs (patience {args.patience}), detector up to {args.detector_epochs} epochs, random "
-        f"init, {'GPU' if gpu else '2 CPU cores'}; total {(time.perf_counter() - t_all) / 60:.1f} min"
+        f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, "
+        f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
+        f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
+        f"{args.patience}), detector up to {args.detector_epochs} epochs, random init, "
+        f"{'GPU' if gpu else '2 CPU cores'}; total {(time.perf_counter() - t_all) / 60:.1f} min"
     )
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"runs and quality.json under {out}")
