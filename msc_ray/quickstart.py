@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class QuickstartConfig:
     out: str = "quickstart-out"
     n: int = 480  # synthetic single-stack training images: 32 vessels × 3 days × 5 positions
-    heldout_n: int = 100  # images of new vessels (another seed) in the archive that is scored
+    heldout_n: int = 200  # images of new vessels (another seed) in the archive that is scored
     size: int = 128  # stored image side (the detector's input)
     input_size: int = 64  # classifier input side: confluence is a low-frequency property
     backbones: tuple[str, ...] = ("compact_cnn", "mobilenet_v3_small")
