@@ -324,7 +324,10 @@ def score(
     concurrency: Annotated[int, typer.Option(help="Model actors (each loads the models once).")] = 1,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
     chunk_size: Annotated[int, typer.Option(help="Objects per committed report part.")] = 2000,
-    run_id: Annotated[str, typer.Option(help="Run id recorded in every row (default: time + random).")] = "",
+    run_id: Annotated[
+        str,
+        typer.Option(help="Run id recorded in every row and naming its parts: a new name (default: time + random)."),
+    ] = "",
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
@@ -360,16 +363,16 @@ def report_cmd(
     report_uri: Annotated[str, typer.Argument(help="Report location written by `msc-ray score`.")],
     plots: Annotated[
         Path | None,
-        typer.Option(help="Folder for the PNG plots (default REPORT/plots, or ./report-plots for s3://)."),
+        typer.Option(
+            help="Folder for the PNG plots (default: beside the report, REPORT-plots; ./report-plots for s3://)."
+        ),
     ] = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Counts per band, stack and status, and PNG plots of a scoring report."""
     from . import report as report_mod
-    from .storage import is_s3
 
-    dest = plots or (Path("report-plots") if is_s3(report_uri) else Path(report_uri) / "plots")
-    summary, files = report_mod.report(report_uri, dest, endpoint_url)
+    summary, files = report_mod.report(report_uri, plots, endpoint_url)
     for line in report_mod.lines(summary):
         typer.echo(line)
     for what, path in files.items():

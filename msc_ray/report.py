@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import score
+from . import score, storage
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,34 @@ def plot(table: pa.Table, dest: str | Path) -> dict[str, str]:
     return out
 
 
-def report(uri: str, plots_dir: str | Path, endpoint_url: str | None = None) -> tuple[dict, dict[str, str]]:
+def default_plots_dir(uri: str) -> Path:
+    """Where plots go by default: beside the report, never inside it (a Parquet reader of the
+    report folder must read it untouched): ``REPORT-plots`` for a local report, ``./report-plots``
+    for one in object storage."""
+    if storage.is_s3(uri):
+        return Path("report-plots")
+    return Path(str(uri).rstrip("/\\") + "-plots")
+
+
+def _check_exists(uri: str, endpoint_url: str | None) -> None:
+    """A report location that does not exist is named as such (not "no rows")."""
+    if storage.is_s3(uri):
+        bucket = uri[len("s3://") :].split("/", 1)[0]
+        try:
+            storage.s3_client(endpoint_url).head_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise storage.StorageError(f"{uri}: cannot read the bucket {bucket!r}: {score._s3_reason(exc)}") from None
+    elif not Path(uri).exists():
+        raise ValueError(f"{uri}: no such report folder")
+
+
+def report(
+    uri: str, plots_dir: str | Path | None = None, endpoint_url: str | None = None
+) -> tuple[dict, dict[str, str]]:
+    """Counts and plots of the committed rows of the report at ``uri``; plots under ``plots_dir``
+    (default :func:`default_plots_dir`)."""
     table = score.read_report(uri, endpoint_url)
     if table.num_rows == 0:
+        _check_exists(uri, endpoint_url)
         raise ValueError(f"{uri}: no committed rows (not a report, or nothing scored yet)")
-    return summarise(table), plot(table, plots_dir)
+    return summarise(table), plot(table, plots_dir if plots_dir is not None else default_plots_dir(uri))

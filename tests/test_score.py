@@ -112,11 +112,11 @@ def test_local_archive_report_exactly_once(ray_session, archive, artifacts, tmp_
     assert fourth.scored == n_images + 1
 
 
-def _commits(client, bucket: str, prefix: str) -> list[str]:
-    """The commit manifests, not the directory marker pyarrow writes when it creates ``_commits/``
-    (which appears before the first part is committed)."""
-    resp = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/_commits/")
-    return [o["Key"] for o in resp.get("Contents", []) if o["Key"].endswith(".json")]
+def _published(client, bucket: str, prefix: str) -> list[str]:
+    """The published parts (the commit is a part's arrival in parts/, after its manifest), not the
+    directory marker pyarrow writes when it creates ``parts/``."""
+    resp = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/parts/")
+    return [o["Key"] for o in resp.get("Contents", []) if o["Key"].endswith(".parquet")]
 
 
 def test_s3_archive_killed_and_rerun_gives_one_row_per_object(ray_session, s3_server, archive, artifacts):
@@ -144,12 +144,12 @@ def test_s3_archive_killed_and_rerun_gives_one_row_per_object(ray_session, s3_se
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
-    while not _commits(client, "plant", "reports/qc") and time.monotonic() < deadline and proc.poll() is None:
+    while not _published(client, "plant", "reports/qc") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGKILL)  # killed half-way: no clean-up of any kind
     proc.wait()
-    kept = _commits(client, "plant", "reports/qc")
+    kept = _published(client, "plant", "reports/qc")
     assert 0 < len(kept) < -(-n_images // 5)
     partial = score.read_report("s3://plant/reports/qc")
     assert 0 < partial.num_rows < n_images
@@ -203,7 +203,9 @@ def test_object_store_failures_fail_fast_and_publish_nothing(s3_server, artifact
     assert not (tmp_path / "r" / "_commits").exists()
 
 
-def test_report_command_counts_and_plots(ray_session, archive, artifacts, tmp_path):
+def test_report_command_counts_and_plots_beside_a_report_plain_readers_read(ray_session, archive, artifacts, tmp_path):
+    import pandas as pd
+
     root, n_images = archive
     clf, _ = artifacts
     out = tmp_path / "report"
@@ -211,11 +213,183 @@ def test_report_command_counts_and_plots(ray_session, archive, artifacts, tmp_pa
     res = subprocess.run([sys.executable, "-m", "msc_ray.cli", "report", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"{n_images} rows" in res.stdout and "error=2" in res.stdout and "sstack=" in res.stdout
-    assert (out / "plots" / "bands.png").stat().st_size > 5000
-    assert (out / "plots" / "vessels.png").stat().st_size > 5000
+    plots = tmp_path / "report-plots"  # beside the report, not inside it
+    assert (plots / "bands.png").stat().st_size > 5000
+    assert (plots / "vessels.png").stat().st_size > 5000
+    assert sorted(p.name for p in out.iterdir()) == ["_commits", "_staging", "parts"]
+    # a plain Parquet reader of the report folder reads it untouched: one row per object
+    assert len(pd.read_parquet(out)) == n_images
+    missing = subprocess.run(
+        [sys.executable, "-m", "msc_ray.cli", "report", str(tmp_path / "none")], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and "no such report folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
     empty = subprocess.run(
-        [sys.executable, "-m", "msc_ray.cli", "report", str(tmp_path / "none")],
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "msc_ray.cli", "report", str(tmp_path / "empty")], capture_output=True, text=True
     )
     assert empty.returncode == 1 and "no committed rows" in empty.stderr
+
+
+def test_report_of_a_missing_bucket_names_the_bucket(s3_server):
+    res = subprocess.run(
+        [sys.executable, "-m", "msc_ray.cli", "report", "s3://no-such-bucket/qc"], capture_output=True, text=True
+    )
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and "no-such-bucket" in lines[0], res.stderr
+
+
+def test_a_run_id_is_a_new_name_never_a_path(ray_session, archive, artifacts, tmp_path):
+    root, _ = archive
+    clf, _ = artifacts
+    out = tmp_path / "r"
+    for bad in ("../../x", "a/b", ".hidden", "x" * 200):
+        with pytest.raises(ValueError, match="--run-id"):
+            score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), run_id=bad))
+    assert not (tmp_path / "x").exists() and not out.exists()
+    first = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), run_id="day-1"))
+    assert first.scored > 0
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    with pytest.raises(ValueError, match="already used"):
+        score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), run_id="day-1"))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == before
+
+
+def test_killed_between_manifest_and_part_no_reader_sees_the_part(
+    ray_session, archive, artifacts, tmp_path, monkeypatch
+):
+    """The commit step: a run that dies after writing a chunk's manifest but before moving the part
+    into parts/ leaves nothing a plain Parquet reader would read, and the rerun scores those objects."""
+    import pandas as pd
+
+    root, n_images = archive
+    clf, _ = artifacts
+    out = tmp_path / "r"
+    real_commit = score._commit_part
+    done = []
+
+    def dying_commit(loc, staging, final):
+        if len(done) == 1:
+            raise KeyboardInterrupt("killed between the manifest and the part")
+        real_commit(loc, staging, final)
+        done.append(final)
+
+    monkeypatch.setattr(score, "_commit_part", dying_commit)
+    cfg = score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), chunk_size=5)
+    with pytest.raises(KeyboardInterrupt):
+        score.score_archive(cfg)
+    monkeypatch.setattr(score, "_commit_part", real_commit)
+    assert len(list((out / "_commits").glob("*.json"))) == 2  # the second chunk's manifest was written
+    assert len(list((out / "parts").glob("*.parquet"))) == 1  # but only the first part published
+    assert len(pd.read_parquet(out)) == 5 and score.read_report(str(out)).num_rows == 5
+    again = score.score_archive(cfg)
+    assert again.skipped == 5 and again.scored == n_images - 5
+    t = pd.read_parquet(out)
+    assert len(t) == n_images and t["uri"].nunique() == n_images
+    assert score.read_report(str(out)).num_rows == n_images
+
+
+def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifacts, archive, monkeypatch):
+    """The read/decode task on its own: a store error is retried with backoff; one that persists is a
+    transient row (and the rest of the block gets one try: no retry storm); a corrupt image or a
+    vanished object is permanent and not retried."""
+    root, _ = archive
+    good = sorted(str(p) for p in (root / "sstack").rglob("S0*.png"))[:4]
+    corrupt = str(root / "sstack" / "1" / "S999_d03_c.png")
+    calls: dict[str, int] = {}
+    real = score.data_read
+
+    def flaky(uri, endpoint_url):
+        calls[uri] = calls.get(uri, 0) + 1
+        if uri == good[0] and calls[uri] < 3:
+            raise OSError("SlowDown: please reduce your request rate")
+        if uri in (good[1], good[3]):
+            raise OSError("NETWORK_CONNECTION during GetObject")
+        if uri == good[2]:
+            raise FileNotFoundError(uri)
+        return real(uri, endpoint_url)
+
+    monkeypatch.setattr(score, "data_read", flaky)
+    uris = [good[0], good[1], corrupt, good[2], good[3]]
+    batch = {
+        "row": np.arange(5),
+        "uri": np.array(uris),
+        "key": np.array([u.rsplit("/", 1)[-1] for u in uris]),
+        "stack": np.array(["sstack"] * 5),
+    }
+    out = score._preprocess(
+        batch,
+        cls_cfg={"size": 64, "channels": 3},
+        det_size=None,
+        detect_all=False,
+        endpoint_url=None,
+        max_pixels=10**8,
+        read_attempts=3,
+        retry_delay=0.01,
+    )
+    assert out["ok"].tolist() == [True, False, False, False, False]
+    assert out["transient"].tolist() == [False, True, False, False, True]
+    assert calls[good[0]] == 3 and calls[good[1]] == 3  # retried up to the limit
+    assert calls[corrupt] == 1 and calls[good[2]] == 1  # permanent: one try
+    assert calls[good[3]] == 1  # after one object used up its retries: one try each
+    assert "cannot read" in out["error"][1] and "gone" in out["error"][3]
+
+
+def test_store_outage_rows_are_transient_and_the_next_run_scores_them(
+    ray_session, s3_server, archive, artifacts, tmp_path
+):
+    """The store dies after the listing: every read fails, the rows are committed as transient
+    errors; the next run (store back) scores exactly those objects and the report holds one current
+    row per object."""
+
+    from msc_ray.s3local import LocalS3
+
+    root, n_images = archive
+    clf, _ = artifacts
+    doomed = LocalS3(tmp_path / "s3b", s3_server.access_key, s3_server.secret_key).start()
+    try:
+        _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path)
+    finally:
+        doomed.stop()
+
+
+def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
+    import pandas as pd
+
+    from tests.conftest import upload_dir
+
+    for srv in (doomed, s3_server):  # the same objects (same keys and ETags) on two stores
+        c = srv.client()
+        c.create_bucket(Bucket="outage")
+        upload_dir(c, root, "outage", "cap")
+    out = tmp_path / "rep"
+    first = score.score_archive(
+        score.ScoreConfig(
+            archive="s3://outage/cap",
+            classifier=str(clf),
+            out=str(out),
+            endpoint_url=doomed.endpoint,
+            read_attempts=2,
+            retry_delay=0.05,
+        ),
+        connect=doomed.stop,  # listed, then the store is gone
+    )
+    t = score.read_report(str(out)).to_pylist()
+    assert first.scored == n_images and len(t) == n_images
+    assert {r["error_kind"] for r in t} == {"transient"} and all(r["status"] == "error" for r in t)
+    second = score.score_archive(
+        score.ScoreConfig(archive="s3://outage/cap", classifier=str(clf), out=str(out), endpoint_url=s3_server.endpoint)
+    )
+    assert second.skipped == 0 and second.scored == n_images
+    t = score.read_report(str(out)).to_pylist()
+    assert len(t) == n_images and len({r["uri"] for r in t}) == n_images
+    assert sorted(r["key"] for r in t if r["status"] == "error") == [
+        "mstack/2/M999_d01_c.png",
+        "sstack/1/S999_d03_c.png",
+    ]
+    assert {r["error_kind"] for r in t if r["status"] == "error"} == {"permanent"}
+    plain = pd.read_parquet(out)  # history stays in the files: a plain reader filters transient rows
+    assert len(plain) == 2 * n_images and len(plain[plain.error_kind != "transient"]) == n_images
+    third = score.score_archive(
+        score.ScoreConfig(archive="s3://outage/cap", classifier=str(clf), out=str(out), endpoint_url=s3_server.endpoint)
+    )
+    assert third.scored == 0 and third.skipped == n_images
