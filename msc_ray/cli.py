@@ -130,7 +130,16 @@ def _ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         addr = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        ctx = ray.init(address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        # without an address, ray.init joins a cluster started with `ray start` on this host, if any
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        logging.getLogger("msc_ray").info(
+            "Ray cluster at %s: %d node(s), %d CPUs, %d GPUs",
+            ctx.address_info.get("gcs_address", "?"),
+            len(nodes),
+            int(ray.cluster_resources().get("CPU", 0)),
+            int(ray.cluster_resources().get("GPU", 0)),
+        )
 
 
 def _absolute(uri: str) -> str:
@@ -328,6 +337,17 @@ def score(
         str,
         typer.Option(help="Run id recorded in every row and naming its parts: a new name (default: time + random)."),
     ] = "",
+    key_pattern: Annotated[
+        str | None,
+        typer.Option(
+            help="Regex with named groups vessel (and day, position) searched in each key, e.g. "
+            "'vessel-(?P<vessel>\\d+)/day-(?P<day>\\d+)/(?P<position>\\w+)'."
+        ),
+    ] = None,
+    metadata: Annotated[
+        str | None,
+        typer.Option(help="CSV or Parquet table with a key column (relative to ARCHIVE) and vessel, day, position."),
+    ] = None,
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
@@ -347,12 +367,14 @@ def score(
         chunk_size=chunk_size,
         run_id=run_id,
         endpoint_url=endpoint_url,
+        key_pattern=key_pattern,
+        metadata=_absolute(metadata) if metadata else None,
     )
     cfg.validate()
     s = score_mod.score_archive(cfg, connect=lambda: _ensure_ray(address))
     typer.echo(
         f"run {s.run_id}: {s.listed} objects, {s.skipped} already in the report, {s.scored} scored "
-        f"({s.errors} error rows) in {s.seconds:.1f}s"
+        f"({s.errors} error rows) in {s.seconds:.1f}s" + (f"; {s.no_vessel} rows got no vessel" if s.no_vessel else "")
     )
     typer.echo(f"report: {out}")
 

@@ -109,6 +109,8 @@ class ScoreConfig:
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     read_attempts: int = 4  # tries per object on a store error, with exponential backoff from retry_delay
     retry_delay: float = 1.0
+    key_pattern: str | None = None  # regex with named groups vessel, day, position, searched in the key
+    metadata: str | None = None  # CSV or Parquet table: key, and vessel / day / position columns
 
     def validate(self) -> None:
         if self.run_id and not RUN_ID.fullmatch(self.run_id):
@@ -116,6 +118,8 @@ class ScoreConfig:
                 f"--run-id {self.run_id!r}: a run id is a name (letters, digits, '-', '_', '.'; "
                 "not starting with '.'), never a path"
             )
+        if self.key_pattern is not None:
+            _compile_key_pattern(self.key_pattern)
         if self.stack not in STACK_CHOICES:
             raise ValueError(f"--stack must be one of {', '.join(STACK_CHOICES)}, got {self.stack!r}")
         for name in ("batch_size", "decode_batch", "concurrency", "chunk_size", "read_attempts"):
@@ -124,6 +128,72 @@ class ScoreConfig:
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+
+
+def _compile_key_pattern(pattern: str) -> re.Pattern:
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"--key-pattern {pattern!r}: not a regular expression ({exc})") from None
+    if "vessel" not in rx.groupindex:
+        raise ValueError(f"--key-pattern {pattern!r}: needs a named group (?P<vessel>...), and may have day, position")
+    return rx
+
+
+class KeyFields:
+    """Vessel, day and position of an object key: from a metadata table (``--metadata``, keyed by the
+    key relative to the archive), else a user pattern (``--key-pattern``, searched in the whole key),
+    else the default file-name convention ``S003_d04_tl.png``."""
+
+    def __init__(self, key_pattern: str | None = None, metadata: str | None = None, endpoint_url: str | None = None):
+        self.pattern = _compile_key_pattern(key_pattern) if key_pattern else None
+        self.table: dict[str, tuple] = _read_metadata(metadata, endpoint_url) if metadata else {}
+
+    def __call__(self, key: str) -> tuple[str | None, int | None, str | None]:
+        if key in self.table:
+            return self.table[key]
+        if self.pattern is not None:
+            m = self.pattern.search(key)
+        else:
+            m = KEY_PATTERN.search(PurePosixPath(key).stem)
+        if not m:
+            return None, None, None
+        g = m.groupdict()
+        return g.get("vessel"), _as_day(g.get("day")), g.get("position")
+
+
+def _as_day(v) -> int | None:
+    if v is None or v == "":
+        return None
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        digits = re.search(r"\d+", str(v))
+        return int(digits.group()) if digits else None
+
+
+def _read_metadata(uri: str, endpoint_url: str | None) -> dict[str, tuple]:
+    """``{key: (vessel, day, position)}`` from a CSV or Parquet table with a ``key`` column."""
+    import pyarrow.csv as pacsv
+
+    loc = storage.resolve(uri, endpoint_url)
+    try:
+        if uri.lower().endswith((".parquet", ".pq")):
+            t = pq.read_table(loc.path, filesystem=loc.fs)
+        else:
+            with loc.fs.open_input_stream(loc.path) as fh:
+                t = pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"--metadata {uri}: cannot read ({storage.describe_error(exc)})") from None
+    if "key" not in t.column_names or not {"vessel", "day", "position"} & set(t.column_names):
+        raise ValueError(f"--metadata {uri}: needs a 'key' column and vessel, day or position columns")
+    cols = [
+        t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("vessel", "day", "position")
+    ]
+    return {
+        str(k): (None if v is None else str(v), _as_day(d), None if p is None else str(p))
+        for k, v, d, p in zip(t.column("key").to_pylist(), *cols, strict=True)
+    }
 
 
 @dataclass
@@ -144,6 +214,7 @@ class ScoreSummary:
     errors: int = 0
     parts: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    no_vessel: int = 0  # committed rows whose key gave no vessel (no per-vessel plot for them)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,8 +256,12 @@ def list_archive(archive: str, endpoint_url: str | None = None, exclude: str | N
             dirnames.sort()
             for fn in filenames:
                 path = os.path.join(dirpath, fn)
-                st = os.stat(path)
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
+                try:
+                    st = os.stat(path)
+                except OSError as exc:  # a dangling link, a link loop: listed, it becomes an error row
+                    out.append(ArchiveObject(path, rel, -1, f"unreadable:{exc.errno}"))
+                    continue
                 out.append(ArchiveObject(path, rel, st.st_size, f"{st.st_size}:{st.st_mtime_ns}"))
     if exclude:
         out = [o for o in out if not o.uri.startswith(exclude.rstrip("/") + "/")]
@@ -299,15 +374,21 @@ def _publish(table: pa.Table, out: str, endpoint_url: str | None, name: str, met
     a part a reader can see always has its manifest)."""
     loc = _report_loc(out, endpoint_url)
     staging, final = loc.join("_staging", f"{name}.parquet"), loc.join("parts", f"{name}.parquet")
-    for d in ("_staging", "parts", "_commits"):
-        loc.fs.create_dir(loc.join(d), recursive=True)
-    pq.write_table(table, staging, filesystem=loc.fs)
-    manifest = {**meta, "part": f"{name}.parquet", "rows": table.num_rows}
-    tmp = loc.join("_staging", f"{name}.json")
-    with loc.fs.open_output_stream(tmp) as fh:
-        fh.write(json.dumps(manifest, indent=1).encode())
-    loc.fs.move(tmp, loc.join("_commits", f"{name}.json"))
-    _commit_part(loc, staging, final)
+    try:
+        for d in ("_staging", "parts", "_commits"):
+            loc.fs.create_dir(loc.join(d), recursive=True)
+        pq.write_table(table, staging, filesystem=loc.fs)
+        manifest = {**meta, "part": f"{name}.parquet", "rows": table.num_rows}
+        tmp = loc.join("_staging", f"{name}.json")
+        with loc.fs.open_output_stream(tmp) as fh:
+            fh.write(json.dumps(manifest, indent=1).encode())
+        loc.fs.move(tmp, loc.join("_commits", f"{name}.json"))
+        _commit_part(loc, staging, final)
+    except OSError as exc:  # the store died: what was committed stays, a rerun finishes the rest
+        raise storage.StorageError(
+            f"cannot write the report to {out} ({storage.describe_error(exc)}); the parts committed "
+            "before are kept: run again to finish"
+        ) from None
     return final
 
 
@@ -373,8 +454,13 @@ def _preprocess(
         except images.ImageError as exc:
             err[i] = str(exc)
             continue
-        except FileNotFoundError as exc:  # deleted since it was listed
-            err[i] = f"{key}: gone ({storage.describe_error(exc)})"
+        except OSError as exc:
+            if not _permanent(exc):  # the store failed for this object, after retries
+                err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
+                transient[i], attempts = True, 1
+                continue
+            # deleted since it was listed, a dangling link or a link loop, a folder: not retried
+            err[i] = f"{key}: cannot read ({exc.strerror or storage.describe_error(exc)})"
             continue
         except Exception as exc:  # the store failed for this object, after retries
             err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
@@ -395,14 +481,22 @@ def _preprocess(
     return out
 
 
+def _permanent(exc: BaseException) -> bool:
+    """An error that reading again will not cure: the object is gone, or a local entry is not a
+    readable file (dangling link, link loop, folder)."""
+    import errno
+
+    return isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ELOOP, errno.ENAMETOOLONG)
+    )
+
+
 def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: float) -> bytes:
     for attempt in range(attempts):
         try:
             return data_read(uri, endpoint_url)
-        except FileNotFoundError:
-            raise
         except Exception as exc:
-            if attempt + 1 >= attempts:
+            if _permanent(exc) or attempt + 1 >= attempts:
                 raise
             log.warning("retrying %s in %.1fs: %s", uri, delay * 2**attempt, storage.describe_error(exc))
             time.sleep(delay * 2**attempt)
@@ -492,6 +586,7 @@ def _rows_for_chunk(
     run_id: str,
     detector: bool,
     detect_all: bool,
+    fields: KeyFields | None = None,
 ) -> pa.Table:
     """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json, confluence, transient)``
     for object ``i`` (confluence: the model's regressed fraction, NaN when it has no such output). An
@@ -500,16 +595,16 @@ def _rows_for_chunk(
     standard = classes == list(BAND_NAMES)
     rows = []
     for i, o in enumerate(objs):
-        m = KEY_PATTERN.search(PurePosixPath(o.key).stem)
+        vessel, day, position = (fields or KeyFields())(o.key)
         row = {
             "uri": o.uri,
             "key": o.key,
             "size": o.size,
             "version": o.version,
             "stack": stacks[i],
-            "vessel": m["vessel"] if m else None,
-            "day": int(m["day"]) if m else None,
-            "position": m["position"] if m else None,
+            "vessel": vessel,
+            "day": day,
+            "position": position,
             "classifier_version": versions[0],
             "detector_version": versions[1] or None,
             "run_id": run_id,
@@ -640,6 +735,7 @@ class _Committer:
     classes: list[str]
     versions: tuple[str, str]
     summary: ScoreSummary
+    fields: KeyFields | None = None
 
     def commit(self, c: int, results: dict[int, tuple]) -> None:
         cfg, size = self.cfg, self.cfg.chunk_size
@@ -654,6 +750,7 @@ class _Committer:
             self.summary.run_id,
             bool(cfg.detector),
             cfg.detect_all_stacks,
+            self.fields,
         )
         name = f"{self.summary.run_id}-{c:05d}"
         meta = {
@@ -667,6 +764,7 @@ class _Committer:
         n_err = table.num_rows - sum(1 for v in table.column("status").to_pylist() if v == "ok")
         self.summary.scored += table.num_rows
         self.summary.errors += n_err
+        self.summary.no_vessel += table.column("vessel").null_count
         log.info("committed %s: %d rows (%d errors), %d/%d objects", name, table.num_rows, n_err, hi, len(self.todo))
 
     def consume(self, scored) -> None:
@@ -705,6 +803,7 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
     ):
         raise ValueError(f"--run-id {run_id}: already used in the report {cfg.out}; give a new one")
     clf_cfg, det_cfg = _check_models(cfg)
+    fields = KeyFields(cfg.key_pattern, cfg.metadata, cfg.endpoint_url)
     versions = (clf_cfg["version"], det_cfg["version"] if det_cfg else "")
     todo = _plan(cfg, versions, summary)
     if todo:
@@ -714,7 +813,13 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
         stacks = [stack_of(o.key, default_stack) if cfg.stack == "auto" else cfg.stack for o in todo]
         data_cfg = {**clf_cfg["data"], "endpoint_url": None}
         det_size = int(det_cfg["image_size"]) if det_cfg else None
-        committer = _Committer(cfg, todo, stacks, list(clf_cfg["classes"]), versions, summary)
+        committer = _Committer(cfg, todo, stacks, list(clf_cfg["classes"]), versions, summary, fields)
         committer.consume(_pipeline(cfg, todo, stacks, data_cfg, det_size))
     summary.seconds = time.perf_counter() - t0
+    if summary.no_vessel:
+        log.warning(
+            "%d of %d rows got no vessel from their key: give --metadata or --key-pattern for per-vessel plots",
+            summary.no_vessel,
+            summary.scored,
+        )
     return summary

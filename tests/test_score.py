@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -331,7 +332,7 @@ def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifa
     assert calls[good[0]] == 3 and calls[good[1]] == 3  # retried up to the limit
     assert calls[corrupt] == 1 and calls[good[2]] == 1  # permanent: one try
     assert calls[good[3]] == 1  # after one object used up its retries: one try each
-    assert "cannot read" in out["error"][1] and "gone" in out["error"][3]
+    assert "cannot read" in out["error"][1] and "cannot read" in out["error"][3]
 
 
 def test_store_outage_rows_are_transient_and_the_next_run_scores_them(
@@ -393,3 +394,70 @@ def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
         score.ScoreConfig(archive="s3://outage/cap", classifier=str(clf), out=str(out), endpoint_url=s3_server.endpoint)
     )
     assert third.scored == 0 and third.skipped == n_images
+
+
+def test_vessel_day_position_from_a_pattern_or_a_metadata_table(ray_session, small_corpus, artifacts, tmp_path):
+    """An archive laid out as plants name it (vessel-00/day-3/centre.png) gets its vessel, day and
+    position from --key-pattern or --metadata; without either, the rows say how many got no vessel."""
+    import pyarrow.csv as pacsv
+
+    src, rows = small_corpus
+    clf, _ = artifacts
+    root = tmp_path / "plant"
+    expect = {}
+    for i, r in enumerate(r for r in rows if r["stack"] == "sstack"):
+        key = f"sstack/vessel-{i // 4:02d}/day-{i % 4 + 1}/pos{i}.png"
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / r["image"], root / key)
+        expect[key] = (f"{i // 4:02d}", i % 4 + 1, f"pos{i}")
+    plain = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "a")))
+    assert plain.no_vessel == len(expect)
+    pattern = r"vessel-(?P<vessel>\d+)/day-(?P<day>\d+)/(?P<position>\w+)\.png"
+    by_pattern = score.score_archive(
+        score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "b"), key_pattern=pattern)
+    )
+    assert by_pattern.no_vessel == 0
+    got = {r["key"]: (r["vessel"], r["day"], r["position"]) for r in score.read_report(str(tmp_path / "b")).to_pylist()}
+    assert got == expect
+    table = pa.table(
+        {
+            "key": list(expect),
+            "vessel": [f"V{v}" for v, _, _ in expect.values()],
+            "day": [d for _, d, _ in expect.values()],
+            "position": ["c"] * len(expect),
+        }
+    )
+    pacsv.write_csv(table, tmp_path / "meta.csv")
+    score.score_archive(
+        score.ScoreConfig(
+            archive=str(root), classifier=str(clf), out=str(tmp_path / "c"), metadata=str(tmp_path / "meta.csv")
+        )
+    )
+    got = {r["key"]: (r["vessel"], r["day"], r["position"]) for r in score.read_report(str(tmp_path / "c")).to_pylist()}
+    assert got == {k: (f"V{v}", d, "c") for k, (v, d, _) in expect.items()}
+    with pytest.raises(ValueError, match="--key-pattern.*vessel"):
+        score.ScoreConfig(archive=str(root), classifier=str(clf), out="x", key_pattern=r"day-(?P<day>\d+)").validate()
+    with pytest.raises(ValueError, match="--key-pattern"):
+        score.ScoreConfig(archive=str(root), classifier=str(clf), out="x", key_pattern="(unclosed").validate()
+    (tmp_path / "bad.csv").write_text("name,vessel\na,b\n")
+    with pytest.raises(ValueError, match="--metadata .*bad.csv"):
+        score.score_archive(
+            score.ScoreConfig(
+                archive=str(root), classifier=str(clf), out=str(tmp_path / "d"), metadata=str(tmp_path / "bad.csv")
+            )
+        )
+
+
+def test_dangling_links_and_link_loops_in_a_local_archive_are_error_rows(ray_session, archive, artifacts, tmp_path):
+    root, n_images = archive
+    clf, _ = artifacts
+    os.symlink(root / "sstack" / "no-such.png", root / "sstack" / "S990_d01_c.png")  # dangling
+    os.symlink(root / "sstack" / "S991_d01_c.png", root / "sstack" / "S991_d01_c.png")  # a loop
+    s = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "r")))
+    assert s.scored == n_images + 2
+    rows = {r["key"]: r for r in score.read_report(str(tmp_path / "r")).to_pylist()}
+    for key in ("sstack/S990_d01_c.png", "sstack/S991_d01_c.png"):
+        assert rows[key]["status"] == "error" and rows[key]["error_kind"] == "permanent", rows[key]
+        assert rows[key]["error"].startswith(f"{key}: cannot read")
+    again = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "r")))
+    assert again.scored == 0  # permanent: not scored again
