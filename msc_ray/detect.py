@@ -548,6 +548,7 @@ def train_detector(job: DetectJobConfig) -> dict:
         "folds": rows,
         "summary": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in keys},
         "artifact_version": art["version"],
+        "left_out": list(cache.errors),  # images that could not be read: never in any rank's batches
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result

@@ -125,3 +125,23 @@ def test_detection_metrics_definitions():
     assert m["hit_rate"] == pytest.approx(1 / 3) and m["fdr"] == pytest.approx(2 / 3)
     assert m["image_hit_rate"] == pytest.approx(1 / 2) and m["image_fdr"] == pytest.approx(1 / 2)
     assert metrics.average_precision(preds, truth) == pytest.approx(1 / 3)
+
+
+def test_unreadable_images_cannot_stall_two_ddp_workers(ray_session, tmp_path):
+    """Several training images of the fold cannot be decoded (a whole batch's worth): they are left
+    out once, when the cache is built, before the epoch is cut into equal per-rank slices, so both
+    workers take the same number of steps and every collective is joined; the run ends normally."""
+    root = tmp_path / "c"
+    synth.synthesize(root, synth.SynthConfig(n=30, size=96, stack="sstack", seed=4, abnormal_fraction=0.5))
+    table, _ = corpus.index_corpus(str(root), folds=3, seed=0)
+    train_paths = [p for p, f in zip(table["path"].to_pylist(), table["fold"].to_pylist(), strict=True) if f == 2]
+    broken = sorted(train_paths)[:5]
+    for p in broken:
+        (root / p).write_bytes(b"\x89PNG\r\n\x1a\n broken upload")
+    manifest = corpus.write_manifest(table, str(root / "manifest.parquet"))
+    res = detect.train_detector(_job(manifest, tmp_path / "run", epochs=2, min_epochs=2))
+    assert len(res["left_out"]) == 5 and all(any(b in e for b in broken) for e in res["left_out"])
+    state = torch.load(
+        sorted((tmp_path / "run" / "fold0").glob("checkpoint_*/state.pt"))[-1], map_location="cpu", weights_only=True
+    )
+    assert state["epoch"] == 2
