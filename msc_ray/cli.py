@@ -133,12 +133,13 @@ def _ensure_ray(address: str | None = None) -> None:
         ctx = ray.init(address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True)
         # without an address, ray.init joins a cluster started with `ray start` on this host, if any
         nodes = [n for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
         logging.getLogger("msc_ray").info(
             "Ray cluster at %s: %d node(s), %d CPUs, %d GPUs",
             ctx.address_info.get("gcs_address", "?"),
             len(nodes),
-            int(ray.cluster_resources().get("CPU", 0)),
-            int(ray.cluster_resources().get("GPU", 0)),
+            int(total.get("CPU", 0)),
+            int(total.get("GPU", 0)),
         )
 
 

@@ -103,7 +103,7 @@ def default_plots_dir(uri: str) -> Path:
 def _check_exists(uri: str, endpoint_url: str | None) -> None:
     """A report location that does not exist is named as such (not "no rows")."""
     if storage.is_s3(uri):
-        bucket = uri[len("s3://") :].split("/", 1)[0]
+        bucket, _ = score._split_s3(uri)
         try:
             storage.s3_client(endpoint_url).head_bucket(Bucket=bucket)
         except Exception as exc:

@@ -303,10 +303,10 @@ def _report_loc(out: str, endpoint_url: str | None):
     return storage.resolve(out, endpoint_url)
 
 
-def committed(out: str, endpoint_url: str | None = None, *, published_only: bool = True) -> list[dict]:
-    """The completion manifests of a report (empty when there is no report yet). ``published_only``:
-    only those whose part reached ``parts/`` (a run killed between the two steps leaves a manifest
-    without its part: its objects were never in the report)."""
+def committed(out: str, endpoint_url: str | None = None) -> list[dict]:
+    """The completion manifests of a report whose parts reached ``parts/`` (empty when there is no
+    report yet). A run killed between the two steps leaves a manifest without its part: its objects
+    were never in the report."""
     import pyarrow.fs as pafs
 
     loc = _report_loc(out, endpoint_url)
@@ -320,9 +320,20 @@ def committed(out: str, endpoint_url: str | None = None, *, published_only: bool
         if info.path.endswith(".json"):
             with loc.fs.open_input_stream(info.path) as fh:
                 m = json.loads(fh.read())
-            if m["part"] in parts or not published_only:
+            if m["part"] in parts:
                 manifests.append(m)
     return manifests
+
+
+def _run_id_used(out: str, endpoint_url: str | None, run_id: str) -> bool:
+    """Whether the report already has a manifest of this run, by name (``<run id>-<chunk>.json``):
+    one listing, no manifest read."""
+    import pyarrow.fs as pafs
+
+    loc = _report_loc(out, endpoint_url)
+    names = loc.fs.get_file_info(pafs.FileSelector(loc.join("_commits"), allow_not_found=True))
+    own = re.compile(re.escape(run_id) + r"-\d{5}\.json")
+    return any(own.fullmatch(i.base_name) for i in names)
 
 
 def read_report(out: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -454,17 +465,12 @@ def _preprocess(
         except images.ImageError as exc:
             err[i] = str(exc)
             continue
-        except OSError as exc:
-            if not _permanent(exc):  # the store failed for this object, after retries
+        except Exception as exc:
+            if _permanent(exc):  # deleted since it was listed, a dangling link or a link loop, a folder
+                err[i] = f"{key}: cannot read ({exc.strerror or storage.describe_error(exc)})"
+            else:  # the store failed for this object, after retries
                 err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
                 transient[i], attempts = True, 1
-                continue
-            # deleted since it was listed, a dangling link or a link loop, a folder: not retried
-            err[i] = f"{key}: cannot read ({exc.strerror or storage.describe_error(exc)})"
-            continue
-        except Exception as exc:  # the store failed for this object, after retries
-            err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
-            transient[i], attempts = True, 1
             continue
         x[i] = tf({"image": tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))})["image"]
         ok[i] = True
@@ -492,22 +498,17 @@ def _permanent(exc: BaseException) -> bool:
 
 
 def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: float) -> bytes:
+    from . import data
+
     for attempt in range(attempts):
         try:
-            return data_read(uri, endpoint_url)
+            return data.read_uri(uri, endpoint_url)
         except Exception as exc:
             if _permanent(exc) or attempt + 1 >= attempts:
                 raise
             log.warning("retrying %s in %.1fs: %s", uri, delay * 2**attempt, storage.describe_error(exc))
             time.sleep(delay * 2**attempt)
     raise AssertionError("unreachable")
-
-
-def data_read(uri: str, endpoint_url: str | None) -> bytes:
-    """The bytes of one archived object (a seam the tests use to simulate a failing store)."""
-    from . import data
-
-    return data.read_uri(uri, endpoint_url)
 
 
 class ModelActor:
@@ -593,9 +594,10 @@ def _rows_for_chunk(
     object with no result (a lost task or actor) is a transient error row."""
     now = dt.datetime.now(dt.timezone.utc)
     standard = classes == list(BAND_NAMES)
+    fields = fields or KeyFields()
     rows = []
     for i, o in enumerate(objs):
-        vessel, day, position = (fields or KeyFields())(o.key)
+        vessel, day, position = fields(o.key)
         row = {
             "uri": o.uri,
             "key": o.key,
@@ -798,9 +800,7 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
     summary = ScoreSummary(run_id=run_id)
     # everything that can fail fast does so before any work: report location, models, listing
     check_writable(cfg.out, cfg.endpoint_url)
-    if cfg.run_id and any(
-        m.get("run_id") == run_id for m in committed(cfg.out, cfg.endpoint_url, published_only=False)
-    ):
+    if cfg.run_id and _run_id_used(cfg.out, cfg.endpoint_url, run_id):
         raise ValueError(f"--run-id {run_id}: already used in the report {cfg.out}; give a new one")
     clf_cfg, det_cfg = _check_models(cfg)
     fields = KeyFields(cfg.key_pattern, cfg.metadata, cfg.endpoint_url)

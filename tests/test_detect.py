@@ -141,7 +141,6 @@ def test_unreadable_images_cannot_stall_two_ddp_workers(ray_session, tmp_path):
     manifest = corpus.write_manifest(table, str(root / "manifest.parquet"))
     res = detect.train_detector(_job(manifest, tmp_path / "run", epochs=2, min_epochs=2))
     assert len(res["left_out"]) == 5 and all(any(b in e for b in broken) for e in res["left_out"])
-    state = torch.load(
-        sorted((tmp_path / "run" / "fold0").glob("checkpoint_*/state.pt"))[-1], map_location="cpu", weights_only=True
-    )
+    last = sorted((tmp_path / "run" / "fold0").glob("checkpoint_*/state.pt"))[-1]
+    state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["epoch"] == 2

@@ -297,7 +297,9 @@ def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifa
     good = sorted(str(p) for p in (root / "sstack").rglob("S0*.png"))[:4]
     corrupt = str(root / "sstack" / "1" / "S999_d03_c.png")
     calls: dict[str, int] = {}
-    real = score.data_read
+    from msc_ray import data
+
+    real = data.read_uri
 
     def flaky(uri, endpoint_url):
         calls[uri] = calls.get(uri, 0) + 1
@@ -309,7 +311,7 @@ def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifa
             raise FileNotFoundError(uri)
         return real(uri, endpoint_url)
 
-    monkeypatch.setattr(score, "data_read", flaky)
+    monkeypatch.setattr(data, "read_uri", flaky)
     uris = [good[0], good[1], corrupt, good[2], good[3]]
     batch = {
         "row": np.arange(5),
