@@ -33,7 +33,7 @@ class QuickstartConfig:
     detector_folds: tuple[int, ...] = (0,)  # outer folds the detector's Table 2 covers (~3 min each)
     detector_epochs: int = 14
     seed: int = 0
-    heldout_seed: int = 1000
+    heldout_seed: int = 2026  # never looked at while choosing the recipe (those experiments used seed 1000)
 
 
 def _archive(heldout: Path, dest: Path) -> int:
