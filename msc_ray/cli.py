@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from . import storage
 from .storage import StorageError
 
 app = typer.Typer(
@@ -148,6 +149,32 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+def _manifest_for(corpus_or_manifest: str, out: str, folds: int, seed: int, endpoint_url, *, reuse: bool) -> str:
+    """A manifest given, or ``OUT/manifest.parquet`` indexed from the corpus (kept when ``reuse`` and
+    it exists). ``out`` is a local path or an ``s3://`` URI."""
+    from . import corpus as corpus_mod
+    from . import storage
+
+    corpus_or_manifest = _absolute(corpus_or_manifest)
+    if corpus_or_manifest.endswith(".parquet"):
+        return corpus_or_manifest
+    manifest = storage.join(out, "manifest.parquet")
+    if not (reuse and storage.exists(manifest, endpoint_url)):
+        table, summary = corpus_mod.index_corpus(corpus_or_manifest, folds=folds, seed=seed, endpoint_url=endpoint_url)
+        corpus_mod.write_manifest(table, manifest, endpoint_url)
+        for line in summary.lines():
+            typer.echo(line)
+    return manifest
+
+
+def _classifier_entry(entry: str) -> str:
+    """``STACK=PATH`` or ``PATH`` with a local path made absolute."""
+    from .score import classifier_entries
+
+    ((stack, uri),) = classifier_entries(entry)
+    return f"{stack}={_absolute(uri)}" if stack else _absolute(uri)
+
+
 def _range(text: str, option: str) -> tuple[float, float]:
     try:
         parts = [float(p) for p in text.split(":")]
@@ -163,7 +190,13 @@ def _range(text: str, option: str) -> tuple[float, float]:
 @_one_line_errors
 def tune(
     corpus_or_manifest: Annotated[str, typer.Argument(help="Corpus root, or a manifest .parquet (local or s3://).")],
-    out: Annotated[Path, typer.Option(help="Run folder: experiments, table, plots, artifact.")],
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Run folder: experiments, table, plots, artifact. A local path, or s3://bucket/prefix "
+            "(on a multi-node cluster: shared storage every node reaches)."
+        ),
+    ],
     stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
     backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "compact_cnn,resnet18",
     folds: Annotated[
@@ -193,6 +226,7 @@ def tune(
     seed: Annotated[int, typer.Option(help="Seed of folds, sampling and augmentation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run in --out.")] = False,
     endpoint_url: EndpointOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Backbone × fold search on Ray Tune → Table 1 (mean ± SD over folds), plots, a scoring artifact."""
     from . import corpus as corpus_mod
@@ -203,23 +237,11 @@ def tune(
     for b in names:
         models.backbone(b)
     lr_min, lr_max = _range(lr, "--lr")
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    corpus_or_manifest = _absolute(corpus_or_manifest)
-    if corpus_or_manifest.endswith(".parquet"):
-        manifest = corpus_or_manifest
-    else:
-        manifest = str(out / "manifest.parquet")
-        if not (resume and Path(manifest).exists()):
-            table, summary = corpus_mod.index_corpus(
-                corpus_or_manifest, folds=folds, seed=seed, endpoint_url=endpoint_url
-            )
-            corpus_mod.write_manifest(table, manifest)
-            for line in summary.lines():
-                typer.echo(line)
+    out = _absolute(out)
+    manifest = _manifest_for(corpus_or_manifest, out, folds, seed, endpoint_url, reuse=resume)
     job = tune_mod.TuneJobConfig(
         manifest=manifest,
-        out=str(out),
+        out=out,
         stack=stack,
         backbones=names,
         max_epochs=max_epochs,
@@ -241,9 +263,9 @@ def tune(
     )
     info = corpus_mod.manifest_info(corpus_mod.read_manifest(manifest, endpoint_url))
     job.validate(info["classes"])
-    _ensure_ray()
+    _ensure_ray(address)
     outcome = tune_mod.run_search(job, resume=resume)
-    typer.echo(Path(outcome.outputs["table_md"]).read_text())
+    typer.echo(storage.read_bytes(outcome.outputs["table_md"], endpoint_url).decode())
     w = outcome.winner
     typer.echo(f"winner: {w['backbone']} lr={w['lr']:.2e} weight_decay={w['weight_decay']:.2e}")
     for what, path in outcome.outputs.items():
@@ -254,10 +276,23 @@ def tune(
 @_one_line_errors
 def train_detector(
     corpus_or_manifest: Annotated[str, typer.Argument(help="Corpus root, or a manifest .parquet (local or s3://).")],
-    out: Annotated[Path, typer.Option(help="Run folder: per-fold checkpoints, Table 2, panel, artifact.")],
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Run folder: per-fold checkpoints, Table 2, panel, artifact. A local path, or "
+            "s3://bucket/prefix (on a multi-node cluster: shared storage every node reaches)."
+        ),
+    ],
     workers: Annotated[int, typer.Option(help="DDP workers per fold.")] = 2,
     gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker.")] = 1.0,
+    placement: Annotated[
+        str, typer.Option(help="PACK (workers share nodes) or SPREAD (one node per worker where it can).")
+    ] = "PACK",
+    max_fdr: Annotated[
+        float,
+        typer.Option(help="Operating point: the loosest score threshold whose inner-validation FDR stays within this."),
+    ] = 0.02,
     folds: Annotated[
         int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")
     ] = 5,
@@ -279,24 +314,14 @@ def train_detector(
 ) -> None:
     """RetinaNet for abnormal cells with Ray Train (DDP) per fold → Table 2, a panel, a detector artifact.
     Rerunning with the same --out resumes every fold from its latest checkpoint."""
-    from . import corpus as corpus_mod
     from . import detect
 
-    out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
-    corpus_or_manifest = _absolute(corpus_or_manifest)
-    if corpus_or_manifest.endswith(".parquet"):
-        manifest = corpus_or_manifest
-    else:
-        manifest = str(out / "manifest.parquet")
-        if not Path(manifest).exists():  # a rerun keeps the folds it started with
-            table, summary = corpus_mod.index_corpus(
-                corpus_or_manifest, folds=folds, seed=seed, endpoint_url=endpoint_url
-            )
-            corpus_mod.write_manifest(table, manifest)
+    out = _absolute(out)
+    # a rerun keeps the folds it started with
+    manifest = _manifest_for(corpus_or_manifest, out, folds, seed, endpoint_url, reuse=True)
     job = detect.DetectJobConfig(
         manifest=manifest,
-        out=str(out),
+        out=out,
         folds=tuple(int(f) for f in only_folds.split(",") if f.strip()),
         epochs=epochs,
         patience=patience,
@@ -304,6 +329,8 @@ def train_detector(
         workers=workers,
         gpu=gpu,
         cpus_per_worker=cpus_per_worker,
+        placement=placement.upper(),
+        max_fdr=max_fdr,
         backbone=backbone,
         size=size,
         batch_size=batch_size,
@@ -314,7 +341,7 @@ def train_detector(
     job.validate()
     _ensure_ray(address)
     res = detect.train_detector(job)
-    typer.echo(Path(res["table_md"]).read_text())
+    typer.echo(storage.read_bytes(res["table_md"], endpoint_url).decode())
     for what in ("table_csv", "table_md", "panel", "artifact"):
         typer.echo(f"  {what:10s} {res[what]}")
 
@@ -323,7 +350,13 @@ def train_detector(
 @_one_line_errors
 def score(
     archive: Annotated[str, typer.Argument(help="Images to score: a local folder or s3://bucket/prefix.")],
-    classifier: Annotated[str, typer.Option(help="Classifier artifact (folder or s3:// prefix).")],
+    classifier: Annotated[
+        list[str],
+        typer.Option(
+            help="Classifier artifact (folder or s3:// prefix) per stack: STACK=ARTIFACT (repeat the option "
+            "for sstack and mstack), or ARTIFACT alone for the stack it was trained on."
+        ),
+    ],
     out: Annotated[str, typer.Option(help="Report location: a local folder or s3://bucket/prefix.")],
     detector: Annotated[str | None, typer.Option(help="Detector artifact for abnormal-cell boxes.")] = None,
     stack: Annotated[
@@ -357,7 +390,7 @@ def score(
 
     cfg = score_mod.ScoreConfig(
         archive=_absolute(archive),
-        classifier=_absolute(classifier),
+        classifier=tuple(_classifier_entry(c) for c in classifier),
         out=_absolute(out),
         detector=_absolute(detector) if detector else None,
         stack=stack,

@@ -248,7 +248,9 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:12]
 
 
-def save_artifact(dest: str | os.PathLike, state: dict[str, torch.Tensor], config: dict) -> dict:
+def save_artifact(
+    dest: str | os.PathLike, state: dict[str, torch.Tensor], config: dict, endpoint_url: str | None = None
+) -> dict:
     """Write ``config.json`` (plus format and version) and ``weights.pt`` to a local dir or ``s3://``."""
     from . import storage
 
@@ -259,7 +261,7 @@ def save_artifact(dest: str | os.PathLike, state: dict[str, torch.Tensor], confi
         if storage.is_s3(str(dest)):
             import pyarrow.fs as pafs
 
-            loc = storage.resolve(str(dest))
+            loc = storage.resolve(str(dest), endpoint_url)
             pafs.copy_files(tmp, loc.path, destination_filesystem=loc.fs)
             written = loc.fs.get_file_info([loc.join("weights.pt"), loc.join("config.json")])
             if any(f.type != pafs.FileType.File for f in written):

@@ -39,6 +39,7 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
@@ -94,16 +95,19 @@ REPORT_SCHEMA = pa.schema(
 @dataclass(frozen=True)
 class ScoreConfig:
     archive: str
-    classifier: str
+    # one artifact per stack: "STACK=ARTIFACT" entries, or a bare ARTIFACT for the stack it was trained on
+    classifier: str | tuple[str, ...]
     out: str
     detector: str | None = None
-    stack: str = "auto"  # auto: from a "sstack"/"mstack" folder in the key, else the classifier's stack
+    # auto: from a "sstack"/"mstack" folder in the key, else the stack of the only classifier given
+    stack: str = "auto"
     detect_all_stacks: bool = False  # the detector was trained on single-stack images
     batch_size: int = 32  # images per model call
     decode_batch: int = 32  # images per decode task
     concurrency: int = 1  # model actors
     gpus_per_actor: float = 0.0
     chunk_size: int = 2000  # objects per committed part
+    window: int = 50_000  # objects listed, planned and scored at a time (the driver's memory bound)
     run_id: str = ""
     endpoint_url: str | None = None
     max_pixels: int = images.DEFAULT_MAX_PIXELS
@@ -122,9 +126,31 @@ class ScoreConfig:
             _compile_key_pattern(self.key_pattern)
         if self.stack not in STACK_CHOICES:
             raise ValueError(f"--stack must be one of {', '.join(STACK_CHOICES)}, got {self.stack!r}")
-        for name in ("batch_size", "decode_batch", "concurrency", "chunk_size", "read_attempts"):
+        for name in ("batch_size", "decode_batch", "concurrency", "chunk_size", "read_attempts", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        classifier_entries(self.classifier)
+
+    def entries(self) -> list[tuple[str | None, str]]:
+        return classifier_entries(self.classifier)
+
+
+def classifier_entries(spec: str | tuple[str, ...] | list[str]) -> list[tuple[str | None, str]]:
+    """``--classifier`` values → ``[(stack or None, artifact URI)]``. ``sstack=ART`` names the stack;
+    a bare ``ART`` serves the stack its config names."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise ValueError("--classifier: give at least one classifier artifact")
+    out = []
+    for item in items:
+        head, sep, uri = str(item).partition("=")
+        if sep and head in STACK_CHOICES[1:]:
+            out.append((head, uri))
+        elif sep and "/" not in head and ":" not in head:
+            raise ValueError(f"--classifier {item}: unknown stack {head!r} (sstack or mstack)")
+        else:
+            out.append((None, str(item)))
+    return out
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
@@ -228,10 +254,11 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def list_archive(archive: str, endpoint_url: str | None = None, exclude: str | None = None) -> list[ArchiveObject]:
-    """Every object under ``archive`` (sorted by key), with what identifies its version.
-    Objects under ``exclude`` (the report, when it lies inside the archive) are left out."""
-    out: list[ArchiveObject] = []
+def iter_archive(archive: str, endpoint_url: str | None = None, exclude: str | None = None) -> Iterator[ArchiveObject]:
+    """Every object under ``archive`` with what identifies its version, streamed (an S3 listing page or
+    a folder at a time; S3 in key order, folders and names sorted locally). Objects under ``exclude``
+    (the report, when it lies inside the archive) are left out."""
+    prefix_out = exclude.rstrip("/") + "/" if exclude else None
     if storage.is_s3(archive):
         bucket, prefix = _split_s3(archive)
         client = storage.s3_client(endpoint_url)
@@ -242,31 +269,35 @@ def list_archive(archive: str, endpoint_url: str | None = None, exclude: str | N
             for page in pages:
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
-                    if key.endswith("/"):
+                    uri = f"s3://{bucket}/{key}"
+                    if key.endswith("/") or (prefix_out and uri.startswith(prefix_out)):
                         continue
                     rel = key[len(prefix) + 1 :] if prefix else key
-                    out.append(ArchiveObject(f"s3://{bucket}/{key}", rel, int(obj["Size"]), obj["ETag"].strip('"')))
+                    yield ArchiveObject(uri, rel, int(obj["Size"]), obj["ETag"].strip('"'))
         except Exception as exc:  # botocore ClientError, EndpointConnectionError, NoCredentialsError, ...
             raise storage.StorageError(f"cannot list {archive}: {_s3_reason(exc)}") from None
-    else:
-        root = os.path.abspath(archive)
-        if not os.path.isdir(root):
-            raise ValueError(f"{archive}: no such folder")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for fn in filenames:
-                path = os.path.join(dirpath, fn)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                try:
-                    st = os.stat(path)
-                except OSError as exc:  # a dangling link, a link loop: listed, it becomes an error row
-                    out.append(ArchiveObject(path, rel, -1, f"unreadable:{exc.errno}"))
-                    continue
-                out.append(ArchiveObject(path, rel, st.st_size, f"{st.st_size}:{st.st_mtime_ns}"))
-    if exclude:
-        out = [o for o in out if not o.uri.startswith(exclude.rstrip("/") + "/")]
-    out.sort(key=lambda o: o.key)
-    return out
+        return
+    root = os.path.abspath(archive)
+    if not os.path.isdir(root):
+        raise ValueError(f"{archive}: no such folder")
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            path = os.path.join(dirpath, fn)
+            if prefix_out and path.startswith(prefix_out):
+                continue
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            try:
+                st = os.stat(path)
+            except OSError as exc:  # a dangling link, a link loop: listed, it becomes an error row
+                yield ArchiveObject(path, rel, -1, f"unreadable:{exc.errno}")
+                continue
+            yield ArchiveObject(path, rel, st.st_size, f"{st.st_size}:{st.st_mtime_ns}")
+
+
+def list_archive(archive: str, endpoint_url: str | None = None, exclude: str | None = None) -> list[ArchiveObject]:
+    """:func:`iter_archive` as a list sorted by key (for small archives and tests)."""
+    return sorted(iter_archive(archive, endpoint_url, exclude), key=lambda o: o.key)
 
 
 def _s3_reason(exc: BaseException) -> str:
@@ -292,6 +323,105 @@ def check_writable(out: str, endpoint_url: str | None = None) -> None:
             os.remove(probe)
         except OSError as exc:
             raise ValueError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per report
+# --------------------------------------------------------------------------------------------------
+
+LEASE_SECONDS = 120.0  # a lease not renewed for this long belongs to a run that is gone
+LEASE_RENEW = 20.0
+
+
+class ReportLease:
+    """A run's claim on a report: ``REPORT/_leases/<run id>.json`` (run id, host, pid, start and renewal
+    times), renewed every ``LEASE_RENEW`` seconds while the run lasts and removed when it ends.
+
+    A run writes its lease, then lists the others. A live one (renewed within ``LEASE_SECONDS``; on this
+    host, also its process still running) that started earlier — or at the same time with a smaller run
+    id — wins: this run removes its lease and stops at start with one line naming that run. Two runs
+    started together therefore end with one writer, never two scoring the same objects into duplicate
+    rows. A lease left by a killed run stops counting when its process is gone (same host) or after
+    ``LEASE_SECONDS``."""
+
+    def __init__(self, out: str, run_id: str, endpoint_url: str | None = None):
+        import socket
+
+        self.loc, self.out, self.run_id = _report_loc(out, endpoint_url), out, run_id
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.started = time.time()
+        self._stop = None
+
+    def _path(self, run_id: str) -> str:
+        return self.loc.join("_leases", f"{run_id}.json")
+
+    def write(self) -> None:
+        body = {"run_id": self.run_id, "host": self.host, "pid": self.pid, "started": self.started}
+        body["renewed"] = time.time()
+        if self.loc.scheme == "file":
+            self.loc.fs.create_dir(self.loc.join("_leases"), recursive=True)
+        with self.loc.fs.open_output_stream(self._path(self.run_id)) as fh:
+            fh.write(json.dumps(body).encode())
+
+    def _live(self, lease: dict) -> bool:
+        if time.time() - float(lease.get("renewed", 0)) > LEASE_SECONDS:
+            return False
+        if lease.get("host") == self.host:
+            try:
+                os.kill(int(lease["pid"]), 0)
+            except ProcessLookupError:
+                return False
+            except (PermissionError, ValueError, KeyError):
+                pass
+        return True
+
+    def check(self) -> None:
+        """Raise (after removing this run's lease) when another live run holds the report."""
+        import pyarrow.fs as pafs
+
+        infos = self.loc.fs.get_file_info(pafs.FileSelector(self.loc.join("_leases"), allow_not_found=True))
+        mine = (self.started, self.run_id)
+        for info in infos:
+            if info.base_name == f"{self.run_id}.json" or not info.base_name.endswith(".json"):
+                continue
+            try:
+                with self.loc.fs.open_input_stream(info.path) as fh:
+                    other = json.loads(fh.read())
+            except (OSError, ValueError):
+                continue  # removed meanwhile, or half-written: its writer checks again
+            if self._live(other) and (float(other["started"]), str(other["run_id"])) < mine:
+                self.release()
+                when = dt.datetime.fromtimestamp(float(other["started"]), dt.timezone.utc)
+                raise ValueError(
+                    f"report {self.out} is being written by run {other['run_id']} (host {other.get('host')}, "
+                    f"started {when:%Y-%m-%d %H:%M:%S} UTC); wait for it to end (a lease of a run that died "
+                    f"lapses after {LEASE_SECONDS:.0f}s)"
+                )
+
+    def acquire(self) -> ReportLease:
+        import threading
+
+        self.write()
+        self.check()
+        self._stop = threading.Event()
+
+        def renew() -> None:
+            while not self._stop.wait(LEASE_RENEW):
+                try:
+                    self.write()
+                except OSError as exc:  # the store is down: the run finds out at its next commit
+                    log.warning("cannot renew the report lease: %s", storage.describe_error(exc))
+
+        threading.Thread(target=renew, name="report-lease", daemon=True).start()
+        return self
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        try:
+            self.loc.fs.delete_file(self._path(self.run_id))
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,18 +496,48 @@ def _current(table: pa.Table) -> pa.Table:
     return table.filter(pc.invert(pc.and_(transient, replaced)))
 
 
-def _done_keys(out: str, endpoint_url: str | None, model_versions: tuple[str, str]) -> set[tuple[str, str]]:
-    """(uri, version) of objects the report holds for these models; transient error rows do not count
-    (those objects are scored again)."""
-    cols = ["uri", "version", "classifier_version", "detector_version", "error_kind"]
-    t = read_report(out, endpoint_url, columns=cols)
-    if t.num_rows == 0:
-        return set()
-    return {
-        (u, v)
-        for u, v, c, d, kind in zip(*(t.column(i).to_pylist() for i in range(5)), strict=True)
-        if (c or "", d or "") == model_versions and kind != "transient"
-    }
+class DoneKeys:
+    """What the report already holds, compactly: a sorted array of 64-bit digests of (URI, version,
+    classifier version, detector version) of its rows, transient error rows left out (those objects
+    are scored again). 8 bytes per row, read one committed part at a time, so a report of ten million
+    rows costs the driver about 80 MB. A digest collision (about 5 in a million for ten million rows
+    looked up against ten million) would skip one object as done."""
+
+    def __init__(self, digests: np.ndarray):
+        self.digests = np.sort(np.asarray(digests, np.uint64))
+
+    @staticmethod
+    def digest(uri: str, version: str, clf: str, det: str) -> int:
+        import hashlib
+
+        h = hashlib.blake2b(f"{uri}\x00{version}\x00{clf}\x00{det}".encode(), digest_size=8)
+        return int.from_bytes(h.digest(), "little")
+
+    @classmethod
+    def load(cls, out: str, endpoint_url: str | None = None) -> DoneKeys:
+        loc = _report_loc(out, endpoint_url)
+        cols = ["uri", "version", "classifier_version", "detector_version", "error_kind"]
+        parts = []
+        for m in committed(out, endpoint_url):
+            t = pq.read_table(loc.join("parts", m["part"]), filesystem=loc.fs, columns=cols)
+            rows = zip(*(t.column(c).to_pylist() for c in cols), strict=True)
+            parts.append(
+                np.fromiter(
+                    (cls.digest(u, v, c or "", d or "") for u, v, c, d, kind in rows if kind != "transient"),
+                    np.uint64,
+                )
+            )
+        return cls(np.concatenate(parts) if parts else np.zeros(0, np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        digests = np.asarray(digests, np.uint64)
+        if not len(self.digests):
+            return np.zeros(len(digests), bool)
+        i = np.minimum(np.searchsorted(self.digests, digests), len(self.digests) - 1)
+        return self.digests[i] == digests
 
 
 def _publish(table: pa.Table, out: str, endpoint_url: str | None, name: str, meta: dict) -> str:
@@ -414,7 +574,7 @@ def _commit_part(loc, staging: str, final: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def stack_of(key: str, default: str) -> str:
+def stack_of(key: str, default: str | None) -> str | None:
     parts = PurePosixPath(key).parts
     for s in ("sstack", "mstack"):
         if s in parts[:-1]:
@@ -427,7 +587,6 @@ def _preprocess(
     *,
     cls_cfg: dict,
     det_size: int | None,
-    detect_all: bool,
     endpoint_url: str | None,
     max_pixels: int,
     read_attempts: int = 4,
@@ -475,7 +634,7 @@ def _preprocess(
         x[i] = tf({"image": tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))})["image"]
         ok[i] = True
         err[i] = ""
-        if det is not None and (detect_all or str(batch["stack"][i]) == "sstack"):
+        if det is not None:  # det_size is given only for a stack the detector serves
             h, w = img.shape[-2:]
             d = F.resize(torch.from_numpy(images.to_channels(img, 3)), [det_size, det_size], antialias=True)
             det[i] = d.numpy()
@@ -578,26 +737,44 @@ class ModelActor:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StackModels:
+    """The classifier of each stack (URI and config) and the detector's config: which model versions
+    a row of a given stack is scored with."""
+
+    classifiers: dict[str, tuple[str, dict]]
+    detector: dict | None = None
+    detect_all: bool = False
+
+    def versions(self, stack: str | None) -> tuple[str, str]:
+        """(classifier version, detector version) of a row of this stack; "" where none applies."""
+        clf = self.classifiers.get(stack or "")
+        det = self.detector if self.detector and (self.detect_all or stack == "sstack") else None
+        return (clf[1]["version"] if clf else "", det["version"] if det else "")
+
+    def missing(self, key: str, stack: str | None) -> str:
+        if stack is None:
+            return f"{key}: stack unknown (no sstack/ or mstack/ folder in the key); give --stack"
+        return f"{key}: no classifier for stack {stack} (give --classifier {stack}=ARTIFACT)"
+
+
 def _rows_for_chunk(
     objs: list[ArchiveObject],
     results: dict[int, tuple],
-    stacks: list[str],
-    classes: list[str],
-    versions: tuple[str, str],
+    stacks: list[str | None],
+    models: StackModels,
     run_id: str,
-    detector: bool,
-    detect_all: bool,
     fields: KeyFields | None = None,
 ) -> pa.Table:
     """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json, confluence, transient)``
     for object ``i`` (confluence: the model's regressed fraction, NaN when it has no such output). An
     object with no result (a lost task or actor) is a transient error row."""
     now = dt.datetime.now(dt.timezone.utc)
-    standard = classes == list(BAND_NAMES)
     fields = fields or KeyFields()
     rows = []
     for i, o in enumerate(objs):
         vessel, day, position = fields(o.key)
+        clf_version, det_version = models.versions(stacks[i])
         row = {
             "uri": o.uri,
             "key": o.key,
@@ -607,8 +784,8 @@ def _rows_for_chunk(
             "vessel": vessel,
             "day": day,
             "position": position,
-            "classifier_version": versions[0],
-            "detector_version": versions[1] or None,
+            "classifier_version": clf_version or None,
+            "detector_version": det_version or None,
             "run_id": run_id,
             "scored_at": now,
         }
@@ -616,6 +793,8 @@ def _rows_for_chunk(
             i, (False, f"{o.key}: not scored (its task or actor was lost)", None, "[]", np.nan, True)
         )
         if ok:
+            classes = list(models.classifiers[stacks[i]][1]["classes"])
+            standard = classes == list(BAND_NAMES)
             c = int(np.argmax(p))
             row.update(
                 status="ok",
@@ -632,7 +811,7 @@ def _rows_for_chunk(
                 if standard
                 else None,
             )
-            if detector and (detect_all or stacks[i] == "sstack"):
+            if det_version:
                 bx = json.loads(boxes)
                 row["abnormal_boxes"] = [dict(zip(("x1", "y1", "x2", "y2", "score"), b, strict=True)) for b in bx]
                 row["n_abnormal"] = len(bx)
@@ -642,55 +821,85 @@ def _rows_for_chunk(
     return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
 
 
-def _check_models(cfg: ScoreConfig) -> tuple[dict, dict | None]:
-    """The artifacts' configs (no weights read): each must exist and be of the right kind."""
+def _check_models(cfg: ScoreConfig) -> StackModels:
+    """The artifacts' configs (no weights read): each must exist and be of the right kind, and one
+    classifier per stack."""
     from . import models
 
-    clf_cfg = models.read_config(cfg.classifier, cfg.endpoint_url)
-    if clf_cfg.get("kind") != "classifier":
-        raise ValueError(f"--classifier {cfg.classifier}: a {clf_cfg.get('kind')} artifact, not a classifier")
+    by_stack: dict[str, tuple[str, dict]] = {}
+    for named, uri in cfg.entries():
+        c = models.read_config(uri, cfg.endpoint_url)
+        if c.get("kind") != "classifier":
+            raise ValueError(f"--classifier {uri}: a {c.get('kind')} artifact, not a classifier")
+        trained = c.get("stack")
+        stack = named or trained or "sstack"
+        if trained and trained != stack:
+            raise ValueError(f"--classifier {stack}={uri}: trained on {trained} images, not {stack}")
+        if stack in by_stack:
+            raise ValueError(f"--classifier: two classifiers for {stack} ({by_stack[stack][0]} and {uri})")
+        by_stack[stack] = (uri, c)
     det_cfg = None
     if cfg.detector:
         det_cfg = models.read_config(cfg.detector, cfg.endpoint_url)
         if det_cfg.get("kind") != "detector":
             raise ValueError(f"--detector {cfg.detector}: a {det_cfg.get('kind')} artifact, not a detector")
-    return clf_cfg, det_cfg
+    return StackModels(by_stack, det_cfg, cfg.detect_all_stacks)
 
 
-def _plan(cfg: ScoreConfig, versions: tuple[str, str], summary: ScoreSummary) -> list[ArchiveObject]:
-    """The objects to score: image-named objects of the archive not yet committed for these models.
-    Objects whose names are not images (annotations, notes, checksums) are counted and left out."""
+def _plan_windows(
+    cfg: ScoreConfig, sm: StackModels, summary: ScoreSummary, done: DoneKeys
+) -> Iterator[tuple[list[ArchiveObject], list[str | None]]]:
+    """The objects to score and their stacks, a window of at most ``cfg.window`` objects at a time as
+    the listing streams in: image-named objects not yet committed for their stack's models, grouped by
+    stack within the window (the stacks with a classifier first, in the order given). The driver holds
+    one window and the report's digests, never the whole archive. Objects whose names are not images
+    (annotations, notes, checksums) are counted and left out."""
     out_uri = cfg.out if storage.is_s3(cfg.out) else os.path.abspath(cfg.out)
-    listed = list_archive(cfg.archive, cfg.endpoint_url, exclude=out_uri)
-    summary.listed = len(listed)
-    objs = [o for o in listed if images.is_image_name(o.key)]
-    summary.ignored = len(listed) - len(objs)
+    default = next(iter(sm.classifiers)) if len(sm.classifiers) == 1 else None
+    order = {s: n for n, s in enumerate(sm.classifiers)}
+    window: list[ArchiveObject] = []
+    stacks: list[str | None] = []
+
+    def flush():
+        digests = [DoneKeys.digest(o.uri, o.version, *sm.versions(st)) for o, st in zip(window, stacks, strict=True)]
+        seen = done.contains(np.array(digests, np.uint64))
+        keep = [i for i in range(len(window)) if not seen[i]]
+        keep.sort(key=lambda i: (order.get(stacks[i], len(order)), window[i].key))
+        summary.skipped += len(window) - len(keep)
+        return [window[i] for i in keep], [stacks[i] for i in keep]
+
+    for o in iter_archive(cfg.archive, cfg.endpoint_url, exclude=out_uri):
+        summary.listed += 1
+        if not images.is_image_name(o.key):
+            summary.ignored += 1
+            continue
+        window.append(o)
+        stacks.append(stack_of(o.key, default) if cfg.stack == "auto" else cfg.stack)
+        if len(window) >= cfg.window:
+            todo = flush()
+            window, stacks = [], []
+            if todo[0]:
+                yield todo
+    todo = flush()
+    if todo[0]:
+        yield todo
     if summary.ignored:
-        log.info("ignoring %d objects whose names are not images", summary.ignored)
-    done = _done_keys(cfg.out, cfg.endpoint_url, versions)
-    todo = [o for o in objs if (o.uri, o.version) not in done]
-    summary.skipped = len(objs) - len(todo)
-    log.info(
-        "%s: %d objects, %d already in the report, %d to score (run %s)",
-        cfg.archive,
-        len(objs),
-        summary.skipped,
-        len(todo),
-        summary.run_id,
-    )
-    return todo
+        log.info("ignored %d objects whose names are not images", summary.ignored)
 
 
-def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str], data_cfg: dict, det_size: int | None):
-    """One streaming Ray Data execution: read + decode + preprocess tasks → the model actor pool."""
+def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stack: str, sm: StackModels):
+    """One streaming Ray Data execution for one stack: read + decode + preprocess tasks (that stack's
+    input size, channels, equalisation) → the actor pool holding that stack's classifier."""
     import ray
 
+    uri, clf_cfg = sm.classifiers[stack]
+    det_size = int(sm.detector["image_size"]) if sm.versions(stack)[1] else None
     table = pa.table(
         {
-            "row": pa.array(range(len(todo)), pa.int64()),
+            "row": pa.array(rows, pa.int64()),
             "uri": [o.uri for o in todo],
             "key": [o.key for o in todo],
-            "stack": stacks,
+            "stack": [stack] * len(todo),
         }
     )
     blocks = [table.slice(i, cfg.decode_batch) for i in range(0, table.num_rows, cfg.decode_batch)]
@@ -703,9 +912,8 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str], da
         batch_format="numpy",
         num_cpus=1,
         fn_kwargs={
-            "cls_cfg": data_cfg,
+            "cls_cfg": {**clf_cfg["data"], "endpoint_url": None},
             "det_size": det_size,
-            "detect_all": cfg.detect_all_stacks,
             "endpoint_url": cfg.endpoint_url,
             "max_pixels": cfg.max_pixels,
             "read_attempts": cfg.read_attempts,
@@ -715,8 +923,8 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str], da
     return ds.map_batches(
         ModelActor,
         fn_constructor_kwargs={
-            "classifier": cfg.classifier,
-            "detector": cfg.detector,
+            "classifier": uri,
+            "detector": cfg.detector if det_size else None,
             "endpoint_url": cfg.endpoint_url,
         },
         batch_size=cfg.batch_size,
@@ -727,39 +935,57 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str], da
     )
 
 
+def _scored(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str | None], sm: StackModels):
+    """Result batches of every stack in turn (one pipeline per stack with a classifier), then one
+    batch of error rows for the objects whose stack has none."""
+    for stack in sm.classifiers:
+        rows = [i for i, s in enumerate(stacks) if s == stack]
+        if rows:
+            ds = _pipeline(cfg, [todo[i] for i in rows], rows, stack, sm)
+            yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    missing = [i for i, s in enumerate(stacks) if s not in sm.classifiers]
+    if missing:
+        n = len(missing)
+        yield {
+            "row": np.array(missing, np.int64),
+            "ok": np.zeros(n, bool),
+            "error": np.array([sm.missing(todo[i].key, stacks[i]) for i in missing]),
+            "probs": np.zeros((n, 0), np.float32),
+            "boxes": np.array(["[]"] * n),
+            "confluence": np.full(n, np.nan, np.float32),
+            "transient": np.zeros(n, bool),
+        }
+
+
 @dataclass
 class _Committer:
     """Turns results into report parts, one chunk at a time, each published with its manifest."""
 
     cfg: ScoreConfig
     todo: list[ArchiveObject]
-    stacks: list[str]
-    classes: list[str]
-    versions: tuple[str, str]
+    stacks: list[str | None]
+    models: StackModels
     summary: ScoreSummary
     fields: KeyFields | None = None
+    first_chunk: int = 0  # parts already committed by this run's earlier windows
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self.todo) // self.cfg.chunk_size)
 
     def commit(self, c: int, results: dict[int, tuple]) -> None:
         cfg, size = self.cfg, self.cfg.chunk_size
         lo, hi = c * size, min((c + 1) * size, len(self.todo))
         local = {i - lo: results.pop(i) for i in range(lo, hi) if i in results}
         table = _rows_for_chunk(
-            self.todo[lo:hi],
-            local,
-            self.stacks[lo:hi],
-            self.classes,
-            self.versions,
-            self.summary.run_id,
-            bool(cfg.detector),
-            cfg.detect_all_stacks,
-            self.fields,
+            self.todo[lo:hi], local, self.stacks[lo:hi], self.models, self.summary.run_id, self.fields
         )
-        name = f"{self.summary.run_id}-{c:05d}"
+        name = f"{self.summary.run_id}-{self.first_chunk + c:05d}"
         meta = {
             "run_id": self.summary.run_id,
             "archive": cfg.archive,
-            "classifier_version": self.versions[0],
-            "detector_version": self.versions[1],
+            "classifier_versions": {s: m[1]["version"] for s, m in self.models.classifiers.items()},
+            "detector_version": self.models.detector["version"] if self.models.detector else "",
             "config": asdict(cfg),
         }
         self.summary.parts.append(_publish(table, cfg.out, cfg.endpoint_url, name, meta))
@@ -772,10 +998,10 @@ class _Committer:
     def consume(self, scored) -> None:
         """Commit each chunk as soon as all its rows are back; the driver holds one chunk's results
         (probabilities, boxes, error texts). Rows that never come back become error rows."""
-        n_chunks = -(-len(self.todo) // self.cfg.chunk_size)
+        n_chunks = self.n_chunks
         results: dict[int, tuple] = {}
         next_chunk, received = 0, 0
-        for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for b in scored:
             cols = (b["row"], b["ok"], b["error"], b["probs"], b["boxes"], b["confluence"], b["transient"])
             for r, ok, e, p, bx, cf, tr in zip(*cols, strict=True):
                 results[int(r)] = (bool(ok), str(e), p, str(bx), float(cf), bool(tr))
@@ -802,19 +1028,38 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
     check_writable(cfg.out, cfg.endpoint_url)
     if cfg.run_id and _run_id_used(cfg.out, cfg.endpoint_url, run_id):
         raise ValueError(f"--run-id {run_id}: already used in the report {cfg.out}; give a new one")
-    clf_cfg, det_cfg = _check_models(cfg)
+    sm = _check_models(cfg)
     fields = KeyFields(cfg.key_pattern, cfg.metadata, cfg.endpoint_url)
-    versions = (clf_cfg["version"], det_cfg["version"] if det_cfg else "")
-    todo = _plan(cfg, versions, summary)
-    if todo:
-        if connect is not None:
-            connect()
-        default_stack = clf_cfg.get("stack", "sstack")
-        stacks = [stack_of(o.key, default_stack) if cfg.stack == "auto" else cfg.stack for o in todo]
-        data_cfg = {**clf_cfg["data"], "endpoint_url": None}
-        det_size = int(det_cfg["image_size"]) if det_cfg else None
-        committer = _Committer(cfg, todo, stacks, list(clf_cfg["classes"]), versions, summary, fields)
-        committer.consume(_pipeline(cfg, todo, stacks, data_cfg, det_size))
+    lease = ReportLease(cfg.out, run_id, cfg.endpoint_url).acquire()  # one writer per report
+    try:
+        done = DoneKeys.load(cfg.out, cfg.endpoint_url)
+        chunks = 0  # parts are numbered across windows
+        for todo, stacks in _plan_windows(cfg, sm, summary, done):
+            if not chunks:
+                if connect is not None:
+                    connect()
+                # read tasks and model actors may run on any node: what they read must be there (the
+                # report itself is written by this driver alone)
+                shared = {"ARCHIVE": cfg.archive, "--detector": cfg.detector or ""}
+                shared.update({f"--classifier {st}": uri for st, (uri, _) in sm.classifiers.items()})
+                storage.ensure_shared(shared)
+            log.info(
+                "%s: %d objects listed so far, %d already in the report, %d to score now (run %s)",
+                cfg.archive,
+                summary.listed,
+                summary.skipped,
+                len(todo),
+                summary.run_id,
+            )
+            committer = _Committer(cfg, todo, stacks, sm, summary, fields, first_chunk=chunks)
+            committer.consume(_scored(cfg, todo, stacks, sm))
+            chunks += committer.n_chunks
+        if not chunks:
+            log.info(
+                "%s: %d objects, all %d images already in the report", cfg.archive, summary.listed, summary.skipped
+            )
+    finally:
+        lease.release()
     summary.seconds = time.perf_counter() - t0
     if summary.no_vessel:
         log.warning(

@@ -120,3 +120,102 @@ def describe_error(exc: BaseException) -> str:
         if val:
             msg = msg.replace(val, "***")
     return msg[:300]
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` / parts, for a local path or an ``s3://`` URI."""
+    return posixpath.join(str(uri), *parts) if is_s3(uri) else os.path.join(str(uri), *parts)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers and trials run in folders of their own); URIs as given."""
+    return str(uri) if "://" in str(uri) else os.path.abspath(os.path.expanduser(str(uri)))
+
+
+def ray_storage(uri: str, endpoint_url: str | None = None) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Tune's and Train's ``RunConfig``: a local path
+    and no file system, or ``bucket/prefix`` and this project's S3 file system (which honours the
+    endpoint URL; Ray's own URI resolution does not)."""
+    if is_s3(uri):
+        loc = resolve(uri, endpoint_url)
+        return loc.path, loc.fs
+    return absolute(uri), None
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    loc = resolve(uri, endpoint_url)
+    try:
+        if loc.scheme == "file":
+            loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
+        with loc.fs.open_output_stream(loc.path) as fh:
+            fh.write(data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {uri}: {describe_error(exc)}") from None
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint_url: str | None = None) -> None:
+    """Copy a local folder's files to ``uri`` (a no-op when ``uri`` is that folder)."""
+    loc = resolve(uri, endpoint_url)
+    if loc.scheme == "file" and os.path.realpath(loc.path) == os.path.realpath(local_dir):
+        return
+    try:
+        pafs.copy_files(str(local_dir), loc.path, destination_filesystem=loc.fs)
+    except OSError as exc:
+        raise StorageError(f"cannot write {uri}: {describe_error(exc)}") from None
+
+
+def check_writable(uri: str, endpoint_url: str | None = None) -> None:
+    """Fail in seconds, naming ``uri``, when an output location cannot be written."""
+    probe = join(uri, f"_write_probe_{os.getpid()}")
+    write_bytes(probe, b"", endpoint_url)
+    loc = resolve(probe, endpoint_url)
+    try:
+        loc.fs.delete_file(loc.path)
+    except OSError:
+        pass
+
+
+def _exists_here(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def ensure_shared(what: dict[str, str]) -> None:
+    """On a Ray cluster of more than one node, every local path in ``what`` ({option: path}) must be
+    seen by every node (a shared mount), else fail at start with one line: a trial, a Train worker or a
+    scoring actor on another node would not find it (or would write where nobody reads). ``s3://``
+    URIs pass. Each alive node is asked with a zero-CPU task pinned to it; a cluster whose only node
+    keeps no CPUs for work (workers scale from zero) cannot be checked and is refused."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = {k: v for k, v in what.items() if v and not is_s3(v)}
+    if not local or not ray.is_initialized():  # Ray not started yet: it will start here, one node
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    working = [n for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0]
+    if len(nodes) <= 1 and working:
+        return
+    opt, path = next(iter(local.items()))
+    advice = "give shared storage (s3://bucket/prefix, or a path on a mount every node has)"
+    if not working:
+        raise ValueError(f"{opt} {path}: a local path on a cluster whose work runs on nodes not started yet; {advice}")
+    probe = ray.remote(num_cpus=0)(_exists_here)
+    for n in nodes:
+        if n["NodeID"] == here:
+            continue
+        missing = ray.get(
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                list(local.values())
+            )
+        )
+        if missing:
+            opt = next(k for k, v in local.items() if v == missing[0])
+            raise ValueError(
+                f"{opt} {missing[0]}: not seen by node {n['NodeManagerAddress']} of this cluster; {advice}"
+            )
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    loc = resolve(uri, endpoint_url)
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound

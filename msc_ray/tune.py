@@ -10,9 +10,10 @@ stopping, ASHA, backbone choice, temperature), the other folds train.
    Adam (its ``weight_decay`` is L2 regularisation), warm-up then cosine learning rate, class-weighted
    cross-entropy plus a confluence regression output where the corpus carries measured confluence,
    patience on inner-validation micro ROC-AUC, and ASHA across the trials *of the same fold*.
-2. ``final``: the winning configuration on every fold without ASHA (reusing search trials that ran it
-   to the end), so the winner's row is complete; its outer-fold outputs give the ROC/PR curves and the
-   confusion matrix, its inner-validation outputs the temperature.
+2. ``final``: the winning configuration on every fold without ASHA, over the whole schedule with the
+   last weights kept (the recipe the export trains), so the winner's row is complete and describes the
+   exported model; its outer-fold outputs give the ROC/PR curves and the confusion matrix, its
+   inner-validation outputs the temperature.
 3. ``export``: the winner trained on all images over the whole schedule (``max_epochs``, final
    weights: nothing is left to pick an epoch on): the artifact scoring loads (one forward pass per
    image, where a five-model fold ensemble would cost five).
@@ -25,10 +26,12 @@ tasks while it trains, so trials only ask for their own CPUs (and GPU share) and
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -38,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import corpus, data, engine, metrics, models
+from . import corpus, data, engine, metrics, models, storage
 from .config import DataConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ METRIC = "val_auc"
 @dataclass(frozen=True)
 class TuneJobConfig:
     manifest: str  # manifest URI (the CLI indexes a corpus into RUN/manifest.parquet first)
-    out: str  # run folder (local)
+    out: str  # run folder: a local path (a shared mount on a cluster) or s3://bucket/prefix
     stack: str = "sstack"
     backbones: tuple[str, ...] = ("compact_cnn", "resnet18")
     max_epochs: int = 25
@@ -151,6 +154,9 @@ class ClassifierRun:
         self.loss_fn = engine.ClassifierLoss(engine.balanced_weights(self.train.labels, k).to(self.device), k)
         self.aug_train, self.aug_eval = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
         self.stopper = engine.EarlyStopping(job.patience)
+        # the final and export runs train the whole schedule and keep its last weights: the recipe that
+        # is exported, so Table 1's winner row and the temperature describe the model that scores
+        self.whole_schedule = self.phase in ("final", "export")
         self.start = 0
 
     def restore(self, ckpt) -> None:
@@ -200,13 +206,16 @@ class ClassifierRun:
             m = engine.evaluate(self.predict(self.val), self.val, self.classes)
             report.update({METRIC: m["roc_auc"], "val_acc": m["accuracy"], "val_pr_auc": m["pr_auc"]})
             self.stopper.update(m["roc_auc"], epoch + 1, self.model)
-            done = "patience" if self.stopper.stop else "max_epochs" if last else ""
+            stop = self.stopper.stop and not self.whole_schedule
+            done = "patience" if stop else "max_epochs" if last else ""
             report["best_val_auc"] = self.stopper.best
         extra = {}
         if done and len(self.test):
-            extra = _outer_figures(self.model, self.stopper.best_state, self.predict, self.val, self.test, self.classes)
+            weights = self.model.state_dict() if self.whole_schedule else self.stopper.best_state
+            extra = _outer_figures(self.model, weights, self.predict, self.val, self.test, self.classes)
             report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
-        report.update(best_epoch=self.stopper.best_epoch, done_reason=done, epoch_seconds=time.perf_counter() - t0)
+        kept = epoch + 1 if self.whole_schedule else self.stopper.best_epoch
+        report.update(best_epoch=kept, done_reason=done, epoch_seconds=time.perf_counter() - t0)
         return report, extra, done
 
     def save(self, folder: str, epoch: int, extra: dict) -> None:
@@ -385,14 +394,15 @@ def _run_experiment(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    storage = os.path.abspath(job.out)
-    path = os.path.join(storage, name)
+    storage_path, fs = storage.ray_storage(job.out, job.endpoint_url)
+    path = os.path.join(storage_path, name)
     trainable = tune.with_resources(tune.with_parameters(classifier_trial, caches=caches), _resources(job))
-    if os.path.isdir(path) and tune.Tuner.can_restore(path):
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
         if not resume:
-            raise ValueError(f"{path} holds an earlier experiment: pass --resume to finish it, or use a new --out")
-        log.info("resuming %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+            where = storage.join(job.out, name)
+            raise ValueError(f"{where} holds an earlier experiment: pass --resume to finish it, or use a new --out")
+        log.info("resuming %s", storage.join(job.out, name))
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -409,7 +419,8 @@ def _run_experiment(
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=storage_path,
+                storage_filesystem=fs,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=job.verbose,
@@ -514,7 +525,7 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
             )
         )
     if final:
-        label = f"winner, lr={winner['lr']:.2e} wd={winner['weight_decay']:.2e}, all folds"
+        label = f"winner, lr={winner['lr']:.2e} wd={winner['weight_decay']:.2e}, all folds, whole schedule"
         done = [t for t in final if t.complete]
         status = "complete" if len(done) == folds else f"{len(done)}/{folds} folds finished"
         rows.append(_row(winner["backbone"], label, done, folds, status, complete=len(done)))
@@ -579,12 +590,26 @@ def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
     return {"table_csv": str(csv_path), "table_md": str(md_path)}
 
 
-def _outputs(final: list[TrialResult]) -> dict[str, np.ndarray]:
+def _checkpoint_file(job: TuneJobConfig, checkpoint: str, name: str) -> bytes | None:
+    """A file of a trial checkpoint (a path in the run's storage: local, or ``bucket/key`` on S3);
+    None when the checkpoint has no such file."""
+    import pyarrow.fs as pafs
+
+    fs = storage.ray_storage(job.out, job.endpoint_url)[1] or pafs.LocalFileSystem()
+    path = f"{checkpoint.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def _outputs(job: TuneJobConfig, final: list[TrialResult]) -> dict[str, np.ndarray]:
     """The winner's inner-validation and outer-fold outputs of every fold, concatenated."""
     parts = []
     for t in final:
-        if t.checkpoint and os.path.exists(os.path.join(t.checkpoint, "outputs.npz")):
-            with np.load(os.path.join(t.checkpoint, "outputs.npz"), allow_pickle=False) as z:
+        raw = _checkpoint_file(job, t.checkpoint, "outputs.npz") if t.checkpoint else None
+        if raw is not None:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
     if not parts:
         raise RuntimeError("the winner's fold runs left no outputs")
@@ -649,33 +674,23 @@ def search_phase(
 
 
 def final_phase(job, folds, classes, caches, search, winner, *, resume: bool) -> list[TrialResult]:
-    """The winner's configuration on every outer fold, without ASHA. Folds on which the search
-    already ran exactly that configuration to completion are reused, not trained again."""
+    """The winner's configuration on every outer fold, without ASHA, over the whole schedule with its
+    last weights kept: the recipe the export trains, so the winner's Table 1 row, its curves and the
+    temperature (fitted on these runs' inner-validation outputs) describe the exported model. The
+    search trials stopped at their best inner-validation epoch, which the export cannot do."""
     from ray import tune
 
-    same = {
-        t.fold: t
-        for t in search
-        if t.backbone == winner["backbone"]
-        and t.complete
-        and t.lr == winner["lr"]
-        and t.weight_decay == winner["weight_decay"]
-    }
-    missing = [f for f in range(folds) if f not in same]
-    ran = []
-    if missing:
-        space = _space(
-            job,
-            "final",
-            folds,
-            classes,
-            backbone=winner["backbone"],
-            fold=tune.grid_search(missing),
-            lr=winner["lr"],
-            weight_decay=winner["weight_decay"],
-        )
-        ran = _run_experiment(job, "final", space, caches, asha=False, resume=resume)
-    return sorted(list(same.values()) + ran, key=lambda t: t.fold)
+    space = _space(
+        job,
+        "final",
+        folds,
+        classes,
+        backbone=winner["backbone"],
+        fold=tune.grid_search(list(range(folds))),
+        lr=winner["lr"],
+        weight_decay=winner["weight_decay"],
+    )
+    return sorted(_run_experiment(job, "final", space, caches, asha=False, resume=resume), key=lambda t: t.fold)
 
 
 def export_phase(job, folds, classes, caches, winner, epochs: int, *, resume: bool) -> TrialResult:
@@ -714,13 +729,16 @@ def calibration(outs: dict, classes: list[str]) -> dict:
     }
 
 
-def _export_artifact(job, out: Path, export: TrialResult, winner, classes, calib, oof_metrics, epochs, info) -> dict:
-    saved = torch.load(os.path.join(export.checkpoint, "state.pt"), map_location="cpu", weights_only=True)
+def _export_artifact(job, export: TrialResult, winner, classes, calib, oof_metrics, epochs, info) -> dict:
+    raw = _checkpoint_file(job, export.checkpoint, "state.pt")
+    if raw is None:
+        raise RuntimeError(f"the export run's checkpoint {export.checkpoint} has no state.pt")
+    saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     weights_file = models.resolve_pretrained(winner["backbone"], job.pretrained)
     dcfg = _data_config(job, winner["backbone"], weights_file is not None)
     regress = bool(saved.get("confluence_output", False))
     return models.save_artifact(
-        out / "artifact",
+        storage.join(job.out, "artifact"),
         saved["best_model"],
         {
             "kind": "classifier",
@@ -738,18 +756,15 @@ def _export_artifact(job, out: Path, export: TrialResult, winner, classes, calib
             "pretrained": str(weights_file) if weights_file else "none",
             "hyperparameters": {"lr": winner["lr"], "weight_decay": winner["weight_decay"]},
             "metrics_outer_folds": oof_metrics,
-            "run": {"out": str(out.resolve()), "manifest": job.manifest, "corpus": info.get("corpus")},
+            "run": {"out": job.out, "manifest": job.manifest, "corpus": info.get("corpus")},
         },
+        endpoint_url=job.endpoint_url,
     )
 
 
 def absolute(job: TuneJobConfig) -> TuneJobConfig:
     """Local paths made absolute: trials run in their own working folders."""
-
-    def fix(p: str) -> str:
-        return p if "://" in p else os.path.abspath(p)
-
-    return replace(job, manifest=fix(job.manifest), out=fix(job.out))
+    return replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out))
 
 
 def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
@@ -762,7 +777,12 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     if folds < 3:
         raise ValueError(f"{job.manifest}: {folds} folds; nested evaluation needs at least 3 (outer, inner, training)")
     classes = info["classes"][job.stack]
-    out = Path(job.out)
+    storage.check_writable(job.out, job.endpoint_url)
+    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
+    storage.ensure_shared({"--out": job.out, "the manifest": job.manifest, "the corpus (first image)": first})
+    # tables, plots and the summary are written here, then copied to --out when that is s3://
+    remote = storage.is_s3(job.out)
+    out = Path(tempfile.mkdtemp(prefix="msc-ray-tune-") if remote else job.out)
     out.mkdir(parents=True, exist_ok=True)
     caches = build_caches(job, manifest)  # tune.with_parameters puts them in Ray's object store once
     search = search_phase(job, folds, classes, caches, resume=resume)
@@ -781,7 +801,7 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
 
     table = build_table(search, final, folds, winner)
     outputs = _write_table(table, out)
-    outs = _outputs(final)
+    outs = _outputs(job, final)
     calib = calibration(outs, classes)
     k = len(classes)
     probs = metrics.calibrated(outs["test_outputs"][:, :k], calib["temperature"])
@@ -797,8 +817,7 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
         f"{job.stack}: {winner['backbone']} (winner), outer folds",
         out / "winner.png",
     )
-    art_cfg = _export_artifact(job, out, export, winner, classes, calib, oof, epochs, info)
-    outputs["artifact"] = str(out / "artifact")
+    art_cfg = _export_artifact(job, export, winner, classes, calib, oof, epochs, info)
     summary = {
         "winner": winner,
         "calibration": calib,
@@ -810,4 +829,9 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     outputs["summary"] = str(out / "summary.json")
+    if remote:
+        storage.upload_dir(out, job.out, job.endpoint_url)
+        outputs = {k: storage.join(job.out, Path(v).relative_to(out).as_posix()) for k, v in outputs.items()}
+        shutil.rmtree(out, ignore_errors=True)
+    outputs["artifact"] = storage.join(job.out, "artifact")
     return SearchOutcome(search=search, final=final, table=table, winner=winner, outputs=outputs)

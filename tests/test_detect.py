@@ -98,7 +98,7 @@ def test_missing_or_malformed_annotations_never_train_as_negatives(corpus_copy):
     assert rows.num_rows == pc.sum(pc.equal(table["stack"], "sstack")).as_py() - 2
 
 
-def test_operating_point_is_the_threshold_that_separates_true_from_false_boxes():
+def test_operating_point_finds_every_cell_the_fdr_budget_allows():
     rng = np.random.default_rng(0)
     preds, truths = [], []
     for _ in range(30):
@@ -107,10 +107,21 @@ def test_operating_point_is_the_threshold_that_separates_true_from_false_boxes()
         false = np.array([[80, 80, 100, 100.0]])
         preds.append((np.vstack([truth + 1, false]), np.array([rng.uniform(0.6, 0.9), rng.uniform(0.1, 0.4)])))
         truths.append(truth)
-    op = detect.choose_operating_point(preds, truths)
-    assert 0.4 < op["score_threshold"] <= 0.6 and op["f1"] == pytest.approx(1.0)
-    m = metrics.detection_metrics(detect._apply_nms(preds, op["nms_iou"]), truths, op["score_threshold"])
+    false_scores = sorted(float(s[1]) for _, s in preds)
+    lowest_true = min(float(s[0]) for _, s in preds)
+    strict = detect.choose_operating_point(preds, truths, max_fdr=0.0)  # no false box at all
+    assert false_scores[-1] < strict["score_threshold"] <= lowest_true and strict["f1"] == pytest.approx(1.0)
+    m = metrics.detection_metrics(detect._apply_nms(preds, strict["nms_iou"]), truths, strict["score_threshold"])
     assert (m["hit_rate"], m["fdr"]) == (1.0, 0.0)
+    # a 5 % budget holds one false box among 31, not two: the threshold drops to the highest false score
+    op = detect.choose_operating_point(preds, truths, max_fdr=0.05)
+    assert op["score_threshold"] == pytest.approx(false_scores[-1]) and op["rule"].startswith("loosest")
+    m = metrics.detection_metrics(detect._apply_nms(preds, op["nms_iou"]), truths, op["score_threshold"])
+    assert (m["tp"], m["fp"], m["fn"]) == (30, 1, 0)
+    # a model whose best box is false on every image: nothing fits the budget, best F1 is the fallback
+    worse = [(b, np.array([s[1], s[0]])) for b, s in preds]
+    op = detect.choose_operating_point(worse, truths, max_fdr=0.05)
+    assert op["rule"].startswith("best F1") and op["f1"] == pytest.approx(2 * 30 / (2 * 30 + 30))
 
 
 def test_detection_metrics_definitions():

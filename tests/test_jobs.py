@@ -37,10 +37,30 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
         assert "IamInstanceProfile" in t["node_config"]  # S3 through an instance profile, no keys
         assert t["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] >= 100
     assert any("pip install -e" in c for c in config["setup_commands"])
+    # a locked-down head: token authentication on every node, the dashboard/job API on loopback only
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
+    assert "/home/ubuntu/.ray/auth_token" in config["file_mounts"]
     broken = copy.deepcopy(config)
     broken["available_node_types"]["cpu_worker"]["max_workers"] = "many"
     with pytest.raises(Exception, match="many"):
         validate_config(prepare_config(broken))
+
+
+def test_kuberay_rayjob_has_token_auth_a_scheduling_head_and_storage_in_s3():
+    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"} and spec["rayVersion"] >= "2.60"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert all(g["minReplicas"] == 0 for g in spec["workerGroupSpecs"])
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[1].endswith("jobs/score_archive.py")
+    for opt in ("--out", "--classifier", "--detector"):  # nothing a pod needs on another pod's disk
+        values = [v for k, v in zip(entry, entry[1:], strict=False) if k == opt]
+        assert values and all(v.split("=")[-1].startswith("s3://") for v in values)
 
 
 def _free_port() -> int:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from msc_ray import metrics, models, score
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """A real (untrained) classifier and detector artifact: scoring is under test, not accuracy."""
+    """Real (untrained) classifiers, one per stack, and a detector: scoring is under test, not accuracy."""
     root = tmp_path_factory.mktemp("artifacts")
     torch.manual_seed(0)
     clf = models.build_classifier("mobilenet_v3_small", 4, image_size=64)
@@ -34,6 +35,20 @@ def artifacts(tmp_path_factory):
             "temperature": 1.5,
         },
     )
+    clf_m = models.build_classifier("compact_cnn", 4, image_size=48)
+    models.save_artifact(
+        root / "clf_m",
+        clf_m.state_dict(),
+        {
+            "kind": "classifier",
+            "architecture": "compact_cnn",
+            "classes": ["1", "2", "3", "4"],
+            "stack": "mstack",
+            "data": {"size": 48, "channels": 3, "equalize": True},
+            "dropout": 0.5,
+            "temperature": 1.0,
+        },
+    )
     det = models.build_detector("resnet18_fpn", image_size=64)
     models.save_artifact(
         root / "det",
@@ -47,7 +62,7 @@ def artifacts(tmp_path_factory):
             "nms_iou": 0.5,
         },
     )
-    return root / "clf", root / "det"
+    return (f"sstack={root / 'clf'}", f"mstack={root / 'clf_m'}"), root / "det"
 
 
 @pytest.fixture()
@@ -69,8 +84,9 @@ def test_local_archive_report_exactly_once(ray_session, archive, artifacts, tmp_
     root, n_images = archive
     clf, det = artifacts
     out = str(tmp_path / "report")
-    cfg = score.ScoreConfig(archive=str(root), classifier=str(clf), detector=str(det), out=out, chunk_size=20)
+    cfg = score.ScoreConfig(archive=str(root), classifier=clf, detector=str(det), out=out, chunk_size=20)
     s = score.score_archive(cfg)
+    versions = {e.split("=")[0]: models.read_config(e.split("=", 1)[1])["version"] for e in clf}
     assert (s.listed, s.ignored, s.scored, s.errors) == (n_images + 1, 1, n_images, 2)
     t = score.read_report(out).to_pylist()
     assert len(t) == n_images and len({r["uri"] for r in t}) == n_images
@@ -96,21 +112,36 @@ def test_local_archive_report_exactly_once(ray_session, archive, artifacts, tmp_
                 assert 0 <= b["x1"] < b["x2"] <= 64.5 and 0 <= b["y1"] < b["y2"] <= 64.5 and 0 <= b["score"] <= 1
         else:
             assert r["abnormal_boxes"] is None
-        assert r["classifier_version"] and r["detector_version"] and r["run_id"] == s.run_id
+        # each image went through its own stack's classifier (and input size), the detector through sstack only
+        assert r["classifier_version"] == versions[r["stack"]] and r["run_id"] == s.run_id
+        assert (r["detector_version"] is not None) == (r["stack"] == "sstack")
     # a rerun adds nothing; a new object adds exactly its row
     again = score.score_archive(cfg)
     assert again.scored == 0 and again.skipped == n_images
     shutil.copyfile(root / t[0]["key"], root / "sstack" / "3" / "S777_d09_tl.png")
     third = score.score_archive(cfg)
     assert third.scored == 1 and len(score.read_report(out)) == n_images + 1
-    # a new model version scores everything again, as new rows
+    # a new single-stack model version scores those images again, as new rows; with no multi-stack
+    # classifier given, every multi-stack image is an error row naming the missing stack
+    sstack_art = clf[0].split("=", 1)[1]
     models.save_artifact(
         tmp_path / "clf2",
-        {k: v + 0.01 if v.is_floating_point() else v for k, v in models.read_artifact(clf)[1].items()},
-        {k: v for k, v in models.read_artifact(clf)[0].items() if k not in ("version", "format")},
+        {k: v + 0.01 if v.is_floating_point() else v for k, v in models.read_artifact(sstack_art)[1].items()},
+        {k: v for k, v in models.read_artifact(sstack_art)[0].items() if k not in ("version", "format")},
     )
     fourth = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(tmp_path / "clf2"), out=out))
     assert fourth.scored == n_images + 1
+    new = [r for r in score.read_report(out).to_pylist() if r["run_id"] == fourth.run_id]
+    m_rows = [r for r in new if r["stack"] == "mstack"]
+    assert m_rows and all(r["status"] == "error" and r["error_kind"] == "permanent" for r in m_rows)
+    missing = "no classifier for stack mstack (give --classifier mstack=ARTIFACT)"
+    assert all(r["error"].endswith(missing) for r in m_rows)
+    new_version = models.read_config(tmp_path / "clf2")["version"]
+    assert {r["classifier_version"] for r in new if r["stack"] == "sstack"} == {new_version}
+
+
+def _clf_args(clf) -> list[str]:
+    return [a for entry in clf for a in ("--classifier", entry)]
 
 
 def _published(client, bucket: str, prefix: str) -> list[str]:
@@ -134,8 +165,7 @@ def test_s3_archive_killed_and_rerun_gives_one_row_per_object(ray_session, s3_se
         "msc_ray.cli",
         "score",
         "s3://plant/captures/2026",
-        "--classifier",
-        str(clf),
+        *_clf_args(clf),
         "--out",
         "s3://plant/reports/qc",
         "--chunk-size",
@@ -191,11 +221,11 @@ def test_object_store_failures_fail_fast_and_publish_nothing(s3_server, artifact
     client = s3_server.client()
     client.create_bucket(Bucket="failures")
     client.put_object(Bucket="failures", Key="in/sstack/1/a.png", Body=b"x")
-    base = ["--classifier", str(clf), "--out", "s3://failures/report"]
+    base = [*_clf_args(clf), "--out", "s3://failures/report"]
     wrong = "WRONG" + "x" * 30
     _fails_fast(["s3://failures/in", *base], {"AWS_SECRET_ACCESS_KEY": wrong}, "s3://failures", secret=wrong)
     _fails_fast(
-        ["s3://no-such-bucket/in", "--classifier", str(clf), "--out", str(tmp_path / "r")],
+        ["s3://no-such-bucket/in", *_clf_args(clf), "--out", str(tmp_path / "r")],
         {},
         "no-such-bucket",
     )
@@ -210,14 +240,15 @@ def test_report_command_counts_and_plots_beside_a_report_plain_readers_read(ray_
     root, n_images = archive
     clf, _ = artifacts
     out = tmp_path / "report"
-    score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out)))
+    score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(out)))
     res = subprocess.run([sys.executable, "-m", "msc_ray.cli", "report", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"{n_images} rows" in res.stdout and "error=2" in res.stdout and "sstack=" in res.stdout
     plots = tmp_path / "report-plots"  # beside the report, not inside it
     assert (plots / "bands.png").stat().st_size > 5000
     assert (plots / "vessels.png").stat().st_size > 5000
-    assert sorted(p.name for p in out.iterdir()) == ["_commits", "_staging", "parts"]
+    assert sorted(p.name for p in out.iterdir()) == ["_commits", "_leases", "_staging", "parts"]
+    assert not list((out / "_leases").iterdir())  # the run's lease is gone with it
     # a plain Parquet reader of the report folder reads it untouched: one row per object
     assert len(pd.read_parquet(out)) == n_images
     missing = subprocess.run(
@@ -245,13 +276,13 @@ def test_a_run_id_is_a_new_name_never_a_path(ray_session, archive, artifacts, tm
     out = tmp_path / "r"
     for bad in ("../../x", "a/b", ".hidden", "x" * 200):
         with pytest.raises(ValueError, match="--run-id"):
-            score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), run_id=bad))
+            score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(out), run_id=bad))
     assert not (tmp_path / "x").exists() and not out.exists()
-    first = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), run_id="day-1"))
+    first = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(out), run_id="day-1"))
     assert first.scored > 0
     before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
     with pytest.raises(ValueError, match="already used"):
-        score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), run_id="day-1"))
+        score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(out), run_id="day-1"))
     assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == before
 
 
@@ -275,7 +306,7 @@ def test_killed_between_manifest_and_part_no_reader_sees_the_part(
         done.append(final)
 
     monkeypatch.setattr(score, "_commit_part", dying_commit)
-    cfg = score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(out), chunk_size=5)
+    cfg = score.ScoreConfig(archive=str(root), classifier=clf, out=str(out), chunk_size=5)
     with pytest.raises(KeyboardInterrupt):
         score.score_archive(cfg)
     monkeypatch.setattr(score, "_commit_part", real_commit)
@@ -323,7 +354,6 @@ def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifa
         batch,
         cls_cfg={"size": 64, "channels": 3},
         det_size=None,
-        detect_all=False,
         endpoint_url=None,
         max_pixels=10**8,
         read_attempts=3,
@@ -368,7 +398,7 @@ def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
     first = score.score_archive(
         score.ScoreConfig(
             archive="s3://outage/cap",
-            classifier=str(clf),
+            classifier=clf,
             out=str(out),
             endpoint_url=doomed.endpoint,
             read_attempts=2,
@@ -380,7 +410,7 @@ def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
     assert first.scored == n_images and len(t) == n_images
     assert {r["error_kind"] for r in t} == {"transient"} and all(r["status"] == "error" for r in t)
     second = score.score_archive(
-        score.ScoreConfig(archive="s3://outage/cap", classifier=str(clf), out=str(out), endpoint_url=s3_server.endpoint)
+        score.ScoreConfig(archive="s3://outage/cap", classifier=clf, out=str(out), endpoint_url=s3_server.endpoint)
     )
     assert second.skipped == 0 and second.scored == n_images
     t = score.read_report(str(out)).to_pylist()
@@ -393,7 +423,7 @@ def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
     plain = pd.read_parquet(out)  # history stays in the files: a plain reader filters transient rows
     assert len(plain) == 2 * n_images and len(plain[plain.error_kind != "transient"]) == n_images
     third = score.score_archive(
-        score.ScoreConfig(archive="s3://outage/cap", classifier=str(clf), out=str(out), endpoint_url=s3_server.endpoint)
+        score.ScoreConfig(archive="s3://outage/cap", classifier=clf, out=str(out), endpoint_url=s3_server.endpoint)
     )
     assert third.scored == 0 and third.skipped == n_images
 
@@ -412,11 +442,11 @@ def test_vessel_day_position_from_a_pattern_or_a_metadata_table(ray_session, sma
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / r["image"], root / key)
         expect[key] = (f"{i // 4:02d}", i % 4 + 1, f"pos{i}")
-    plain = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "a")))
+    plain = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "a")))
     assert plain.no_vessel == len(expect)
     pattern = r"vessel-(?P<vessel>\d+)/day-(?P<day>\d+)/(?P<position>\w+)\.png"
     by_pattern = score.score_archive(
-        score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "b"), key_pattern=pattern)
+        score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "b"), key_pattern=pattern)
     )
     assert by_pattern.no_vessel == 0
     got = {r["key"]: (r["vessel"], r["day"], r["position"]) for r in score.read_report(str(tmp_path / "b")).to_pylist()}
@@ -432,20 +462,20 @@ def test_vessel_day_position_from_a_pattern_or_a_metadata_table(ray_session, sma
     pacsv.write_csv(table, tmp_path / "meta.csv")
     score.score_archive(
         score.ScoreConfig(
-            archive=str(root), classifier=str(clf), out=str(tmp_path / "c"), metadata=str(tmp_path / "meta.csv")
+            archive=str(root), classifier=clf, out=str(tmp_path / "c"), metadata=str(tmp_path / "meta.csv")
         )
     )
     got = {r["key"]: (r["vessel"], r["day"], r["position"]) for r in score.read_report(str(tmp_path / "c")).to_pylist()}
     assert got == {k: (f"V{v}", d, "c") for k, (v, d, _) in expect.items()}
     with pytest.raises(ValueError, match="--key-pattern.*vessel"):
-        score.ScoreConfig(archive=str(root), classifier=str(clf), out="x", key_pattern=r"day-(?P<day>\d+)").validate()
+        score.ScoreConfig(archive=str(root), classifier=clf, out="x", key_pattern=r"day-(?P<day>\d+)").validate()
     with pytest.raises(ValueError, match="--key-pattern"):
-        score.ScoreConfig(archive=str(root), classifier=str(clf), out="x", key_pattern="(unclosed").validate()
+        score.ScoreConfig(archive=str(root), classifier=clf, out="x", key_pattern="(unclosed").validate()
     (tmp_path / "bad.csv").write_text("name,vessel\na,b\n")
     with pytest.raises(ValueError, match="--metadata .*bad.csv"):
         score.score_archive(
             score.ScoreConfig(
-                archive=str(root), classifier=str(clf), out=str(tmp_path / "d"), metadata=str(tmp_path / "bad.csv")
+                archive=str(root), classifier=clf, out=str(tmp_path / "d"), metadata=str(tmp_path / "bad.csv")
             )
         )
 
@@ -455,11 +485,104 @@ def test_dangling_links_and_link_loops_in_a_local_archive_are_error_rows(ray_ses
     clf, _ = artifacts
     os.symlink(root / "sstack" / "no-such.png", root / "sstack" / "S990_d01_c.png")  # dangling
     os.symlink(root / "sstack" / "S991_d01_c.png", root / "sstack" / "S991_d01_c.png")  # a loop
-    s = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "r")))
+    s = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "r")))
     assert s.scored == n_images + 2
     rows = {r["key"]: r for r in score.read_report(str(tmp_path / "r")).to_pylist()}
     for key in ("sstack/S990_d01_c.png", "sstack/S991_d01_c.png"):
         assert rows[key]["status"] == "error" and rows[key]["error_kind"] == "permanent", rows[key]
         assert rows[key]["error"].startswith(f"{key}: cannot read")
-    again = score.score_archive(score.ScoreConfig(archive=str(root), classifier=str(clf), out=str(tmp_path / "r")))
+    again = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "r")))
     assert again.scored == 0  # permanent: not scored again
+
+
+def test_one_classifier_per_stack_checked_before_any_work(artifacts, tmp_path):
+    clf, _ = artifacts
+    s_art, m_art = (e.split("=", 1)[1] for e in clf)
+    cfg = score.ScoreConfig(archive=str(tmp_path), classifier=(s_art, f"mstack={m_art}"), out=str(tmp_path / "r"))
+    sm = score._check_models(cfg)  # a bare artifact serves the stack it was trained on
+    assert {s: uri for s, (uri, _) in sm.classifiers.items()} == {"sstack": s_art, "mstack": m_art}
+    assert sm.versions("mstack")[0] == models.read_config(m_art)["version"] and sm.versions("mstack")[1] == ""
+    assert sm.missing("a.png", None).startswith("a.png: stack unknown")
+    bad = {
+        (f"sstack={s_art}", s_art): "two classifiers for sstack",
+        (f"mstack={s_art}",): "trained on sstack images, not mstack",
+        (f"tstack={s_art}",): "unknown stack 'tstack'",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            score._check_models(score.ScoreConfig(archive=str(tmp_path), classifier=spec, out="r"))
+
+
+def test_keys_without_a_stack_folder_need_one_classifier_or_stack(ray_session, small_corpus, artifacts, tmp_path):
+    """A flat archive scored with two classifiers cannot tell the stack: error rows that say so; with
+    ``--stack`` every image goes through that stack's model."""
+    src, rows = small_corpus
+    root = tmp_path / "flat"
+    root.mkdir()
+    for r in rows[:4]:
+        shutil.copyfile(src / r["image"], root / r["image"].rsplit("/", 1)[-1])
+    clf, _ = artifacts
+    first = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "a")))
+    t = score.read_report(str(tmp_path / "a")).to_pylist()
+    assert first.errors == 4 and all("stack unknown" in r["error"] and r["stack"] is None for r in t)
+    forced = score.score_archive(
+        score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "b"), stack="mstack")
+    )
+    t = score.read_report(str(tmp_path / "b")).to_pylist()
+    assert forced.errors == 0 and {r["stack"] for r in t} == {"mstack"}
+    assert {r["classifier_version"] for r in t} == {models.read_config(clf[1].split("=", 1)[1])["version"]}
+
+
+def test_a_second_run_on_a_report_being_written_stops_at_start(ray_session, archive, artifacts, tmp_path):
+    """One writer per report: a live run's lease refuses a second run in one line, before it scores
+    anything; two runs that claim the report at the same moment end with exactly one writer; the lease
+    of a run that died stops counting."""
+    root, n_images = archive
+    clf, _ = artifacts
+    out = str(tmp_path / "report")
+    running = score.ReportLease(out, "night-run").acquire()  # a run in progress (this live process)
+    with pytest.raises(ValueError, match=r"being written by run night-run \(host "):
+        score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=out, run_id="second"))
+    assert score.read_report(out).num_rows == 0 and not os.path.exists(os.path.join(out, "_leases", "second.json"))
+    running.release()
+    # two runs claim the report together: both write their lease, then both look; the earlier wins
+    a, b = score.ReportLease(out, "a"), score.ReportLease(out, "b")
+    a.write()
+    b.write()
+    a.check()
+    with pytest.raises(ValueError, match="being written by run a"):
+        b.check()
+    a.release()
+    # a lease whose process is gone (a killed run on this host) or that was not renewed lets the next run in
+    dead = score.ReportLease(out, "killed")
+    dead.pid = 2**22 + 12345  # no such process
+    dead.write()
+    silent = {"run_id": "silent", "host": "another-host", "pid": 1, "started": 1.0, "renewed": 1.0}
+    (tmp_path / "report" / "_leases" / "silent.json").write_text(json.dumps(silent))  # renewed long ago
+    s = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=out, run_id="next"))
+    assert s.scored == n_images and score.read_report(out).num_rows == n_images
+    assert sorted(os.listdir(os.path.join(out, "_leases"))) == ["killed.json", "silent.json"]  # its own is gone
+
+
+def test_the_archive_is_listed_planned_and_scored_a_window_at_a_time(ray_session, archive, artifacts, tmp_path):
+    """The driver holds one window of the listing (and the report's 8-byte digests), never the whole
+    archive: windows of 7 objects, parts of 3, numbered across windows; a rerun skips every object."""
+    root, n_images = archive
+    clf, _ = artifacts
+    out = str(tmp_path / "report")
+    cfg = score.ScoreConfig(archive=str(root), classifier=clf, out=out, window=7, chunk_size=3, run_id="w")
+    s = score.score_archive(cfg)
+    assert (s.listed, s.ignored, s.scored) == (n_images + 1, 1, n_images)
+    windows = -(-n_images // 7)
+    assert len(s.parts) == sum(-(-min(7, n_images - 7 * w) // 3) for w in range(windows))
+    names = sorted(os.path.basename(p) for p in s.parts)
+    assert names == [f"w-{i:05d}.parquet" for i in range(len(names))]
+    t = score.read_report(out)
+    assert t.num_rows == n_images and len(set(t.column("uri").to_pylist())) == n_images
+    done = score.DoneKeys.load(out)
+    assert len(done) == n_images
+    row = t.slice(0, 1).to_pylist()[0]
+    key = score.DoneKeys.digest(row["uri"], row["version"], row["classifier_version"], row["detector_version"] or "")
+    assert done.contains(np.array([key, key ^ 1], np.uint64)).tolist() == [True, False]
+    again = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=out, window=7))
+    assert (again.scored, again.skipped) == (0, n_images)
