@@ -10,10 +10,9 @@ stopping, ASHA, backbone choice, temperature), the other folds train.
    Adam (its ``weight_decay`` is L2 regularisation), warm-up then cosine learning rate, class-weighted
    cross-entropy plus a confluence regression output where the corpus carries measured confluence,
    patience on inner-validation micro ROC-AUC, and ASHA across the trials *of the same fold*.
-2. ``final``: the winning configuration on every fold without ASHA, over the whole schedule with the
-   last weights kept (the recipe the export trains), so the winner's row is complete and describes the
-   exported model; its outer-fold outputs give the ROC/PR curves and the confusion matrix, its
-   inner-validation outputs the temperature.
+2. ``final``: the winning configuration on every fold without ASHA (reusing search trials that ran it
+   to the end), so the winner's row is complete; its outer-fold outputs give the ROC/PR curves and the
+   confusion matrix, its inner-validation outputs the temperature.
 3. ``export``: the winner trained on all images over the whole schedule (``max_epochs``, final
    weights: nothing is left to pick an epoch on): the artifact scoring loads (one forward pass per
    image, where a five-model fold ensemble would cost five).
@@ -154,9 +153,6 @@ class ClassifierRun:
         self.loss_fn = engine.ClassifierLoss(engine.balanced_weights(self.train.labels, k).to(self.device), k)
         self.aug_train, self.aug_eval = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
         self.stopper = engine.EarlyStopping(job.patience)
-        # the final and export runs train the whole schedule and keep its last weights: the recipe that
-        # is exported, so Table 1's winner row and the temperature describe the model that scores
-        self.whole_schedule = self.phase in ("final", "export")
         self.start = 0
 
     def restore(self, ckpt) -> None:
@@ -206,16 +202,13 @@ class ClassifierRun:
             m = engine.evaluate(self.predict(self.val), self.val, self.classes)
             report.update({METRIC: m["roc_auc"], "val_acc": m["accuracy"], "val_pr_auc": m["pr_auc"]})
             self.stopper.update(m["roc_auc"], epoch + 1, self.model)
-            stop = self.stopper.stop and not self.whole_schedule
-            done = "patience" if stop else "max_epochs" if last else ""
+            done = "patience" if self.stopper.stop else "max_epochs" if last else ""
             report["best_val_auc"] = self.stopper.best
         extra = {}
         if done and len(self.test):
-            weights = self.model.state_dict() if self.whole_schedule else self.stopper.best_state
-            extra = _outer_figures(self.model, weights, self.predict, self.val, self.test, self.classes)
+            extra = _outer_figures(self.model, self.stopper.best_state, self.predict, self.val, self.test, self.classes)
             report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
-        kept = epoch + 1 if self.whole_schedule else self.stopper.best_epoch
-        report.update(best_epoch=kept, done_reason=done, epoch_seconds=time.perf_counter() - t0)
+        report.update(best_epoch=self.stopper.best_epoch, done_reason=done, epoch_seconds=time.perf_counter() - t0)
         return report, extra, done
 
     def save(self, folder: str, epoch: int, extra: dict) -> None:
@@ -525,7 +518,7 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
             )
         )
     if final:
-        label = f"winner, lr={winner['lr']:.2e} wd={winner['weight_decay']:.2e}, all folds, whole schedule"
+        label = f"winner, lr={winner['lr']:.2e} wd={winner['weight_decay']:.2e}, all folds"
         done = [t for t in final if t.complete]
         status = "complete" if len(done) == folds else f"{len(done)}/{folds} folds finished"
         rows.append(_row(winner["backbone"], label, done, folds, status, complete=len(done)))
@@ -674,23 +667,33 @@ def search_phase(
 
 
 def final_phase(job, folds, classes, caches, search, winner, *, resume: bool) -> list[TrialResult]:
-    """The winner's configuration on every outer fold, without ASHA, over the whole schedule with its
-    last weights kept: the recipe the export trains, so the winner's Table 1 row, its curves and the
-    temperature (fitted on these runs' inner-validation outputs) describe the exported model. The
-    search trials stopped at their best inner-validation epoch, which the export cannot do."""
+    """The winner's configuration on every outer fold, without ASHA. Folds on which the search
+    already ran exactly that configuration to completion are reused, not trained again."""
     from ray import tune
 
-    space = _space(
-        job,
-        "final",
-        folds,
-        classes,
-        backbone=winner["backbone"],
-        fold=tune.grid_search(list(range(folds))),
-        lr=winner["lr"],
-        weight_decay=winner["weight_decay"],
-    )
-    return sorted(_run_experiment(job, "final", space, caches, asha=False, resume=resume), key=lambda t: t.fold)
+    same = {
+        t.fold: t
+        for t in search
+        if t.backbone == winner["backbone"]
+        and t.complete
+        and t.lr == winner["lr"]
+        and t.weight_decay == winner["weight_decay"]
+    }
+    missing = [f for f in range(folds) if f not in same]
+    ran = []
+    if missing:
+        space = _space(
+            job,
+            "final",
+            folds,
+            classes,
+            backbone=winner["backbone"],
+            fold=tune.grid_search(missing),
+            lr=winner["lr"],
+            weight_decay=winner["weight_decay"],
+        )
+        ran = _run_experiment(job, "final", space, caches, asha=False, resume=resume)
+    return sorted(list(same.values()) + ran, key=lambda t: t.fold)
 
 
 def export_phase(job, folds, classes, caches, winner, epochs: int, *, resume: bool) -> TrialResult:

@@ -57,8 +57,6 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     assert len(winner_rows) == 1 and winner_rows[0]["folds_complete"] == "3/3"
     # the winner's outer-fold figures are the mean of its fold trials' outer figures
     assert winner_rows[0]["acc_mean"] == pytest.approx(np.mean([t.test_acc for t in outcome.final]))
-    # the winner's fold runs train the whole schedule and keep its last weights, as the export does
-    assert all(t.done_reason == "max_epochs" and t.best_epoch == job.max_epochs for t in outcome.final)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["calibration"]["fitted_on"] == "inner validation folds"
     assert len(summary["outer_folds"]["per_class"]) == 4
