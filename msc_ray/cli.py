@@ -367,6 +367,9 @@ def score(
     concurrency: Annotated[int, typer.Option(help="Model actors (each loads the models once).")] = 1,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
     chunk_size: Annotated[int, typer.Option(help="Objects per committed report part.")] = 2000,
+    window: Annotated[
+        int, typer.Option(help="Objects listed, planned and scored at a time (bounds the driver's memory).")
+    ] = 50_000,
     run_id: Annotated[
         str,
         typer.Option(help="Run id recorded in every row and naming its parts: a new name (default: time + random)."),
@@ -399,6 +402,7 @@ def score(
         concurrency=concurrency,
         gpus_per_actor=gpus_per_actor,
         chunk_size=chunk_size,
+        window=window,
         run_id=run_id,
         endpoint_url=endpoint_url,
         key_pattern=key_pattern,

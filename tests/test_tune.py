@@ -209,3 +209,24 @@ def test_cache_leaves_out_a_corrupt_image_and_keeps_the_rest(ray_session, corpus
     c = data.build_cache(rows, DataConfig(size=32))
     assert len(c) == rows.num_rows - 1 and len(c.errors) == 1 and victim.name in c.errors[0]
     assert isinstance(c, engine.Cache)
+
+
+def test_two_searches_on_one_small_cluster_both_finish(ray_session, sstack_manifest, tmp_path):
+    """Two `tune` drivers on one 2-CPU cluster: each decodes its images before any trial (Ray Data
+    tasks), and trials need no data tasks, so trials of one search holding every CPU delay the other's
+    decoding but never stall it; both finish with their artifacts."""
+    manifest, _ = sstack_manifest
+    address = ray_session.get_runtime_context().gcs_address
+    base = [sys.executable, "-m", "msc_ray.cli", "tune", manifest, "--backbones", "compact_cnn", "--samples", "1"]
+    base += ["--max-epochs", "2", "--size", "32", "--batch-size", "16", "--pretrained", "none", "--address", address]
+    procs = [
+        subprocess.Popen(
+            base + ["--out", str(tmp_path / name)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name in ("a", "b")
+    ]
+    for proc in procs:
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-2000:]
+    for name in ("a", "b"):
+        assert (tmp_path / name / "artifact" / "weights.pt").exists()
