@@ -244,6 +244,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
     corpus, heldout, sheet, manifest = make_corpora(cfg, out)
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        # Ray 2.60 turns token authentication on for a local Ray and says so on the console; asking for
+        # it explicitly keeps it on without the message
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     _quiet()
     outcome = train_classifier(cfg, manifest, out)
