@@ -40,12 +40,12 @@ def _ok(res) -> str:
 @pytest.mark.slow
 def test_tune_train_and_score_on_three_nodes_with_storage_in_s3_and_a_lost_node(s3_server, tmp_path):
     client = s3_server.client()
-    client.create_bucket(Bucket="plant")
+    client.create_bucket(Bucket="multinode")
     corpus = tmp_path / "corpus"
     rows = synth.synthesize(corpus, synth.SynthConfig(n=30, size=64, seed=11, abnormal_fraction=0.5))
-    upload_dir(client, corpus, "plant", "corpus")
+    upload_dir(client, corpus, "multinode", "corpus")
     for stack in ("sstack", "mstack"):  # the archive: both stacks' images as captured (and their XML)
-        upload_dir(client, corpus / stack, "plant", f"archive/{stack}")
+        upload_dir(client, corpus / stack, "multinode", f"archive/{stack}")
     n_images = len(rows)
     # a short folder: Ray's socket paths under it must stay within 107 bytes
     cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="mscray-", dir="/tmp")))
@@ -54,7 +54,7 @@ def test_tune_train_and_score_on_three_nodes_with_storage_in_s3_and_a_lost_node(
         cluster.wait_for_nodes(1)
         # workers scale from zero: a local --out cannot be shown to be shared, so it is refused at once
         res = cluster.submit(
-            [str(JOBS / "tune_classifier.py"), "s3://plant/corpus", "--out", str(tmp_path / "run"), *TINY]
+            [str(JOBS / "tune_classifier.py"), "s3://multinode/corpus", "--out", str(tmp_path / "run"), *TINY]
         )
         assert res.returncode != 0
         assert "give shared storage (s3://bucket/prefix" in res.stdout + res.stderr
@@ -66,22 +66,22 @@ def test_tune_train_and_score_on_three_nodes_with_storage_in_s3_and_a_lost_node(
         for stack in ("sstack", "mstack"):
             out = _ok(
                 cluster.submit(
-                    [str(JOBS / "tune_classifier.py"), "s3://plant/corpus", "--out", f"s3://plant/runs/{stack}"]
+                    [str(JOBS / "tune_classifier.py"), "s3://multinode/corpus", "--out", f"s3://multinode/runs/{stack}"]
                     + ["--stack", stack, *TINY]
                 )
             )
-            assert f"s3://plant/runs/{stack}/artifact" in out
+            assert f"s3://multinode/runs/{stack}/artifact" in out
         _ok(
             cluster.submit(
-                [str(JOBS / "train_detector.py"), "s3://plant/runs/sstack/manifest.parquet"]
-                + ["--out", "s3://plant/runs/det", "--workers", "2", "--placement", "SPREAD", "--only-folds", "0"]
+                [str(JOBS / "train_detector.py"), "s3://multinode/runs/sstack/manifest.parquet"]
+                + ["--out", "s3://multinode/runs/det", "--workers", "2", "--placement", "SPREAD", "--only-folds", "0"]
                 + ["--epochs", "2", "--size", "64", "--min-epochs", "1"]
             )
         )
         # the two DDP workers ran on different nodes
         workers = cluster.actors("RayTrainWorker")
         assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2
-        keys = set(_keys(client, "plant", "runs/"))
+        keys = set(_keys(client, "multinode", "runs/"))
         for run in ("sstack", "mstack", "det"):
             assert {f"runs/{run}/artifact/config.json", f"runs/{run}/artifact/weights.pt"} <= keys
         assert {"runs/sstack/table.md", "runs/sstack/summary.json", "runs/det/metrics.md"} <= keys
@@ -89,15 +89,15 @@ def test_tune_train_and_score_on_three_nodes_with_storage_in_s3_and_a_lost_node(
         assert any(re.fullmatch(r"runs/sstack/search/[^/]+/checkpoint_[^/]+/state\.pt", k) for k in keys)
 
         # scoring a mixed archive with one classifier per stack; a worker node dies mid-run
-        args = [str(JOBS / "score_archive.py"), "s3://plant/archive", "--out", "s3://plant/reports/qc"]
-        args += ["--classifier", "sstack=s3://plant/runs/sstack/artifact"]
-        args += ["--classifier", "mstack=s3://plant/runs/mstack/artifact"]
-        args += ["--detector", "s3://plant/runs/det/artifact", "--chunk-size", "4", "--batch-size", "4"]
+        args = [str(JOBS / "score_archive.py"), "s3://multinode/archive", "--out", "s3://multinode/reports/qc"]
+        args += ["--classifier", "sstack=s3://multinode/runs/sstack/artifact"]
+        args += ["--classifier", "mstack=s3://multinode/runs/mstack/artifact"]
+        args += ["--detector", "s3://multinode/runs/det/artifact", "--chunk-size", "4", "--batch-size", "4"]
         submitted = _ok(cluster.submit(args, wait=False))
         job_id = re.search(r"raysubmit_\w+", submitted).group(0)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if [k for k in _keys(client, "plant", "reports/qc/parts/") if k.endswith(".parquet")]:
+            if [k for k in _keys(client, "multinode", "reports/qc/parts/") if k.endswith(".parquet")]:
                 break
             assert cluster.job_status(job_id) in ("PENDING", "RUNNING"), cluster.job_logs(job_id)[-3000:]
             time.sleep(0.5)
@@ -112,9 +112,9 @@ def test_tune_train_and_score_on_three_nodes_with_storage_in_s3_and_a_lost_node(
         while cluster.alive_nodes() != 2 and time.monotonic() < lost:
             time.sleep(3)
         assert cluster.alive_nodes() == 2
-        report = score.read_report("s3://plant/reports/qc").to_pylist()
+        report = score.read_report("s3://multinode/reports/qc").to_pylist()
         assert len(report) == n_images and len({r["uri"] for r in report}) == n_images
-        versions = {s: models.read_config(f"s3://plant/runs/{s}/artifact")["version"] for s in ("sstack", "mstack")}
+        versions = {s: models.read_config(f"s3://multinode/runs/{s}/artifact")["version"] for s in ("sstack", "mstack")}
         for r in report:
             assert r["stack"] in versions
             if r["status"] == "ok":
@@ -122,7 +122,7 @@ def test_tune_train_and_score_on_three_nodes_with_storage_in_s3_and_a_lost_node(
         # rows lost with the node (if any) are transient: the next run scores exactly those
         transient = [r for r in report if r["error_kind"] == "transient"]
         _ok(cluster.submit(args))
-        again = score.read_report("s3://plant/reports/qc").to_pylist()
+        again = score.read_report("s3://multinode/reports/qc").to_pylist()
         assert len(again) == n_images and all(r["status"] == "ok" for r in again), [r["error"] for r in again][:3]
         print(f"lost-node run: {len(transient)} transient rows, rescored by the next run")
     finally:
