@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -146,7 +145,7 @@ def _ensure_ray(address: str | None = None) -> None:
 
 def _absolute(uri: str) -> str:
     """A local path made absolute (Ray workers and trials run in folders of their own); URIs as given."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    return storage.absolute(uri)
 
 
 def _manifest_for(corpus_or_manifest: str, out: str, folds: int, seed: int, endpoint_url, *, reuse: bool) -> str:

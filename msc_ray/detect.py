@@ -328,11 +328,10 @@ def _read_state(job: DetectJobConfig, ckpt_dir: str) -> dict:
     """A fold checkpoint's ``state.pt`` (a path in the run's storage: local, or ``bucket/key`` on S3)."""
     import io
 
-    import pyarrow.fs as pafs
-
-    fs = storage.ray_storage(job.out, job.endpoint_url)[1] or pafs.LocalFileSystem()
-    with fs.open_input_stream(f"{ckpt_dir.rstrip('/')}/state.pt") as fh:
-        return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+    raw = storage.read_checkpoint_file(job.out, ckpt_dir, "state.pt", job.endpoint_url)
+    if raw is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no state.pt in this checkpoint")
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
 def _load(ckpt_dir: str, job: DetectJobConfig, score_thresh: float = 0.01, nms: float = max(NMS_CANDIDATES)):

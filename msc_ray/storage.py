@@ -142,6 +142,17 @@ def ray_storage(uri: str, endpoint_url: str | None = None) -> tuple[str, pafs.Fi
     return absolute(uri), None
 
 
+def read_checkpoint_file(run: str, checkpoint: str, name: str, endpoint_url: str | None = None) -> bytes | None:
+    """A file of a Ray Tune/Train checkpoint of the run stored at ``run`` (``checkpoint`` is the path Ray
+    reports in that storage: local, or ``bucket/key`` on S3); None when there is no such file."""
+    fs = ray_storage(run, endpoint_url)[1] or pafs.LocalFileSystem()
+    path = f"{checkpoint.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     loc = resolve(uri, endpoint_url)
     try:

@@ -583,24 +583,13 @@ def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
     return {"table_csv": str(csv_path), "table_md": str(md_path)}
 
 
-def _checkpoint_file(job: TuneJobConfig, checkpoint: str, name: str) -> bytes | None:
-    """A file of a trial checkpoint (a path in the run's storage: local, or ``bucket/key`` on S3);
-    None when the checkpoint has no such file."""
-    import pyarrow.fs as pafs
-
-    fs = storage.ray_storage(job.out, job.endpoint_url)[1] or pafs.LocalFileSystem()
-    path = f"{checkpoint.rstrip('/')}/{name}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as fh:
-        return fh.read()
-
-
 def _outputs(job: TuneJobConfig, final: list[TrialResult]) -> dict[str, np.ndarray]:
     """The winner's inner-validation and outer-fold outputs of every fold, concatenated."""
     parts = []
     for t in final:
-        raw = _checkpoint_file(job, t.checkpoint, "outputs.npz") if t.checkpoint else None
+        if not t.checkpoint:
+            continue
+        raw = storage.read_checkpoint_file(job.out, t.checkpoint, "outputs.npz", job.endpoint_url)
         if raw is not None:
             with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
@@ -733,7 +722,7 @@ def calibration(outs: dict, classes: list[str]) -> dict:
 
 
 def _export_artifact(job, export: TrialResult, winner, classes, calib, oof_metrics, epochs, info) -> dict:
-    raw = _checkpoint_file(job, export.checkpoint, "state.pt")
+    raw = storage.read_checkpoint_file(job.out, export.checkpoint, "state.pt", job.endpoint_url)
     if raw is None:
         raise RuntimeError(f"the export run's checkpoint {export.checkpoint} has no state.pt")
     saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

@@ -21,34 +21,23 @@ def artifacts(tmp_path_factory):
     """Real (untrained) classifiers, one per stack, and a detector: scoring is under test, not accuracy."""
     root = tmp_path_factory.mktemp("artifacts")
     torch.manual_seed(0)
-    clf = models.build_classifier("mobilenet_v3_small", 4, image_size=64)
-    models.save_artifact(
-        root / "clf",
-        clf.state_dict(),
-        {
-            "kind": "classifier",
-            "architecture": "mobilenet_v3_small",
-            "classes": ["1", "2", "3", "4"],
-            "stack": "sstack",
-            "data": {"size": 64, "channels": 3, "equalize": False},
-            "dropout": 0.5,
-            "temperature": 1.5,
-        },
-    )
-    clf_m = models.build_classifier("compact_cnn", 4, image_size=48)
-    models.save_artifact(
-        root / "clf_m",
-        clf_m.state_dict(),
-        {
-            "kind": "classifier",
-            "architecture": "compact_cnn",
-            "classes": ["1", "2", "3", "4"],
-            "stack": "mstack",
-            "data": {"size": 48, "channels": 3, "equalize": True},
-            "dropout": 0.5,
-            "temperature": 1.0,
-        },
-    )
+    for name, arch, stack, size, equalize, temperature in (
+        ("clf", "mobilenet_v3_small", "sstack", 64, False, 1.5),
+        ("clf_m", "compact_cnn", "mstack", 48, True, 1.0),
+    ):
+        models.save_artifact(
+            root / name,
+            models.build_classifier(arch, 4, image_size=size).state_dict(),
+            {
+                "kind": "classifier",
+                "architecture": arch,
+                "classes": ["1", "2", "3", "4"],
+                "stack": stack,
+                "data": {"size": size, "channels": 3, "equalize": equalize},
+                "dropout": 0.5,
+                "temperature": temperature,
+            },
+        )
     det = models.build_detector("resnet18_fpn", image_size=64)
     models.save_artifact(
         root / "det",
