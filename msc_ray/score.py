@@ -47,11 +47,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import BAND_EDGES, BAND_NAMES, images, metrics, storage
+from . import images, inference, storage
 
 log = logging.getLogger(__name__)
 
-BAND_LABELS = {name: f"{100 * BAND_EDGES[i]:.0f}-{100 * BAND_EDGES[i + 1]:.0f}%" for i, name in enumerate(BAND_NAMES)}
 KEY_PATTERN = re.compile(r"(?P<vessel>[A-Za-z0-9]+)_d(?P<day>\d+)(?:_(?P<position>[A-Za-z0-9]+))?")
 STACK_CHOICES = ("auto", "sstack", "mstack")
 
@@ -598,15 +597,7 @@ def _preprocess(
     exponential backoff and then becomes a *transient* error row, scored again by the next run; once
     one object of the block has used up its retries, the rest get one try each (the store is down: no
     retry storm). A corrupt or unsupported image, or an object that is gone, is *permanent*."""
-    import torch
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2 import functional as F
-
-    from . import augment
-    from .config import DataConfig, from_dict
-
-    cfg = from_dict(DataConfig, cls_cfg)
-    tf = augment.build(cfg, train=False)
+    cfg, tf = inference.classifier_transform(cls_cfg)
     n = len(batch["uri"])
     x = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.float32)
     det = np.zeros((n, 3, det_size, det_size), np.float32) if det_size else None
@@ -631,15 +622,12 @@ def _preprocess(
                 err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
                 transient[i], attempts = True, 1
             continue
-        x[i] = tf({"image": tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))})["image"]
+        x[i] = inference.classifier_input(img, cfg, tf)
         ok[i] = True
         err[i] = ""
         if det is not None:  # det_size is given only for a stack the detector serves
-            h, w = img.shape[-2:]
-            d = F.resize(torch.from_numpy(images.to_channels(img, 3)), [det_size, det_size], antialias=True)
-            det[i] = d.numpy()
+            det[i], scale[i] = inference.detector_input(img, det_size)
             use_det[i] = True
-            scale[i] = (w / det_size, h / det_size)
     out = {"row": batch["row"], "image": x, "ok": ok, "error": err.astype(str), "transient": transient}
     if det is not None:
         out.update(det_image=det, use_det=use_det, det_scale=scale)
@@ -671,56 +659,30 @@ def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: flo
 
 
 class ModelActor:
-    """Holds the classifier (and detector) for the life of the actor; turns image batches into
-    predictions. On a GPU, inference runs under autocast (bfloat16)."""
+    """Holds the classifier (and detector) for the life of the actor (:mod:`msc_ray.inference`); turns
+    image batches into predictions. On a GPU, inference runs under autocast (bfloat16)."""
 
     def __init__(self, classifier: str, detector: str | None, endpoint_url: str | None):
-        import torch
-
-        from . import models
-
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.clf, self.clf_cfg = models.load_classifier(classifier, endpoint_url)
-        self.clf.to(self.device)
-        self.temperature = float(self.clf_cfg.get("temperature", 1.0))
-        self.det = None
-        if detector:
-            self.det, self.det_cfg = models.load_detector(detector, endpoint_url)
-            self.det.to(self.device)
+        self.clf = inference.Classifier(classifier, endpoint_url)
+        self.det = inference.Detector(detector, endpoint_url, self.clf.device) if detector else None
 
     def __call__(self, batch: dict) -> dict:
         """Batch in: ``row``, ``ok``, ``error``, ``image`` (N, C, S, S) [+ ``det_image``, ``use_det``,
         ``det_scale``]. Batch out: ``row``, ``ok``, ``error``, ``probs`` (N, K) calibrated, ``boxes``
         (JSON text per row: ``[[x1, y1, x2, y2, score], ...]`` in the original image's pixels)."""
-        torch = self.torch
         n = len(batch["row"])
         ok = np.asarray(batch["ok"], bool)
-        k = len(self.clf_cfg["classes"])
-        probs = np.zeros((n, k), np.float32)
+        probs = np.zeros((n, len(self.clf.classes)), np.float32)
         conf = np.full(n, np.nan, np.float32)  # the confluence output (a fraction), when the model has one
         boxes = ["[]"] * n
-        amp = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            idx = np.flatnonzero(ok)
-            if len(idx):
-                out = self.clf(torch.from_numpy(batch["image"][idx]).to(self.device)).float()
-                probs[idx] = torch.softmax(out[:, :k] / self.temperature, 1).cpu().numpy()
-                if out.shape[1] > k:
-                    conf[idx] = torch.sigmoid(out[:, k]).cpu().numpy()
-            if self.det is not None:
-                didx = np.flatnonzero(ok & np.asarray(batch["use_det"], bool))
-                if len(didx):
-                    imgs = [torch.from_numpy(batch["det_image"][i]).to(self.device) for i in didx]
-                    for i, res in zip(didx, self.det(imgs), strict=True):
-                        b = res["boxes"].float().cpu().numpy() * np.tile(batch["det_scale"][i], 2)
-                        sc = res["scores"].float().cpu().numpy()
-                        boxes[i] = json.dumps(
-                            [
-                                [round(float(v), 2) for v in bb] + [round(float(s), 4)]
-                                for bb, s in zip(b, sc, strict=True)
-                            ]
-                        )
+        idx = np.flatnonzero(ok)
+        if len(idx):
+            probs[idx], conf[idx] = self.clf(batch["image"][idx])
+        if self.det is not None:
+            didx = np.flatnonzero(ok & np.asarray(batch["use_det"], bool))
+            found = self.det([batch["det_image"][i] for i in didx], [batch["det_scale"][i] for i in didx])
+            for i, bx in zip(didx, found, strict=True):
+                boxes[i] = json.dumps(bx)
         return {
             "row": batch["row"],
             "ok": ok,
@@ -794,22 +756,12 @@ def _rows_for_chunk(
         )
         if ok:
             classes = list(models.classifiers[stacks[i]][1]["classes"])
-            standard = classes == list(BAND_NAMES)
-            c = int(np.argmax(p))
             row.update(
                 status="ok",
                 error=None,
-                predicted_class=classes[c],
                 classes=classes,
                 probabilities=[float(v) for v in p],
-                band=BAND_LABELS.get(classes[c]) if standard else None,
-                confluence_pct=float(
-                    metrics.confluence_in_band(
-                        np.asarray(p)[None], None if np.isnan(regressed) else np.array([regressed])
-                    )[0]
-                )
-                if standard
-                else None,
+                **inference.interpret(classes, p, regressed),
             )
             if det_version:
                 bx = json.loads(boxes)

@@ -1,0 +1,190 @@
+"""One image in, one answer out: the preprocessing, model loading, forward pass and reading of the
+outputs that archive scoring (:mod:`msc_ray.score`) and the online service (:mod:`msc_ray.serve`)
+share, so a row of the report and a reply of the page are the same computation.
+
+* :func:`classifier_input` / :func:`detector_input` — a decoded image (float32 ``(C, H, W)`` in
+  [0, 1], :func:`msc_ray.images.decode`) → the model's input; CPU only, no weights needed.
+* :class:`Classifier` / :class:`Detector` — an artifact loaded once onto a device; a batch of inputs
+  → calibrated probabilities (+ regressed confluence) / boxes in the original image's pixels. On a
+  GPU the forward pass runs under bfloat16 autocast.
+* :func:`interpret` — probabilities → predicted class, band and confluence % (inside the band).
+* :meth:`Classifier.grad_cam` — which regions drove the predicted class (captum's ``LayerGradCam``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import BAND_EDGES, BAND_NAMES, images, metrics
+
+BAND_LABELS = {name: f"{100 * BAND_EDGES[i]:.0f}-{100 * BAND_EDGES[i + 1]:.0f}%" for i, name in enumerate(BAND_NAMES)}
+
+
+def classifier_transform(data_cfg: dict):
+    """The evaluation transform of a classifier artifact's ``data`` config (size, channels, equalise,
+    normalisation): the same steps its validation images went through."""
+    from . import augment
+    from .config import DataConfig, from_dict
+
+    cfg = from_dict(DataConfig, data_cfg)
+    return cfg, augment.build(cfg, train=False)
+
+
+def classifier_input(img: np.ndarray, cfg, transform) -> np.ndarray:
+    """Decoded image → the classifier's input ``(channels, size, size)`` float32."""
+    import torch
+    from torchvision import tv_tensors
+
+    x = tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))
+    return transform({"image": x})["image"].numpy()
+
+
+def detector_input(img: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded image → (the detector's input ``(3, size, size)``, the scale back to original pixels
+    ``(sx, sy)``)."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = img.shape[-2:]
+    d = F.resize(torch.from_numpy(images.to_channels(img, 3)), [size, size], antialias=True)
+    return d.numpy(), np.array([w / size, h / size], np.float32)
+
+
+def default_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Classifier:
+    """A classifier artifact on a device. ``classes``, ``temperature``, ``version`` and ``config`` come
+    from the artifact; :meth:`prepare` is :func:`classifier_input` with its transform."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, device=None):
+        from . import models
+
+        self.uri = uri
+        self.device = device or default_device()
+        self.model, self.config = models.load_classifier(uri, endpoint_url)
+        self.model.to(self.device)
+        self.classes = list(self.config["classes"])
+        self.temperature = float(self.config.get("temperature", 1.0))
+        self.version = self.config.get("version", "")
+        self.data_cfg, self.transform = classifier_transform(self.config["data"])
+
+    @property
+    def is_bands(self) -> bool:
+        """Whether the classes are the four confluence bands (then a confluence % is meaningful)."""
+        return self.classes == list(BAND_NAMES)
+
+    def prepare(self, img: np.ndarray) -> np.ndarray:
+        return classifier_input(img, self.data_cfg, self.transform)
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, C, S, S)`` inputs → (calibrated probabilities ``(N, K)``, regressed confluence ``(N,)``
+        as a fraction, NaN where the model has no such output)."""
+        import torch
+
+        k = len(self.classes)
+        amp = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float()
+            probs = torch.softmax(out[:, :k] / self.temperature, 1).cpu().numpy()
+            conf = torch.sigmoid(out[:, k]).cpu().numpy() if out.shape[1] > k else np.full(len(x), np.nan)
+        return probs.astype(np.float32), conf.astype(np.float32)
+
+    def cam_layer(self):
+        """The layer Grad-CAM reads: the last module with a spatial (more than 1×1) 4-D output, found
+        by one forward pass; None for a vision transformer (no convolutional map to explain)."""
+        import torch
+
+        if str(self.config.get("architecture", "")).startswith("vit"):
+            return None
+        last: list = []
+
+        def hook(module, _inp, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] > 1 and out.shape[-2] > 1:
+                last[:] = [module]
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            size = self.data_cfg.size
+            with torch.inference_mode():
+                self.model(torch.zeros(1, self.data_cfg.channels, size, size, device=self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return last[0] if last else None
+
+    def grad_cam(self, x: np.ndarray, target: int) -> np.ndarray | None:
+        """Grad-CAM of class ``target`` for one input ``(C, S, S)`` → ``(S, S)`` in [0, 1] (ReLU of the
+        gradient-weighted feature map, upsampled to the input); None where no layer applies."""
+        import torch
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        if not hasattr(self, "_cam_layer"):
+            self._cam_layer = self.cam_layer()
+        if self._cam_layer is None:
+            return None
+        k = len(self.classes)
+        gc = LayerGradCam(lambda t: self.model(t)[:, :k], self._cam_layer)
+        inp = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device).requires_grad_(True)
+        with torch.enable_grad():
+            attr = gc.attribute(inp, target=int(target), relu_attributions=True)
+        up = LayerAttribution.interpolate(attr.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
+        cam = up[0].sum(0).float().cpu().numpy()
+        hi = float(cam.max())
+        return (cam / hi if hi > 0 else cam).astype(np.float32)
+
+
+class Detector:
+    """A detector artifact on a device; ``size`` is its input side."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, device=None):
+        from . import models
+
+        self.uri = uri
+        self.device = device or default_device()
+        self.model, self.config = models.load_detector(uri, endpoint_url)
+        self.model.to(self.device)
+        self.size = int(self.config["image_size"])
+        self.version = self.config.get("version", "")
+
+    def prepare(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return detector_input(img, self.size)
+
+    def __call__(self, inputs: list[np.ndarray], scales: list[np.ndarray]) -> list[list[list[float]]]:
+        """Detector inputs and their scales → per image ``[[x1, y1, x2, y2, score], ...]`` in the
+        original image's pixels."""
+        import torch
+
+        if not inputs:
+            return []
+        amp = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            res = self.model([torch.from_numpy(np.ascontiguousarray(d)).to(self.device) for d in inputs])
+        out = []
+        for r, s in zip(res, scales, strict=True):
+            b = r["boxes"].float().cpu().numpy() * np.tile(np.asarray(s, np.float32), 2)
+            sc = r["scores"].float().cpu().numpy()
+            out.append([[round(float(v), 2) for v in bb] + [round(float(p), 4)] for bb, p in zip(b, sc, strict=True)])
+        return out
+
+
+def interpret(classes: list[str], probs: np.ndarray, regressed: float = float("nan")) -> dict:
+    """One image's calibrated probabilities (and regressed confluence fraction) → ``predicted_class``,
+    ``band`` and ``confluence_pct``. Band and confluence are None unless the classes are the four
+    confluence bands; the confluence % always lies inside the predicted band."""
+    p = np.asarray(probs, np.float64)
+    c = int(np.argmax(p))
+    bands = list(classes) == list(BAND_NAMES)
+    pct = None
+    if bands:
+        reg = None if regressed is None or np.isnan(regressed) else np.array([regressed])
+        pct = float(metrics.confluence_in_band(p[None], reg)[0])
+    return {
+        "predicted_class": classes[c],
+        "band": BAND_LABELS.get(classes[c]) if bands else None,
+        "confluence_pct": pct,
+    }
