@@ -774,13 +774,19 @@ def _rows_for_chunk(
 
 
 def _check_models(cfg: ScoreConfig) -> StackModels:
+    return stack_models(cfg.entries(), cfg.detector, cfg.endpoint_url, cfg.detect_all_stacks)
+
+
+def stack_models(
+    entries: list[tuple[str | None, str]], detector: str | None, endpoint_url: str | None, detect_all: bool = False
+) -> StackModels:
     """The artifacts' configs (no weights read): each must exist and be of the right kind, and one
-    classifier per stack."""
+    classifier per stack. ``entries``: :func:`classifier_entries`."""
     from . import models
 
     by_stack: dict[str, tuple[str, dict]] = {}
-    for named, uri in cfg.entries():
-        c = models.read_config(uri, cfg.endpoint_url)
+    for named, uri in entries:
+        c = models.read_config(uri, endpoint_url)
         if c.get("kind") != "classifier":
             raise ValueError(f"--classifier {uri}: a {c.get('kind')} artifact, not a classifier")
         trained = c.get("stack")
@@ -791,11 +797,11 @@ def _check_models(cfg: ScoreConfig) -> StackModels:
             raise ValueError(f"--classifier: two classifiers for {stack} ({by_stack[stack][0]} and {uri})")
         by_stack[stack] = (uri, c)
     det_cfg = None
-    if cfg.detector:
-        det_cfg = models.read_config(cfg.detector, cfg.endpoint_url)
+    if detector:
+        det_cfg = models.read_config(detector, endpoint_url)
         if det_cfg.get("kind") != "detector":
-            raise ValueError(f"--detector {cfg.detector}: a {det_cfg.get('kind')} artifact, not a detector")
-    return StackModels(by_stack, det_cfg, cfg.detect_all_stacks)
+            raise ValueError(f"--detector {detector}: a {det_cfg.get('kind')} artifact, not a detector")
+    return StackModels(by_stack, det_cfg, detect_all)
 
 
 def _plan_windows(
