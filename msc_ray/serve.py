@@ -15,7 +15,6 @@ requests are batched on the replica (``@serve.batch``); replicas autoscale betwe
 upload is a 4xx JSON error naming the reason; nothing from a request is used as a path.
 """
 
-
 import asyncio
 import base64
 import io
@@ -227,7 +226,7 @@ class QCService:
             data, name = await read_upload(request, self._limit())
             prep = await asyncio.to_thread(self._prepare, data, name, stack)
             t1 = time.perf_counter()
-            probs, regressed, boxes = await self.batched((stack, prep["x"], prep.get("det"), prep.get("scale")))
+            probs, regressed, boxes, batch = await self.batched((stack, prep["x"], prep.get("det"), prep.get("scale")))
             t2 = time.perf_counter()
         except BadUpload as exc:
             return JSONResponse({"error": str(exc), "reason": exc.reason}, status_code=exc.status)
@@ -257,6 +256,7 @@ class QCService:
             "decode": round(1000 * (t1 - t0), 2),
             "model": round(1000 * (t2 - t1), 2),
             "total": round(1000 * (time.perf_counter() - t0), 2),
+            "batch": batch,  # requests in the model call this one was part of
         }
         return JSONResponse(out)
 
@@ -290,7 +290,7 @@ class QCService:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def batched(self, items: list[tuple]) -> list[tuple]:
         """Items ``(stack, classifier input, detector input or None, scale)`` → ``(probs, regressed,
-        boxes or None)`` each; one classifier call per stack and one detector call per batch."""
+        boxes or None, images in this call)`` each; one classifier call per stack and one detector call per batch."""
         return await asyncio.to_thread(self._forward, items)
 
     def _forward(self, items: list[tuple]) -> list[tuple]:
@@ -300,7 +300,7 @@ class QCService:
                 idx = [i for i, it in enumerate(items) if it[0] == stack]
                 probs, reg = self.classifiers[stack](np.stack([items[i][1] for i in idx]))
                 for j, i in enumerate(idx):
-                    out[i] = [probs[j], reg[j], None]
+                    out[i] = [probs[j], reg[j], None, len(items)]
             didx = [i for i, it in enumerate(items) if it[2] is not None]
             if didx:
                 found = self.detector([items[i][2] for i in didx], [items[i][3] for i in didx])
