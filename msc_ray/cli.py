@@ -434,11 +434,14 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Requests batched into one model call at most.")] = 16,
     max_request_mb: Annotated[float, typer.Option(help="Largest request accepted, in MiB.")] = 50.0,
     max_pixels: Annotated[int, typer.Option(help="Largest image accepted, in pixels.")] = 40_000_000,
+    detach: Annotated[
+        bool, typer.Option(help="On a cluster: deploy, wait until it answers, and return (it keeps serving).")
+    ] = False,
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """Serve the models online (Ray Serve): a page at / and a JSON API (/predict, /models, /healthz).
-    Runs until Ctrl-C."""
+    Runs until Ctrl-C (which stops the application), or deploys and returns with --detach."""
     import os
     import signal
     import time
@@ -462,6 +465,8 @@ def serve(
     )
     serve_mod.check(cfg)
     local = not (address or os.environ.get("RAY_ADDRESS"))
+    if detach and local:
+        raise UserError("--detach: needs a cluster (--address or RAY_ADDRESS); a local Ray ends with this command")
     if local and not serve_mod.port_free(host, port):
         raise UserError(f"--port {port}: already in use on {host}")
 
@@ -476,18 +481,23 @@ def serve(
     try:
         url = serve_mod.start(cfg)
         typer.echo(f"serving {', '.join(cfg.classifier)}" + (f" + {cfg.detector}" if cfg.detector else ""))
-        typer.echo(
-            f"page: {url}   API: {url}predict   (Ctrl-C stops)",
-        )
+        if detach:  # the application outlives this driver on the cluster
+            typer.echo(f"page: {url} on the cluster's head   API: {url}predict   (stop: serve shutdown)")
+            return
+        typer.echo(f"page: {url}   API: {url}predict   (Ctrl-C stops)")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         typer.echo("stopping")
+    except RuntimeError as exc:  # the replicas could not start (e.g. weights that do not fit the config)
+        raise UserError(f"the service did not start: {serve_mod.root_cause(exc)}") from None
     finally:
-        try:
-            ray_serve.delete(serve_mod.APP_NAME) if not local else ray_serve.shutdown()
-        finally:
-            ray.shutdown()
+        if ray.is_initialized():
+            try:
+                if not detach:
+                    ray_serve.delete(serve_mod.APP_NAME) if not local else ray_serve.shutdown()
+            finally:
+                ray.shutdown()
     typer.echo("stopped")
 
 

@@ -344,11 +344,30 @@ def app(args: dict):
 
 
 def check(cfg: ServeConfig) -> None:
-    """Before anything starts: options, artifacts (configs only) and, for a local server, the port."""
+    """Before anything starts: options, and every artifact loaded once here on the CPU, so that a
+    missing, mistyped or mismatched artifact is one line naming it (a replica's failure is not)."""
+    import torch
+
     cfg.validate()
-    scoring.stack_models(
+    sm = scoring.stack_models(
         scoring.classifier_entries(cfg.classifier), cfg.detector, cfg.endpoint_url, cfg.detect_all_stacks
     )
+    cpu = torch.device("cpu")
+    for option, uri, kind in [("--classifier", uri, inference.Classifier) for uri, _ in sm.classifiers.values()] + (
+        [("--detector", cfg.detector, inference.Detector)] if cfg.detector else []
+    ):
+        try:
+            kind(uri, cfg.endpoint_url, cpu)
+        except Exception as exc:
+            raise ValueError(
+                f"{option} {uri}: cannot be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            ) from None
+
+
+def root_cause(exc: BaseException) -> str:
+    """The last ``...Error: message`` line of a deployment failure (Serve nests the replica's traceback)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if re.match(r"\s*\w*(Error|Exception)\b.*: ", ln)]
+    return lines[-1][:300] if lines else " ".join(str(exc).split())[:300]
 
 
 def port_free(host: str, port: int) -> bool:

@@ -180,3 +180,74 @@ def test_ray_job_submit_scores_an_archive(ray_head, small_corpus, tmp_path):
     t = score.read_report(str(out)).to_pylist()
     assert len(t) == 11 and {r["run_id"] for r in t} == {"submitted"}
     assert [r["key"] for r in t if r["status"] == "error"] == ["broken.png"]
+
+
+def test_serve_config_for_a_cluster_is_valid_and_builds_the_application(tmp_path):
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from msc_ray import serve as serve_mod
+
+    cfg = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    ServeDeploySchema(**cfg)  # Serve's own schema for `serve deploy`
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    (app_cfg,) = cfg["applications"]
+    assert app_cfg["import_path"] == "msc_ray.serve:app"
+    args = app_cfg["args"]
+    assert all(c.split("=")[-1].startswith("s3://") for c in args["classifier"]) and args["detector"].startswith(
+        "s3://"
+    )
+    assert set(args) <= set(serve_mod.ServeConfig.__dataclass_fields__)
+    assert args["min_replicas"] < args["max_replicas"]
+    # the builder with local artifacts in place of the bucket's
+    torch.manual_seed(0)
+    models.save_artifact(
+        tmp_path / "clf",
+        models.build_classifier("compact_cnn", 4, image_size=32).state_dict(),
+        {"kind": "classifier", "architecture": "compact_cnn", "classes": ["1", "2", "3", "4"], "data": {"size": 32}},
+    )
+    local = {**args, "classifier": [f"sstack={tmp_path / 'clf'}"], "detector": None}
+    assert isinstance(serve_mod.app(local), Application)
+    with pytest.raises(ValueError, match="min ≤ max"):
+        serve_mod.app({**local, "min_replicas": 3, "max_replicas": 2})
+
+
+def test_ray_job_submit_deploys_the_online_service_which_outlives_the_job(ray_head, small_corpus, tmp_path):
+    import urllib.request
+
+    ray_bin, address, env = ray_head
+    src, rows = small_corpus
+    torch.manual_seed(0)
+    models.save_artifact(
+        tmp_path / "clf",
+        models.build_classifier("compact_cnn", 4, image_size=32).state_dict(),
+        {
+            "kind": "classifier",
+            "architecture": "compact_cnn",
+            "classes": ["1", "2", "3", "4"],
+            "stack": "sstack",
+            "data": {"size": 32, "channels": 3},
+        },
+    )
+    port = _free_port()
+    runtime_env = json.dumps({"excludes": ["tests/", "quickstart-out/", ".git/", ".venv/"]})
+    submit = [
+        *(ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT)),
+        *("--runtime-env-json", runtime_env, "--", sys.executable, "jobs/serve.py"),
+        *("--classifier", str(tmp_path / "clf"), "--port", str(port), "--cpus-per-replica", "0.5"),
+    ]
+    for _ in range(30):  # the job server can answer before its agent accepts jobs
+        res = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
+        if "No available agent" not in res.stdout + res.stderr:
+            break
+        time.sleep(2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"page: http://127.0.0.1:{port}/" in res.stdout
+    image = (src / next(r for r in rows if r["stack"] == "sstack")["image"]).read_bytes()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=image, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:  # the job has ended; the application serves on
+        answer = json.loads(r.read())
+    assert answer["stack"] == "sstack" and answer["band"] in ("0-40%", "40-60%", "60-80%", "80-100%")
+    serve_bin = str(Path(sys.executable).with_name("serve"))
+    down = subprocess.run([serve_bin, "shutdown", "-a", address, "-y"], capture_output=True, text=True, env=env)
+    assert down.returncode == 0, down.stderr[-2000:]

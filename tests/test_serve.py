@@ -389,6 +389,10 @@ def test_a_taken_port_or_a_wrong_artifact_is_one_line_before_anything_starts(art
         timeout=120,
     )
     assert r.returncode == 1 and r.stderr.strip().endswith("a detector artifact, not a classifier")
+    r = subprocess.run(
+        [*cmd, "--detach"], capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""}
+    )
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --detach: needs a cluster")
 
 
 # --------------------------------------------------------------------------------------------------
