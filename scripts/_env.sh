@@ -22,3 +22,18 @@ ensure_env() {
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT$extras"
     echo "$hash$extras" > "$stamp"
 }
+
+# The page's tests drive a real headless browser: Debian's chromium and its chromedriver (same version).
+# Installed with the system package manager when missing; without them those tests skip, saying why.
+ensure_browser() {
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="$(command -v sudo || true)"
+    if ! command -v apt-get >/dev/null || { [ "$(id -u)" -ne 0 ] && [ -z "$sudo" ]; }; then
+        echo "no chromium/chromedriver and no way to install them: the browser tests will skip" >&2
+        return 0
+    fi
+    echo "installing chromium and chromium-driver for the browser tests" >&2
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver; } \
+        >/dev/null 2>&1 || echo "chromium could not be installed: the browser tests will skip" >&2
+}
