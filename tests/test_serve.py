@@ -304,9 +304,14 @@ def test_page_in_a_real_browser_shows_band_boxes_and_errors(server, small_corpus
     assert "notes.png: not an image" in err["text"]
     assert ok["cam"]  # the Grad-CAM overlay arrived and is shown with the toggle on
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(c["fits"] for c in cards)
+    (phone,) = browse(server["url"], [img], tmp_path / "phone.png", stack="sstack", width=390)
+    assert phone["fits"] and "band" in phone["text"] and int(phone["boxes"]) > 0
 
 
-def browse(url: str, files: list[Path], shot: Path, stack: str | None = None, csv_dir: Path | None = None):
+def browse(
+    url: str, files: list[Path], shot: Path, stack: str | None = None, csv_dir: Path | None = None, width: int = 1100
+):
     """Open the page in headless chromium, choose ``files``, wait until each card has its answer, turn the
     heat map on, save a screenshot; returns per card its status, text, drawn box count and whether a
     Grad-CAM overlay is shown."""
@@ -317,8 +322,9 @@ def browse(url: str, files: list[Path], shot: Path, stack: str | None = None, cs
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"):
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         opts.add_argument(a)
+    opts.add_argument(f"--window-size={width},900")
     if csv_dir:
         opts.add_experimental_option("prefs", {"download.default_directory": str(csv_dir)})
     d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -341,6 +347,8 @@ def browse(url: str, files: list[Path], shot: Path, stack: str | None = None, cs
                     "text": c.text,
                     "boxes": canvases[0].get_attribute("data-boxes") if canvases else None,
                     "cam": bool(cams) and cams[0].is_displayed(),
+                    # the page fits the window: no sideways scrolling (a phone's width too)
+                    "fits": d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"),
                 }
             )
         if csv_dir:
