@@ -53,6 +53,7 @@ class ServeConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     target_ongoing_requests: float = 8.0  # per replica; the autoscaler adds replicas above it
+    upscale_delay_s: float = 10.0  # load must stay above the target this long before a replica is added
     max_batch_size: int = 16  # images per model call
     batch_wait_s: float = 0.01  # how long a call waits for more requests to batch
     max_request_mb: float = 50.0
@@ -328,6 +329,7 @@ def build(cfg: ServeConfig):
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
         }
     else:
         opts["num_replicas"] = cfg.min_replicas

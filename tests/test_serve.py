@@ -445,9 +445,24 @@ def test_a_fate_model_tuned_here_is_served_with_its_own_classes(fate_model, tmp_
 
     artifact, new, held = fate_model
     port = free_port()
-    cfg = serve_mod.ServeConfig(classifier=(artifact,), port=port, cpus_per_replica=0.5)
+    # one replica at first, a second one under load (the autoscaler's bounds)
+    cfg = serve_mod.ServeConfig(
+        classifier=(artifact,),
+        port=port,
+        cpus_per_replica=0.5,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=1,
+    )
+
+    def running() -> int:
+        states = serve.status().applications[serve_mod.APP_NAME].deployments["QCService"].replica_states
+        return states.get("RUNNING", 0)
+
     try:
         url = serve_mod.start(cfg)
+        assert running() == 1
         status, m = http("GET", url + "models")
         assert list(m["classifiers"]) == ["nsc"] and m["classifiers"]["nsc"]["bands"] is False
         right = 0
@@ -458,6 +473,12 @@ def test_a_fate_model_tuned_here_is_served_with_its_own_classes(fate_model, tmp_
             assert res["band"] is None and res["confluence_pct"] is None and res["abnormal_cells"] is None
             right += res["predicted_class"] == r["fate"]
         assert right / len(held) >= 0.6, f"{right}/{len(held)} new images right"  # chance: 0.25
+        image = (new / held[0]["path"]).read_bytes()
+        deadline = time.monotonic() + 90
+        with ThreadPoolExecutor(8) as pool:
+            while running() < 2 and time.monotonic() < deadline:
+                assert all(st == 200 for st, _ in pool.map(lambda _: http("POST", url + "predict", image), range(16)))
+        assert running() == 2, "the autoscaler did not add a replica under load"
         if CHROMIUM and CHROMEDRIVER:
             cards = browse(url, [new / held[0]["path"]], tmp_path / "fate.png", csv_dir=tmp_path)
             assert "class" in cards[0]["text"] and "confluence" not in cards[0]["text"]
