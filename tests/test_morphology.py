@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from skimage.draw import disk, ellipse
+
+from msc_ray import morphology
+
+
+def test_a_rectangle_and_an_ellipse_have_their_known_measures():
+    cells = np.zeros((100, 120), np.uint16)
+    cells[10:20, 10:50] = 1  # 10 rows × 40 columns
+    rr, cc = ellipse(60, 70, 10, 20, shape=cells.shape)  # row radius 10, column radius 20
+    cells[rr, cc] = 2
+    nuclei = np.zeros_like(cells)
+    rr, cc = disk((15, 30), 3, shape=cells.shape)
+    nuclei[rr, cc] = 7
+    rect, ell = morphology.cell_features(cells, nuclei)
+    assert rect["area"] == 400
+    # second moments of a 40 × 10 pixel block: variance (n² − 1)/12 along each side, axis = 4·sqrt(var)
+    assert rect["major_axis"] == pytest.approx(4 * math.sqrt((40**2 - 1) / 12), rel=1e-6)
+    assert rect["minor_axis"] == pytest.approx(4 * math.sqrt((10**2 - 1) / 12), rel=1e-6)
+    assert rect["solidity"] == pytest.approx(1.0)
+    assert abs(rect["orientation"]) == pytest.approx(math.pi / 2)  # long side along the columns
+    assert rect["nucleus_area"] == np.count_nonzero(nuclei) == 25  # all inside the cell
+    assert rect["nucleus_ratio"] == pytest.approx(25 / 400)
+    assert ell["area"] == pytest.approx(math.pi * 10 * 20, rel=0.03)
+    assert ell["major_axis"] == pytest.approx(40, rel=0.03) and ell["minor_axis"] == pytest.approx(20, rel=0.05)
+    assert ell["aspect_ratio"] == pytest.approx(2.0, rel=0.05)
+    assert ell["eccentricity"] == pytest.approx(math.sqrt(1 - 0.25), abs=0.01)
+    assert ell["solidity"] > 0.97 and ell["nucleus_area"] == 0
+    assert not rect["touches_border"] and not ell["touches_border"]
+
+
+def test_image_summary_counts_covers_and_finds_flattened_and_aligned_cells():
+    cells = np.zeros((200, 200), np.uint16)
+    for i in range(4):  # four spindles along the rows
+        cells[20 + 30 * i : 24 + 30 * i, 20:60] = i + 1
+    rr, cc = disk((150, 150), 20, shape=cells.shape)  # one big round cell
+    cells[rr, cc] = 5
+    rows, img = morphology.features(cells)
+    assert [r["flattened"] for r in rows] == [False] * 4 + [True]
+    assert img["cell_count"] == 5 and img["flattened_share"] == pytest.approx(0.2)
+    assert img["confluence_pct"] == pytest.approx(100 * np.count_nonzero(cells) / cells.size)
+    assert img["density"] == pytest.approx(1e4 * 5 / 40_000)
+    assert img["area_median"] == 160 and img["alignment"] < 0.9  # the disc's axis is arbitrary
+    parallel, _ = morphology.features(cells * (cells < 5))
+    assert morphology.image_features(parallel, cells.shape)["alignment"] == pytest.approx(1.0)
+    assert np.isnan(img["nucleus_ratio_median"])  # no nucleus mask given
+
+
+def test_no_cells_and_one_cell_over_the_whole_image_give_rows():
+    rows, img = morphology.features(np.zeros((64, 64), np.uint16))
+    assert rows == [] and img["cell_count"] == 0 and img["confluence_pct"] == 0
+    assert np.isnan(img["area_median"]) and np.isnan(img["flattened_share"])
+    rows, img = morphology.features(np.ones((64, 64), np.uint16))
+    assert len(rows) == 1 and rows[0]["touches_border"] and img["confluence_pct"] == 100
+    assert img["area_median"] == 64 * 64  # only border cells: they are the statistics
+    with pytest.raises(ValueError, match="integer ids"):
+        morphology.features(np.zeros((8, 8), np.float32))
