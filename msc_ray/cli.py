@@ -501,6 +501,25 @@ def serve(
     typer.echo("stopped")
 
 
+@app.command()
+@_one_line_errors
+def morphology(
+    corpus: Annotated[
+        str, typer.Argument(help="Corpus with instance masks (masks/<stack>/<stem>.png): folder or s3://.")
+    ],
+    out: Annotated[str, typer.Option(help="Folder or s3:// prefix for cells.parquet and images.parquet.")],
+    endpoint_url: EndpointOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Cell morphology from a corpus's instance masks: one Parquet row per cell and one per image."""
+    from . import morphology as morph
+
+    _ensure_ray(address)
+    r = morph.measure_corpus(_absolute(corpus), _absolute(out), endpoint_url)
+    typer.echo(f"{r['n_images']} images ({r['errors']} unreadable masks), {r['n_cells']} cells")
+    typer.echo(f"  per image: {r['images']}\n  per cell:  {r['cells']}")
+
+
 @app.command("train-potency")
 @_one_line_errors
 def train_potency(

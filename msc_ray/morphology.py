@@ -142,3 +142,118 @@ def features(cells: np.ndarray, nuclei: np.ndarray | None = None) -> tuple[list[
     """Instance masks of one image → (per-cell rows, per-image row)."""
     rows = cell_features(cells, nuclei)
     return rows, image_features(rows, cells.shape, int(np.count_nonzero(cells)))
+
+
+# --------------------------------------------------------------------------------------------------
+# A corpus's masks → Parquet (Ray tasks)
+# --------------------------------------------------------------------------------------------------
+
+
+def _measure_chunk(items: list[tuple[str, str, str, str | None]], endpoint_url: str | None) -> tuple[list, list]:
+    """Ray task: ``(stack, stem, cell-mask URI, nucleus-mask URI or None)`` → (cell rows, image rows).
+    A mask that cannot be read is an image row with ``error`` set, never a failed task."""
+    import io
+
+    from PIL import Image
+
+    from .storage import read_bytes
+
+    def load(uri: str) -> np.ndarray:
+        with Image.open(io.BytesIO(read_bytes(uri, endpoint_url))) as im:
+            arr = np.asarray(im)
+        return _check(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr, uri)
+
+    cells_out, images_out = [], []
+    for stack, stem, cell_uri, nuc_uri in items:
+        base = {"stack": stack, "stem": stem, "mask": cell_uri}
+        try:
+            cells = load(cell_uri)
+            nuclei = load(nuc_uri) if nuc_uri else None
+            rows, img = features(cells, nuclei)
+        except Exception as exc:
+            images_out.append({**base, "error": f"{cell_uri}: {' '.join(str(exc).split())[:200]}"})
+            continue
+        cells_out += [{**base, **r} for r in rows]
+        images_out.append({**base, **img, "error": None})
+    return cells_out, images_out
+
+
+def _metadata(corpus: str, endpoint_url: str | None) -> dict[tuple[str, str], dict]:
+    """metadata.csv rows by (stack, image stem): vessel, day, position and any other columns."""
+    import csv
+    import io
+    from pathlib import PurePosixPath
+
+    from . import storage
+
+    uri = storage.join(corpus, "metadata.csv")
+    if not storage.exists(uri, endpoint_url):
+        return {}
+    out = {}
+    for row in csv.DictReader(io.StringIO(storage.read_bytes(uri, endpoint_url).decode())):
+        p = PurePosixPath(row.get("image", ""))
+        if len(p.parts) >= 2:
+            out[(p.parts[0], p.stem)] = {k: v for k, v in row.items() if k != "image"}
+    return out
+
+
+def measure_corpus(corpus: str, out: str, endpoint_url: str | None = None, chunk: int = 64) -> dict:
+    """Every instance mask of ``corpus`` (``masks/<stack>/<stem>.png``; nuclei, when present, in
+    ``masks/<stack>/nuclei/<stem>.png``) → ``OUT/cells.parquet`` and ``OUT/images.parquet`` (with the
+    image's metadata.csv columns). Returns ``n_images``, ``n_cells``, ``errors`` and the two tables'
+    URIs (``images``, ``cells``)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import ray
+
+    from . import storage
+
+    loc = storage.resolve(storage.join(corpus, "masks"), endpoint_url)
+    found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    rel = sorted(f.path[len(loc.path) :].lstrip("/") for f in found if f.type == pafs.FileType.File)
+    masks = [r for r in rel if r.lower().endswith(".png") and len(r.split("/")) == 2]
+    if not masks:
+        raise ValueError(f"{corpus}: no instance masks (masks/<stack>/<image stem>.png)")
+    nuclei = {r for r in rel if len(r.split("/")) == 3 and r.split("/")[1] == "nuclei"}
+    items = []
+    for r in masks:
+        stack, name = r.split("/")
+        nuc = f"{stack}/nuclei/{name}"
+        items.append(
+            (
+                stack,
+                name.rsplit(".", 1)[0],
+                storage.join(corpus, "masks", r),
+                storage.join(corpus, "masks", nuc) if nuc in nuclei else None,
+            )
+        )
+    task = ray.remote(num_cpus=1)(_measure_chunk)
+    parts = ray.get([task.remote(items[i : i + chunk], endpoint_url) for i in range(0, len(items), chunk)])
+    cells = [c for p in parts for c in p[0]]
+    imgs = [m for p in parts for m in p[1]]
+    meta = _metadata(corpus, endpoint_url)
+    for m in imgs:
+        for k, v in meta.get((m["stack"], m["stem"]), {}).items():
+            m.setdefault(k, _number(v))
+    tables = {"cells": pa.Table.from_pylist(cells), "images": pa.Table.from_pylist(imgs)}
+    paths = {}
+    for name, t in tables.items():
+        paths[name] = storage.join(out, f"{name}.parquet")
+        dest = storage.resolve(paths[name], endpoint_url)
+        if not storage.is_s3(out):
+            import os
+
+            os.makedirs(os.path.dirname(dest.path), exist_ok=True)
+        pq.write_table(t, dest.path, filesystem=dest.fs)
+    return {"n_images": len(imgs), "n_cells": len(cells), "errors": sum(1 for m in imgs if m.get("error")), **paths}
+
+
+def _number(v: str):
+    """A metadata.csv cell as int or float where it is one, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except (TypeError, ValueError):
+            pass
+    return v

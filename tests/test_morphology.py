@@ -60,3 +60,23 @@ def test_no_cells_and_one_cell_over_the_whole_image_give_rows():
     assert img["area_median"] == 64 * 64  # only border cells: they are the statistics
     with pytest.raises(ValueError, match="integer ids"):
         morphology.features(np.zeros((8, 8), np.float32))
+
+
+def test_a_corpus_masks_are_measured_against_their_exact_truth(ray_session, corpus_copy, tmp_path):
+    import pyarrow.parquet as pq
+
+    root, rows = corpus_copy
+    (root / "masks" / "sstack" / "broken.png").write_bytes(b"not a png")
+    res = morphology.measure_corpus(str(root), str(tmp_path / "feat"))
+    assert res["n_images"] == len(rows) + 1 and res["errors"] == 1
+    imgs = pq.read_table(res["images"]).to_pandas().set_index(["stack", "stem"])
+    assert imgs.loc[("sstack", "broken"), "error"].startswith(str(root / "masks" / "sstack" / "broken.png"))
+    truth = pq.read_table(root / "truth.parquet").to_pandas()
+    for t in truth.itertuples():
+        m = imgs.loc[(t.stack, t.image.rsplit("/", 1)[-1].rsplit(".", 1)[0])]
+        # the synthetic truth is measured on the same masks: equal, not close
+        assert m["confluence_pct"] == pytest.approx(100 * t.confluence, abs=1e-6)
+        assert m["cell_count"] == t.cell_count
+        assert m["vessel"] == t.vessel and m["day"] == t.day  # joined from metadata.csv
+    cells = pq.read_table(res["cells"]).to_pandas()
+    assert len(cells) == res["n_cells"] == int(truth["cell_count"].sum())
