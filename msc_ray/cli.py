@@ -599,6 +599,10 @@ def quickstart(
     typer.echo("outputs:")
     for what, path in outputs.items():
         typer.echo(f"  {what:12s} {path}")
+    typer.echo(
+        "one image at a time, on a page: msc-ray serve "
+        f"--classifier {outputs['classifier']} --detector {outputs['detector']}"
+    )
 
 
 if __name__ == "__main__":
