@@ -494,8 +494,10 @@ def serve(
     finally:
         if ray.is_initialized():
             try:
-                if not detach:
-                    ray_serve.delete(serve_mod.APP_NAME) if not local else ray_serve.shutdown()
+                if local:
+                    ray_serve.shutdown()
+                elif not detach:
+                    ray_serve.delete(serve_mod.APP_NAME)
             finally:
                 ray.shutdown()
     typer.echo("stopped")

@@ -133,7 +133,8 @@ def parse_voc(data: bytes, name: str) -> list[dict]:
     return boxes
 
 
-def _read_metadata(data: bytes) -> dict[str, dict]:
+def read_metadata(data: bytes) -> dict[str, dict]:
+    """metadata.csv bytes → its rows by the ``image`` column (a path relative to the corpus)."""
     reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
     if not reader.fieldnames or "image" not in reader.fieldnames:
         raise ValueError("metadata.csv: needs an 'image' column (and optionally vessel, day, position)")
@@ -279,7 +280,7 @@ class _Reader:
         """metadata.csv rows by relative path, and by bare file name where that is unambiguous."""
         if self.layout.meta_info is None:
             return {}
-        meta = _read_metadata(self.fetch(self.layout.meta_info))
+        meta = read_metadata(self.fetch(self.layout.meta_info))
         by_name = Counter(PurePosixPath(k).name for k in meta)
         for k in list(meta):
             name = PurePosixPath(k).name

@@ -179,19 +179,18 @@ def _measure_chunk(items: list[tuple[str, str, str, str | None]], endpoint_url: 
 
 
 def _metadata(corpus: str, endpoint_url: str | None) -> dict[tuple[str, str], dict]:
-    """metadata.csv rows by (stack, image stem): vessel, day, position and any other columns."""
-    import csv
-    import io
+    """metadata.csv rows (:func:`msc_ray.corpus.read_metadata`) by (stack, image stem)."""
     from pathlib import PurePosixPath
 
     from . import storage
+    from .corpus import read_metadata
 
     uri = storage.join(corpus, "metadata.csv")
     if not storage.exists(uri, endpoint_url):
         return {}
     out = {}
-    for row in csv.DictReader(io.StringIO(storage.read_bytes(uri, endpoint_url).decode())):
-        p = PurePosixPath(row.get("image", ""))
+    for image, row in read_metadata(storage.read_bytes(uri, endpoint_url)).items():
+        p = PurePosixPath(image)
         if len(p.parts) >= 2:
             out[(p.parts[0], p.stem)] = {k: v for k, v in row.items() if k != "image"}
     return out
@@ -240,12 +239,9 @@ def measure_corpus(corpus: str, out: str, endpoint_url: str | None = None, chunk
     paths = {}
     for name, t in tables.items():
         paths[name] = storage.join(out, f"{name}.parquet")
-        dest = storage.resolve(paths[name], endpoint_url)
-        if not storage.is_s3(out):
-            import os
-
-            os.makedirs(os.path.dirname(dest.path), exist_ok=True)
-        pq.write_table(t, dest.path, filesystem=dest.fs)
+        buf = pa.BufferOutputStream()
+        pq.write_table(t, buf)
+        storage.write_bytes(paths[name], buf.getvalue().to_pybytes(), endpoint_url)
     return {"n_images": len(imgs), "n_cells": len(cells), "errors": sum(1 for m in imgs if m.get("error")), **paths}
 
 

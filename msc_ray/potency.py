@@ -68,8 +68,12 @@ def vessel_days(table, target: str):
     ]
     if not feats:
         raise ValueError("features table: no numeric feature columns")
-    agg = df.groupby(["vessel", "day"], as_index=False)[feats + [target]].mean()
-    return agg, feats
+    return per_vessel_day(df, feats + [target]), feats
+
+
+def per_vessel_day(df, columns: list[str]):
+    """Per-image rows → one row per (vessel, day): the NaN-aware mean of ``columns``."""
+    return df.groupby(["vessel", "day"], as_index=False)[columns].mean()
 
 
 def _model(params: dict, seed: int):
@@ -100,7 +104,7 @@ def _trial(config: dict, x, y, groups, outer: list, inner_folds: int, seed: int)
     return scores
 
 
-def search_space(seed: int) -> dict:
+def search_space() -> dict:
     from ray import tune
 
     return {
@@ -126,7 +130,7 @@ def run_search(job: PotencyJobConfig, x, y, groups, outer: list) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(job.seed),
+            param_space=search_space(),
             tune_config=tune.TuneConfig(
                 num_samples=job.samples, search_alg=BasicVariantGenerator(random_state=job.seed)
             ),
@@ -232,7 +236,7 @@ def predict(uri: str, table, endpoint_url: str | None = None):
     missing = [c for c in config["features"] if c not in df.columns]
     if missing:
         raise ValueError(f"features table: the potency model needs {', '.join(missing)}")
-    agg = df.groupby(["vessel", "day"], as_index=False)[config["features"]].mean()
+    agg = per_vessel_day(df, config["features"])
     agg["potency"] = booster.predict(agg[config["features"]].to_numpy(np.float64))
     return agg[["vessel", "day", "potency"]]
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import corpus, data, engine, metrics, models, storage
+from . import corpus, data, engine, inference, metrics, models, storage
 from .config import DataConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,6 @@ class TuneJobConfig:
             raise ValueError("--max-epochs, --patience and --samples must be at least 1")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataConfig:
     return DataConfig(
         size=models.input_size(backbone, job.size, pretrained),
@@ -129,7 +125,7 @@ class ClassifierRun:
         weights_file = models.resolve_pretrained(self.name, job.pretrained)
         dcfg = _data_config(job, self.name, weights_file is not None)
         self.train, self.val, self.test = caches[dcfg.size].split(self.fold, folds)
-        self.device = _device()
+        self.device = inference.default_device()
         torch.manual_seed(job.seed + 1000 * max(self.fold, 0))
         self.regress = bool(job.confluence_head and engine.has_confluence(self.train))
         self.model = models.build_classifier(

@@ -69,6 +69,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _submit(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`ray job submit`, tried again while the job server answers before its agent accepts jobs."""
+    for _ in range(30):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if "No available agent" not in res.stdout + res.stderr:
+            break
+        time.sleep(2)
+    return res
+
+
 @pytest.fixture()
 def ray_head(tmp_path):
     """A separate local Ray head on 127.0.0.1 with the job server, stopped at the end."""
@@ -170,11 +180,7 @@ def test_ray_job_submit_scores_an_archive(ray_head, small_corpus, tmp_path):
         "--run-id",
         "submitted",
     ]
-    for _ in range(30):  # the job server can answer before its agent accepts jobs
-        res = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
-        if "No available agent" not in res.stdout + res.stderr:
-            break
-        time.sleep(2)
+    res = _submit(submit, env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
     t = score.read_report(str(out)).to_pylist()
@@ -236,11 +242,7 @@ def test_ray_job_submit_deploys_the_online_service_which_outlives_the_job(ray_he
         *("--runtime-env-json", runtime_env, "--", sys.executable, "jobs/serve.py"),
         *("--classifier", str(tmp_path / "clf"), "--port", str(port), "--cpus-per-replica", "0.5"),
     ]
-    for _ in range(30):  # the job server can answer before its agent accepts jobs
-        res = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
-        if "No available agent" not in res.stdout + res.stderr:
-            break
-        time.sleep(2)
+    res = _submit(submit, env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"page: http://127.0.0.1:{port}/" in res.stdout
     image = (src / next(r for r in rows if r["stack"] == "sstack")["image"]).read_bytes()
