@@ -247,7 +247,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
         # Ray 2.60 turns token authentication on for a local Ray and says so on the console; asking for
         # it explicitly keeps it on without the message
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # a Ray of its own: a bare ray.init() would join any `ray start` cluster on this host instead
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     _quiet()
     outcome = train_classifier(cfg, manifest, out)
     det = train_abnormal_detector(cfg, manifest, out)
