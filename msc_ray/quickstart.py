@@ -237,16 +237,17 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
     """Run every step; returns ``{what: path}`` of the outputs worth opening."""
     import os
 
-    import ray
-
     started = time.perf_counter()
     out = Path(cfg.out).resolve()
+    # before anything imports Ray's core (the corpus steps do), which reads these once: Ray 2.60 turns
+    # token authentication on for a local Ray and says so on the console; asking for it explicitly keeps
+    # it on without the message
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     corpus, heldout, sheet, manifest = make_corpora(cfg, out)
+    import ray
+
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        # Ray 2.60 turns token authentication on for a local Ray and says so on the console; asking for
-        # it explicitly keeps it on without the message
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # a Ray of its own: a bare ray.init() would join any `ray start` cluster on this host instead
         ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     _quiet()
