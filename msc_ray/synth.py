@@ -6,9 +6,17 @@ tight box. Output follows the corpus layout of DESIGN.md::
 
     <out>/<stack>/<class>/<image>                 class folders "1".."4" (0-40, 40-60, 60-80, 80-100 %)
     <out>/<stack>/annotations/<stem>.xml          Pascal VOC, one per single-stack image (may hold no object)
-    <out>/masks/<stack>/<stem>.png                16-bit instance mask, 0 = background
-    <out>/metadata.csv                            image, vessel, day, position, confluence
-    <out>/truth.parquet                           exact per-image truth
+    <out>/masks/<stack>/<stem>.png                16-bit instance mask of cells, 0 = background
+    <out>/masks/<stack>/nuclei/<stem>.png         16-bit nucleus mask: a nucleus has its cell's id
+    <out>/metadata.csv                            image, vessel, day, position, confluence, potency
+    <out>/truth.parquet                           exact per-image truth, with the hidden biology
+
+**Hidden biology and potency.** Each vessel has hidden biology that drives what is drawn (see
+:class:`Biology`): how elongated its spindle cells are, their size, the nucleus/cell ratio, and a
+propensity to flatten that rises with the day (enlarged, flattened cells — the abnormal cells — appear
+in more images, more of them per image, and the spindles shorten). Its potency per vessel-day, an
+IDO-activity-like score in arbitrary units, is a documented function of that biology plus assay
+noise (:func:`potency_of`). Same seed, same bytes.
 
 VOC boxes use the VOC convention (1-based, inclusive); in the truth table and everywhere in the
 code a box is ``[x1, y1, x2, y2]`` in pixel-edge coordinates (x2 = last column + 1).
@@ -38,6 +46,55 @@ FORMATS = ("png", "jpg", "tif")
 STACK_CHOICES = ("sstack", "mstack", "both")
 POSITIONS = ("tl", "tr", "bl", "br", "c")  # four corners and the centre of the flask
 DAYS_PER_VESSEL = 6
+POTENCY_NOISE = 1.5  # SD of the assay noise added to the potency formula
+BROAD_SHARE = 0.3  # at flattening 1, this share of the normal cells is drawn spread out ...
+BROAD_WIDTH = 2.6  # ... that many times as wide (area × 2.6, aspect ratio ÷ 2.6)
+
+
+@dataclass(frozen=True)
+class Biology:
+    """A vessel's hidden biology on one day (drawn per vessel; elongation and flattening drift with
+    the day as the culture ages).
+
+    - ``elongation``: spindle aspect-ratio factor (long axis × √e, short axis ÷ √e; area unchanged);
+    - ``size``: cell-area factor (both axes × √s);
+    - ``nucleus``: nucleus/cell area-ratio factor (both nucleus axes × √n);
+    - ``flattening`` in [0, 1]: a share ``BROAD_SHARE · flattening`` of the normal cells is drawn
+      spread out (``BROAD_WIDTH`` times as wide); the chance that an image holds abnormal (enlarged,
+      flattened, 4–8× area, low-contrast) cells is ``1 − (1 − abnormal_fraction)^(2·flattening)``,
+      and such an image holds ``1 + Binomial(3, flattening)`` of them."""
+
+    elongation: float
+    size: float
+    nucleus: float
+    flattening: float
+
+
+def vessel_biology(seed: int, stack_index: int, n_vessels: int) -> list[tuple[float, float, float, float]]:
+    """Per vessel (elongation on day 1, size, nucleus, flattening on day 1), from its own stream so
+    the corpus plan (bands, days, positions) does not depend on it."""
+    rng = np.random.default_rng([seed, 2000 + stack_index])
+    return [
+        (rng.uniform(0.75, 1.4), rng.uniform(0.85, 1.2), rng.uniform(0.8, 1.3), rng.uniform(0.0, 0.8))
+        for _ in range(n_vessels)
+    ]
+
+
+def biology_on(vessel: tuple[float, float, float, float], day: int) -> Biology:
+    """A vessel's biology on ``day`` (1-based): per day in culture the spindles lose 0.02 of
+    elongation and the flattening propensity rises by 0.05."""
+    e, s, n, f = vessel
+    return Biology(elongation=e - 0.02 * (day - 1), size=s, nucleus=n, flattening=min(f + 0.05 * (day - 1), 1.0))
+
+
+def potency_of(b: Biology, noise: float) -> float:
+    """The documented potency formula (arbitrary units, IDO-activity-like): elongated spindle cells
+    are the potent ones, flattening and large nuclei cost potency, bigger cells add a little::
+
+        potency = 50 + 30·(elongation − 1) − 20·flattening − 16·(nucleus − 1) + 10·(size − 1) + noise
+
+    with ``noise`` ~ N(0, POTENCY_NOISE²) per vessel-day."""
+    return 50 + 30 * (b.elongation - 1) - 20 * b.flattening - 16 * (b.nucleus - 1) + 10 * (b.size - 1) + noise
 
 
 @dataclass(frozen=True)
@@ -83,6 +140,8 @@ class ImageSpec:
     target: float  # confluence the renderer aims at; the truth is measured on the mask
     n_abnormal: int
     key: tuple[int, ...]
+    biology: Biology = Biology(1.0, 1.0, 1.0, 0.0)
+    potency: float = float("nan")  # the vessel-day's potency (formula plus assay noise)
 
     @property
     def stem(self) -> str:
@@ -127,18 +186,22 @@ def plan_corpus(cfg: SynthConfig) -> list[ImageSpec]:
         days = max(1, min(DAYS_PER_VESSEL, n_units // 5))
         n_vessels = math.ceil(n_units / days)
         unit_vessel = rng.permutation(np.arange(n_units) % n_vessels)
+        hidden = vessel_biology(cfg.seed, s_idx, n_vessels)
+        assay = np.random.default_rng([cfg.seed, 3000 + s_idx]).normal(0, POTENCY_NOISE, (n_vessels, n_units + 1))
         prefix = "S" if stack == "sstack" else "M"
         i = 0
         for v in range(n_vessels):
             units = np.flatnonzero(unit_vessel == v)
             for day, u in enumerate(sorted(units, key=lambda k: bases[k])):
+                bio = biology_on(hidden[v], day + 1)
+                p_abnormal = 1 - (1 - cfg.abnormal_fraction) ** (2 * bio.flattening)
                 for p_idx, pos in enumerate(POSITIONS):
                     if i >= cfg.n:
                         break
                     target = float(np.clip(bases[u] + rng.normal(0, 0.025), 0.03, 0.97))
                     n_abn = 0
-                    if stack == "sstack" and rng.random() < cfg.abnormal_fraction:
-                        n_abn = int(rng.integers(1, 5))
+                    if stack == "sstack" and rng.random() < p_abnormal:
+                        n_abn = 1 + int(rng.binomial(3, bio.flattening))
                     specs.append(
                         ImageSpec(
                             stack=stack,
@@ -149,6 +212,8 @@ def plan_corpus(cfg: SynthConfig) -> list[ImageSpec]:
                             target=target,
                             n_abnormal=n_abn,
                             key=(cfg.seed, s_idx, v, day, p_idx),
+                            biology=bio,
+                            potency=potency_of(bio, float(assay[v, day])),
                         )
                     )
                     i += 1
@@ -163,7 +228,9 @@ def plan_corpus(cfg: SynthConfig) -> list[ImageSpec]:
 class _Canvas:
     """Label map plus per-pixel intensity of one cell layer, drawn cell by cell as polygons.
 
-    The label image (PIL mode "I") is the truth: whatever a later cell covers is that cell's pixel."""
+    The label image (PIL mode "I") is the truth: whatever a later cell covers is that cell's pixel.
+    Nuclei are drawn with their cell's id into a second label image; :attr:`nuclei` keeps the nucleus
+    pixels that are still their own cell's."""
 
     _T = np.linspace(-1.0, 1.0, 17)
     _PHI = np.linspace(0.0, 2 * math.pi, 48, endpoint=False)
@@ -172,8 +239,10 @@ class _Canvas:
         self.size = size
         self._label = Image.new("I", (size, size), 0)
         self._body = Image.new("F", (size, size), 0.0)  # intensity offset from background
+        self._nuclei = Image.new("I", (size, size), 0)
         self._dl = ImageDraw.Draw(self._label)
         self._db = ImageDraw.Draw(self._body)
+        self._dn = ImageDraw.Draw(self._nuclei)
         self.n_cells = 0
         self.halo_weight = [0.0]  # per label id: how bright the phase halo around that cell is
         self.abnormal_ids: list[int] = []
@@ -182,6 +251,12 @@ class _Canvas:
     def label(self) -> np.ndarray:
         """(H, W) uint16 instance ids, 0 = background."""
         return np.asarray(self._label).astype(np.uint16)
+
+    @property
+    def nuclei(self) -> np.ndarray:
+        """(H, W) uint16: a visible nucleus pixel holds its cell's id, 0 elsewhere."""
+        lab, nuc = np.asarray(self._label), np.asarray(self._nuclei)
+        return np.where((nuc == lab) & (lab > 0), nuc, 0).astype(np.uint16)
 
     @property
     def body(self) -> np.ndarray:
@@ -202,8 +277,11 @@ class _Canvas:
     def _place(u: np.ndarray, v: np.ndarray, cx: float, cy: float, c: float, s: float) -> list[tuple]:
         return list(zip((cx + u * c - v * s).tolist(), (cy + u * s + v * c).tolist(), strict=True))
 
-    def spindle(self, cx: float, cy: float, a: float, b: float, theta: float, r: np.ndarray) -> int:
-        """A fibroblast-like spindle: half-length ``a``, half-width ``b`` (px), long axis at ``theta``.
+    def spindle(
+        self, cx: float, cy: float, a: float, b: float, theta: float, r: np.ndarray, nucleus: float = 1.0
+    ) -> int:
+        """A fibroblast-like spindle: half-length ``a``, half-width ``b`` (px), long axis at ``theta``;
+        ``nucleus`` scales the nucleus's area relative to the cell's.
 
         ``r`` holds 7 uniform [0, 1) draws that shape it (bend, wobble, tone, fibres, nucleus)."""
         c, s = math.cos(theta), math.sin(theta)
@@ -223,9 +301,12 @@ class _Canvas:
             self._db.line(self._place(a * tt, fv, cx, cy, c, s), fill=float(-0.06 - 0.03 * ((r[4] + k / 3) % 1)))
         # a darker nucleus with a bright nucleolus near the middle
         un = 0.3 * (r[5] - 0.5) * a
-        an, bn = max(0.2 * a, 1.2), max(0.55 * b, 1.0)
+        k = math.sqrt(nucleus)
+        an, bn = max(0.2 * a * k, 1.2), max(0.55 * b * k, 1.0)
         ph = self._PHI[::4]
-        self._db.polygon(self._place(un + an * np.cos(ph), bn * np.sin(ph), cx, cy, c, s), fill=-0.2)
+        nucleus_outline = self._place(un + an * np.cos(ph), bn * np.sin(ph), cx, cy, c, s)
+        self._db.polygon(nucleus_outline, fill=-0.2)
+        self._dn.polygon(nucleus_outline, fill=cid)
         self._db.polygon(self._place(un + 0.28 * an * np.cos(ph), 0.28 * bn * np.sin(ph), cx, cy, c, s), fill=0.08)
         return cid
 
@@ -248,7 +329,9 @@ class _Canvas:
             self._db.line(ring + ring[:1], fill=-0.012)
         nu = rng.uniform(-0.2, 0.2) * radius
         rn = radius * rng.uniform(0.2, 0.28)
-        self._db.polygon(self._place(nu + rn * np.cos(phi), rn * np.sin(phi), cx, cy, c, s), fill=-0.16)
+        nucleus_outline = self._place(nu + rn * np.cos(phi), rn * np.sin(phi), cx, cy, c, s)
+        self._db.polygon(nucleus_outline, fill=-0.16)
+        self._dn.polygon(nucleus_outline, fill=cid)
         self.abnormal_ids.append(cid)
         return cid
 
@@ -282,14 +365,19 @@ def _orientation_field(rng: np.random.Generator, size: int) -> Callable[[float, 
     return field
 
 
-def _cell_layer(rng: np.random.Generator, size: int, target: float, n_abnormal: int = 0) -> _Canvas:
-    """Draw normal spindle cells until the covered fraction reaches ``target``, then abnormal cells."""
+def _cell_layer(
+    rng: np.random.Generator, size: int, target: float, n_abnormal: int = 0, bio: Biology | None = None
+) -> _Canvas:
+    """Draw normal spindle cells until the covered fraction reaches ``target``, then abnormal cells;
+    ``bio`` shapes them (default: the neutral biology)."""
+    bio = bio or Biology(1.0, 1.0, 1.0, 0.0)
     canvas = _Canvas(size)
     scale = size / 512
     total = size * size
     field = _orientation_field(rng, size)
     spread = 0.12 + 1.2 * (1 - target) ** 2  # orientation noise: random when sparse, streams when dense
-    normal_area = (8 / 3) * 65 * 12 * scale * scale  # spindle area (8/3)·a·b at the mean a, b
+    long_k, short_k = math.sqrt(bio.size * bio.elongation), math.sqrt(bio.size / bio.elongation)
+    normal_area = (8 / 3) * 65 * 12 * scale * scale * bio.size  # spindle area (8/3)·a·b at the mean a, b
     abn_radii = [math.sqrt(rng.uniform(4, 8) * normal_area / math.pi) for _ in range(n_abnormal)]
     # abnormal cells are a minority of the covered area: drop those that would crowd out normal cells
     while abn_radii and sum(math.pi * r * r * 0.8 for r in abn_radii) > 0.5 * target * total:
@@ -298,7 +386,7 @@ def _cell_layer(rng: np.random.Generator, size: int, target: float, n_abnormal: 
     goal = max(target * total - abn_area, 0)
     draws = rng.random((4096, 2)) * size
     d = 0
-    block, k = np.empty((0, 10)), 0
+    block, k = np.empty((0, 11)), 0
     covered, since = 0, 0
     cell_area = normal_area * (1 + 0.4 * target) * (1 - 0.3 * target)
     while covered < goal and canvas.n_cells < 20000:
@@ -311,13 +399,15 @@ def _cell_layer(rng: np.random.Generator, size: int, target: float, n_abnormal: 
             if canvas.is_free(cx, cy):
                 break
         if k >= len(block):  # per-cell parameters, drawn in bulk
-            block, k = rng.random((256, 10)), 0
+            block, k = rng.random((256, 11)), 0
             block[:, 9] = rng.standard_normal(256)
         p = block[k]
         k += 1
-        a = (45 + 40 * p[7]) * scale * (1 + 0.4 * target)
-        b = max((9 + 6 * p[8]) * scale * (1 - 0.3 * target), 1.5)
-        canvas.spindle(cx, cy, a, b, field(cx, cy) + spread * p[9], p)
+        a = (45 + 40 * p[7]) * scale * (1 + 0.4 * target) * long_k
+        b = max((9 + 6 * p[8]) * scale * (1 - 0.3 * target) * short_k, 1.5)
+        if p[10] < BROAD_SHARE * bio.flattening:  # a spread-out, flattened MSC (not an abnormal giant)
+            b *= BROAD_WIDTH
+        canvas.spindle(cx, cy, a, b, field(cx, cy) + spread * p[9], p, bio.nucleus)
         since += 1
         # count covered pixels every few cells, and after every cell once close to the goal
         if since >= 16 or covered + (since + 1) * cell_area >= goal:
@@ -356,11 +446,11 @@ def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
     return (1.0 - rng.uniform(0.2, 0.45) * r2 + gx * (x / size - 0.5) + gy * (y / size - 0.5)).astype(np.float32)
 
 
-def _out_of_focus_layer(rng: np.random.Generator, size: int, target: float) -> np.ndarray:
+def _out_of_focus_layer(rng: np.random.Generator, size: int, target: float, bio: Biology) -> np.ndarray:
     """Another layer of a stacked vessel, defocused: drawn at quarter resolution (the blur removes
     the detail a full-resolution drawing would add) and blurred."""
     small = max(size // 4, 16)
-    canvas = _cell_layer(rng, small, target)
+    canvas = _cell_layer(rng, small, target, bio=bio)
     img = _shade(canvas.label, canvas, small / 512)
     img = ndimage.gaussian_filter(img, sigma=rng.uniform(2.0, 4.0) * small / 256)
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
@@ -387,16 +477,17 @@ def render(spec: ImageSpec, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
     Returns ``(image, mask, truth)``: image float32 (H, W) in [0, 1]; mask uint16 (H, W) instance ids
     of the in-focus layer (0 = background); truth a dict with ``confluence`` (covered fraction of the
     mask), ``cell_count`` (cells with at least one visible pixel), ``boxes`` (``[x1, y1, x2, y2]``,
-    pixel edges, abnormal cells only) and ``abnormal_ids`` (their ids in the mask, same order).
+    pixel edges, abnormal cells only), ``abnormal_ids`` (their ids in the mask, same order) and
+    ``nuclei`` (uint16 (H, W): each visible nucleus pixel holds its cell's id).
     """
     rng = np.random.default_rng(list(spec.key))
     scale = size / 512
-    canvas = _cell_layer(rng, size, spec.target, spec.n_abnormal)
+    canvas = _cell_layer(rng, size, spec.target, spec.n_abnormal, spec.biology)
     mask = canvas.label
     img = _shade(mask, canvas, scale)
     if spec.stack == "mstack":
         layers = [
-            _out_of_focus_layer(rng, size, float(np.clip(spec.target + rng.normal(0, 0.08), 0.03, 0.97)))
+            _out_of_focus_layer(rng, size, float(np.clip(spec.target + rng.normal(0, 0.08), 0.03, 0.97)), spec.biology)
             for _ in range(int(rng.integers(1, 3)))
         ]
         img = 0.6 * img + 0.4 * np.mean(layers, axis=0)
@@ -412,6 +503,7 @@ def render(spec: ImageSpec, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
         "cell_count": int(np.count_nonzero(np.bincount(mask.ravel())[1:])),  # cells with a visible pixel
         "boxes": canvas.boxes(mask),
         "abnormal_ids": canvas.abnormal_ids,
+        "nuclei": canvas.nuclei,
     }
     return img, mask, truth
 
@@ -459,6 +551,7 @@ def _make_one(args: tuple[ImageSpec, SynthConfig, str]) -> dict:
     _write_image(root / rel, img, cfg.fmt)
     mask_rel = f"masks/{spec.stack}/{spec.stem}.png"
     Image.fromarray(mask).save(root / mask_rel, compress_level=1)  # uint16 → 16-bit PNG
+    Image.fromarray(truth["nuclei"]).save(root / f"masks/{spec.stack}/nuclei/{spec.stem}.png", compress_level=1)
     if spec.stack == "sstack":
         xml = _voc_xml(Path(rel).name, cfg.size, truth["boxes"])
         (root / spec.stack / "annotations" / f"{spec.stem}.xml").write_bytes(xml)
@@ -477,6 +570,12 @@ def _make_one(args: tuple[ImageSpec, SynthConfig, str]) -> dict:
         "day": spec.day,
         "position": spec.position,
         "mask": mask_rel,
+        "nucleus_mask": f"masks/{spec.stack}/nuclei/{spec.stem}.png",
+        "elongation": spec.biology.elongation,
+        "cell_size": spec.biology.size,
+        "nucleus_factor": spec.biology.nucleus,
+        "flattening": spec.biology.flattening,
+        "potency": spec.potency,
         "width": cfg.size,
         "height": cfg.size,
     }
@@ -488,7 +587,7 @@ def _prepare_out(out: Path, cfg: SynthConfig) -> None:
         for stack in cfg.stacks:
             for name in BAND_NAMES:
                 (out / stack / name).mkdir(parents=True, exist_ok=True)
-            (out / "masks" / stack).mkdir(parents=True, exist_ok=True)
+            (out / "masks" / stack / "nuclei").mkdir(parents=True, exist_ok=True)
             if stack == "sstack":
                 (out / stack / "annotations").mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -524,9 +623,12 @@ def synthesize(
 
     with open(root / "metadata.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["image", "vessel", "day", "position", "confluence"])
-        for r in rows:  # the measured covered fraction, as an instrument's confluence export gives it
-            w.writerow([r["image"], r["vessel"], r["day"], r["position"], f"{r['confluence']:.4f}"])
+        w.writerow(["image", "vessel", "day", "position", "confluence", "potency"])
+        for r in rows:  # the measured covered fraction, as an instrument's confluence export gives it,
+            # and the vessel-day's potency assay
+            w.writerow(
+                [r["image"], r["vessel"], r["day"], r["position"], f"{r['confluence']:.4f}", f"{r['potency']:.3f}"]
+            )
     table = pa.Table.from_pylist(
         rows,
         schema=pa.schema(
@@ -545,6 +647,12 @@ def synthesize(
                 ("day", pa.int16()),
                 ("position", pa.string()),
                 ("mask", pa.string()),
+                ("nucleus_mask", pa.string()),
+                ("elongation", pa.float64()),
+                ("cell_size", pa.float64()),
+                ("nucleus_factor", pa.float64()),
+                ("flattening", pa.float64()),
+                ("potency", pa.float64()),
                 ("width", pa.int32()),
                 ("height", pa.int32()),
             ]

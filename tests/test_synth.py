@@ -112,7 +112,7 @@ def test_layout_matches_design(small_corpus):
     assert images == sorted(r["image"] for r in rows)
     with open(root / "metadata.csv") as fh:
         meta = list(csv.DictReader(fh))
-    assert list(meta[0]) == ["image", "vessel", "day", "position", "confluence"]
+    assert list(meta[0]) == ["image", "vessel", "day", "position", "confluence", "potency"]
     truth = {r["image"]: r["confluence"] for r in rows}
     assert all(float(m["confluence"]) == pytest.approx(truth[m["image"]], abs=1e-4) for m in meta)
     assert sorted(m["image"] for m in meta) == images
@@ -186,3 +186,44 @@ def test_cli_writes_corpus_and_preview(tmp_path):
     assert "wrote 16 images" in res.stdout
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert (tmp_path / "c" / "truth.parquet").exists()
+
+
+def test_hidden_biology_drives_the_cells_and_the_documented_potency(tmp_path):
+    """Each vessel's biology is fixed but for the documented daily drift, potency is the documented
+    formula plus assay noise of the documented SD, shared by a vessel-day's images, and the biology
+    is visible in the exact cell and nucleus masks."""
+    import pandas as pd
+
+    from msc_ray import morphology
+
+    synth.synthesize(tmp_path, synth.SynthConfig(n=200, size=128, stack="sstack", seed=8, workers=2))
+    t = pq.read_table(tmp_path / "truth.parquet").to_pandas()
+    meta = pd.read_csv(tmp_path / "metadata.csv").set_index("image")
+    assert np.allclose(meta.loc[t["image"], "potency"].to_numpy(), t["potency"], atol=1e-3)
+    for _, v in t.groupby("vessel"):
+        assert v["cell_size"].nunique() == 1 and v["nucleus_factor"].nunique() == 1
+        first = v[v["day"] == v["day"].min()].iloc[0]
+        assert np.allclose(v["elongation"], first["elongation"] - 0.02 * (v["day"] - first["day"]))
+    per_day = t.groupby(["vessel", "day"])
+    assert (per_day["potency"].nunique() == 1).all()
+    bio = [
+        synth.Biology(r.elongation, r.cell_size, r.nucleus_factor, r.flattening) for r in per_day.first().itertuples()
+    ]
+    noise = per_day.first()["potency"].to_numpy() - [synth.potency_of(b, 0.0) for b in bio]
+    assert abs(noise.mean()) < 0.5 and 0.7 * synth.POTENCY_NOISE < noise.std() < 1.4 * synth.POTENCY_NOISE
+
+    measured = []
+    for r in t.itertuples():
+        cells = np.asarray(Image.open(tmp_path / r.mask)).astype(np.int64)
+        nuclei = np.asarray(Image.open(tmp_path / r.nucleus_mask)).astype(np.int64)
+        assert nuclei.dtype == cells.dtype and nuclei.shape == cells.shape
+        assert np.all((nuclei == 0) | (nuclei == cells))  # a nucleus pixel is its own cell's pixel
+        assert set(np.unique(nuclei[nuclei > 0])) <= set(np.unique(cells[cells > 0]))
+        measured.append(morphology.features(cells, nuclei)[1])
+    m = pd.DataFrame(measured)
+    assert np.corrcoef(t["nucleus_factor"], m["nucleus_ratio_median"])[0, 1] > 0.8
+    assert np.corrcoef(t["elongation"], m["aspect_ratio_median"])[0, 1] > 0.4
+    # spread-out cells widen the spread of shapes (occlusion by neighbours cuts most of them below
+    # the flattened-cell area rule, so their share is not where they show)
+    assert np.corrcoef(t["flattening"], m["aspect_ratio_iqr"])[0, 1] > 0.3
+    assert np.corrcoef(t["cell_size"], m["area_median"])[0, 1] > 0.3
