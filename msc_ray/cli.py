@@ -99,6 +99,20 @@ EndpointOpt = Annotated[
 
 
 AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default RAY_ADDRESS, else local).")]
+# options that train-detector and train-segmenter (both Ray Train DDP per outer fold) share
+WorkersOpt = Annotated[int, typer.Option(help="DDP workers per fold.")]
+GpuOpt = Annotated[bool, typer.Option(help="One GPU per worker.")]
+CpusPerWorkerOpt = Annotated[float, typer.Option(help="CPUs per worker.")]
+PlacementOpt = Annotated[
+    str, typer.Option(help="PACK (workers share nodes) or SPREAD (one node per worker where it can).")
+]
+FoldsOpt = Annotated[int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")]
+OnlyFoldsOpt = Annotated[str, typer.Option(help="Comma-separated outer folds to run (default: all).")]
+MinEpochsOpt = Annotated[
+    int, typer.Option(help="Epochs before validation and early stopping start (0: half of --epochs).")
+]
+LrOpt = Annotated[float, typer.Option(help="AdamW learning rate (after a one-epoch warm-up; cosine decay).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of folds, shards and augmentation.")]
 
 
 @app.command()
@@ -198,9 +212,7 @@ def tune(
     ],
     stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
     backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "compact_cnn,resnet18",
-    folds: Annotated[
-        int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")
-    ] = 5,
+    folds: FoldsOpt = 5,
     max_epochs: Annotated[int, typer.Option(help="Epochs per trial at most.")] = 25,
     patience: Annotated[
         int, typer.Option(help="Epochs without a better inner-validation ROC-AUC before a trial stops.")
@@ -282,32 +294,26 @@ def train_detector(
             "s3://bucket/prefix (on a multi-node cluster: shared storage every node reaches)."
         ),
     ],
-    workers: Annotated[int, typer.Option(help="DDP workers per fold.")] = 2,
-    gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker.")] = 1.0,
-    placement: Annotated[
-        str, typer.Option(help="PACK (workers share nodes) or SPREAD (one node per worker where it can).")
-    ] = "PACK",
+    workers: WorkersOpt = 2,
+    gpu: GpuOpt = False,
+    cpus_per_worker: CpusPerWorkerOpt = 1.0,
+    placement: PlacementOpt = "PACK",
     max_fdr: Annotated[
         float,
         typer.Option(help="Operating point: the loosest score threshold whose inner-validation FDR stays within this."),
     ] = 0.02,
-    folds: Annotated[
-        int, typer.Option(help="Folds when indexing a corpus (a manifest keeps its own); at least 3.")
-    ] = 5,
-    only_folds: Annotated[str, typer.Option(help="Comma-separated outer folds to run (default: all).")] = "",
+    folds: FoldsOpt = 5,
+    only_folds: OnlyFoldsOpt = "",
     epochs: Annotated[int, typer.Option(help="Epochs per fold at most (early stopping on inner mAP@0.5).")] = 30,
     patience: Annotated[int, typer.Option(help="Epochs without a better inner mAP@0.5 before a fold stops.")] = 6,
-    min_epochs: Annotated[
-        int, typer.Option(help="Epochs before validation and early stopping start (0: half of --epochs).")
-    ] = 0,
+    min_epochs: MinEpochsOpt = 0,
     backbone: Annotated[
         str, typer.Option(help="compact_fpn (default, CPUs), resnet18_fpn or resnet50_fpn (GPUs).")
     ] = "compact_fpn",
     size: Annotated[int, typer.Option(help="Image side the detector sees.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 4,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (after a one-epoch warm-up; cosine decay).")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed of folds, shards and augmentation.")] = 0,
+    lr: LrOpt = 1e-3,
+    seed: SeedOpt = 0,
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
@@ -315,32 +321,76 @@ def train_detector(
     Rerunning with the same --out resumes every fold from its latest checkpoint."""
     from . import detect
 
+    job = detect.DetectJobConfig(**_per_fold_job(corpus_or_manifest, out, folds, only_folds, locals()), max_fdr=max_fdr)
+    _run_per_fold(job, detect.train_detector, address)
+
+
+@app.command("train-segmenter")
+@_one_line_errors
+def train_segmenter(
+    corpus_or_manifest: Annotated[
+        str,
+        typer.Argument(
+            help="Corpus root with instance masks (masks/<stack>/<stem>.png and masks/<stack>/nuclei/<stem>.png), "
+            "or its manifest .parquet (local or s3://)."
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Run folder: per-fold checkpoints, the table, a panel, the artifact. A local path, or "
+            "s3://bucket/prefix (on a multi-node cluster: shared storage every node reaches)."
+        ),
+    ],
+    stack: Annotated[str, typer.Option(help="Stack whose images and masks train the model.")] = "sstack",
+    workers: WorkersOpt = 2,
+    gpu: GpuOpt = False,
+    cpus_per_worker: CpusPerWorkerOpt = 1.0,
+    placement: PlacementOpt = "PACK",
+    folds: FoldsOpt = 5,
+    only_folds: OnlyFoldsOpt = "",
+    epochs: Annotated[int, typer.Option(help="Epochs per fold at most (early stopping on inner mask AP@0.5).")] = 20,
+    patience: Annotated[int, typer.Option(help="Epochs without a better inner mask AP@0.5 before a fold stops.")] = 6,
+    min_epochs: MinEpochsOpt = 0,
+    backbone: Annotated[str, typer.Option(help="compact_fpn (default, CPUs) or resnet50_fpn (GPUs).")] = "compact_fpn",
+    size: Annotated[
+        int, typer.Option(help="Image side the segmenter sees (keep the corpus's own: nuclei are small).")
+    ] = 128,
+    batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 2,
+    lr: LrOpt = 1e-3,
+    seed: SeedOpt = 0,
+    endpoint_url: EndpointOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Mask R-CNN for cells and nuclei with Ray Train (DDP) per fold → mask AP, counting and confluence
+    errors on outer folds, a panel, a segmenter artifact. Rerunning with the same --out resumes."""
+    from . import segment
+
+    job = segment.SegmentJobConfig(**_per_fold_job(corpus_or_manifest, out, folds, only_folds, locals()), stack=stack)
+    _run_per_fold(job, segment.train_segmenter, address)
+
+
+def _per_fold_job(corpus_or_manifest: str, out: str, folds: int, only_folds: str, options: dict) -> dict:
+    """The fields train-detector and train-segmenter share, from their options: absolute paths, the
+    manifest (indexed into ``OUT/manifest.parquet`` from a corpus; a rerun keeps the folds it started
+    with), the outer folds to run."""
     out = _absolute(out)
-    # a rerun keeps the folds it started with
-    manifest = _manifest_for(corpus_or_manifest, out, folds, seed, endpoint_url, reuse=True)
-    job = detect.DetectJobConfig(
-        manifest=manifest,
-        out=out,
-        folds=tuple(int(f) for f in only_folds.split(",") if f.strip()),
-        epochs=epochs,
-        patience=patience,
-        min_epochs=min_epochs,
-        workers=workers,
-        gpu=gpu,
-        cpus_per_worker=cpus_per_worker,
-        placement=placement.upper(),
-        max_fdr=max_fdr,
-        backbone=backbone,
-        size=size,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        endpoint_url=endpoint_url,
-    )
+    shared = ("epochs", "patience", "min_epochs", "workers", "gpu", "cpus_per_worker", "backbone", "size")
+    return {
+        "manifest": _manifest_for(corpus_or_manifest, out, folds, options["seed"], options["endpoint_url"], reuse=True),
+        "out": out,
+        "folds": tuple(int(f) for f in only_folds.split(",") if f.strip()),
+        "placement": options["placement"].upper(),
+        **{k: options[k] for k in (*shared, "batch_size", "lr", "seed", "endpoint_url")},
+    }
+
+
+def _run_per_fold(job, train, address: str | None) -> None:
+    """Validate, join or start Ray, train every fold; print the table and where the outputs are."""
     job.validate()
     _ensure_ray(address)
-    res = detect.train_detector(job)
-    typer.echo(storage.read_bytes(res["table_md"], endpoint_url).decode())
+    res = train(job)
+    typer.echo(storage.read_bytes(res["table_md"], job.endpoint_url).decode())
     for what in ("table_csv", "table_md", "panel", "artifact"):
         typer.echo(f"  {what:10s} {res[what]}")
 
@@ -507,18 +557,29 @@ def serve(
 @_one_line_errors
 def morphology(
     corpus: Annotated[
-        str, typer.Argument(help="Corpus with instance masks (masks/<stack>/<stem>.png): folder or s3://.")
+        str,
+        typer.Argument(
+            help="Corpus with instance masks (masks/<stack>/<stem>.png), or any corpus with --segmenter: "
+            "folder or s3://."
+        ),
     ],
     out: Annotated[str, typer.Option(help="Folder or s3:// prefix for cells.parquet and images.parquet.")],
+    segmenter: Annotated[
+        str | None,
+        typer.Option(help="Segmenter artifact: measure the masks it predicts for every image instead of the corpus's."),
+    ] = None,
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """Cell morphology from a corpus's instance masks: one Parquet row per cell and one per image."""
+    """Cell morphology from a corpus's instance masks (or a segmenter's): one Parquet row per cell and
+    one per image."""
     from . import morphology as morph
 
     _ensure_ray(address)
-    r = morph.measure_corpus(_absolute(corpus), _absolute(out), endpoint_url)
-    typer.echo(f"{r['n_images']} images ({r['errors']} unreadable masks), {r['n_cells']} cells")
+    seg = _absolute(segmenter) if segmenter else None
+    r = morph.measure_corpus(_absolute(corpus), _absolute(out), endpoint_url, segmenter=seg)
+    what = "unreadable images" if seg else "unreadable masks"
+    typer.echo(f"{r['n_images']} images ({r['errors']} {what}), {r['n_cells']} cells")
     typer.echo(f"  per image: {r['images']}\n  per cell:  {r['cells']}")
 
 

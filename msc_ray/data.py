@@ -15,9 +15,11 @@ pixels in the resized frame, zero-padded to the manifest's largest box count B, 
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -46,17 +48,47 @@ def load_image(uri: str, name: str, cfg: DataConfig) -> np.ndarray:
     return images.to_channels(img, cfg.channels)
 
 
-def _read_sample(batch: dict, i: int, cfg: DataConfig, detection: bool) -> tuple[dict | None, str]:
-    """Row ``i`` of a block → ``({"image", ["boxes"]}, "")`` as tv_tensors, or ``(None, error line)``."""
+def mask_uris(uri: str, path: str, stack: str) -> tuple[str, str]:
+    """An image's cell and nucleus instance masks in its corpus (``masks/<stack>/<stem>.png`` and
+    ``masks/<stack>/nuclei/<stem>.png``), from its URI and its path inside the corpus."""
+    root = uri[: len(uri) - len(path)] if uri.endswith(path) else uri.rsplit("/", 3)[0] + "/"
+    stem = PurePosixPath(path).stem
+    return f"{root}masks/{stack}/{stem}.png", f"{root}masks/{stack}/nuclei/{stem}.png"
+
+
+def load_label_map(uri: str, endpoint_url: str | None = None) -> np.ndarray:
+    """A 16-bit instance mask (PNG) → int32 (H, W); raises ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(read_uri(uri, endpoint_url))) as im:
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{uri}: not a readable instance mask ({exc})") from None
+    if arr.ndim != 2 or arr.dtype.kind not in "iu":
+        raise ValueError(f"{uri}: an instance mask must be one channel of integer ids, got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int32)
+
+
+def _read_sample(batch: dict, i: int, cfg: DataConfig, detection: bool, masks: bool = False) -> tuple[dict | None, str]:
+    """Row ``i`` of a block → ``({"image", ["boxes"], ["masks"]}, "")`` as tv_tensors, or ``(None,
+    error line)``. ``masks``: the cell and nucleus instance maps as one (2, H, W) ``tv_tensors.Mask``."""
     uri, path = str(batch["uri"][i]), str(batch["path"][i])
     try:
         arr = load_image(uri, path, cfg)
-    except (images.ImageError, OSError) as exc:
-        msg = str(exc) if isinstance(exc, images.ImageError) else f"{path}: {storage.describe_error(exc)}"
+        if masks:
+            cell_uri, nuc_uri = mask_uris(uri, path, str(batch["stack"][i]))
+            label = np.stack([load_label_map(cell_uri, cfg.endpoint_url), load_label_map(nuc_uri, cfg.endpoint_url)])
+            if label.shape[-2:] != arr.shape[-2:]:
+                raise ValueError(f"{cell_uri}: mask {label.shape[-2:]} and image {arr.shape[-2:]} differ in size")
+    except (images.ImageError, OSError, ValueError) as exc:
+        msg = str(exc) if isinstance(exc, images.ImageError | ValueError) else f"{path}: {storage.describe_error(exc)}"
         log.warning("error record: %s", msg)
         return None, msg
     h, w = arr.shape[-2:]
     sample: dict = {"image": tv_tensors.Image(torch.from_numpy(arr))}
+    if masks:
+        sample["masks"] = tv_tensors.Mask(torch.from_numpy(label))
     if detection:
         raw = batch["boxes"][i]
         xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
@@ -224,40 +256,49 @@ def torch_batches(
 # --------------------------------------------------------------------------------------------------
 
 
-def _cache_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, detection: bool) -> dict[str, np.ndarray]:
+def _cache_batch(
+    batch: dict[str, np.ndarray], *, cfg: DataConfig, detection: bool, masks: bool = False
+) -> dict[str, np.ndarray]:
     """Ray Data task: a block of manifest rows → uint8 (C, S, S) after decode, equalise and resize
-    (no augmentation, no normalisation); boxes follow the resize. A bad row becomes an error record."""
+    (no augmentation, no normalisation); boxes follow the resize, instance masks too (nearest
+    neighbour, ids kept). A bad row becomes an error record."""
     tf = v2.Compose(augment.preprocess(cfg))
     n = len(batch["uri"])
     out_img = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.uint8)
+    out_masks = np.zeros((n, 2, cfg.size, cfg.size), np.uint16) if masks else None
     ok = np.zeros(n, bool)
     err = np.full(n, "", dtype=object)
     boxes_out = np.empty(n, dtype=object)
     for i in range(n):
         boxes_out[i] = np.zeros((0, 4), np.float32)
-        sample, err[i] = _read_sample(batch, i, cfg, detection)
+        sample, err[i] = _read_sample(batch, i, cfg, detection, masks)
         if sample is None:
             continue
         res = tf(sample)
         out_img[i] = (res["image"].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
+        if masks:
+            out_masks[i] = res["masks"].as_subclass(torch.Tensor).numpy().astype(np.uint16)
         ok[i] = True
         if detection:
             boxes_out[i] = res["boxes"].as_subclass(torch.Tensor).numpy().astype(np.float32).reshape(-1, 4)
     out = {"image": out_img, "ok": ok, "error": err.astype(str), "row": batch["row"].astype(np.int64)}
     if detection:
         out["boxes_flat"] = np.array([b.ravel().tolist() for b in boxes_out] + [[]], dtype=object)[:-1]
+    if masks:
+        out["masks"] = out_masks
     return out
 
 
-def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False):
+def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False, masks: bool = False):
     """Decode, equalise (multi-stack) and resize every row once with Ray Data tasks → an
     :class:`msc_ray.engine.Cache` (uint8, in this process's memory; put it in Ray's object store to
-    share it). Rows that cannot be read are left out and listed in ``Cache.errors``."""
+    share it). ``masks``: with each image's cell and nucleus instance masks (:func:`mask_uris`). Rows
+    that cannot be read (image or mask) are left out and listed in ``Cache.errors``."""
     import ray
 
     from .engine import Cache
 
-    keep = ["uri", "path", "row"] + (["boxes"] if detection else [])
+    keep = ["uri", "path", "row"] + (["boxes"] if detection else []) + (["stack"] if masks else [])
     src = rows.select(keep)
     step = cfg.decode_batch
     ds = ray.data.from_arrow([src.slice(i, step) for i in range(0, src.num_rows, step)] or [src])
@@ -265,14 +306,16 @@ def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False):
     ds.context.op_resource_reservation_enabled = False
     ds = ds.map_batches(
         _cache_batch,
-        fn_kwargs={"cfg": cfg, "detection": detection},
+        fn_kwargs={"cfg": cfg, "detection": detection, "masks": masks},
         batch_size=step,
         batch_format="numpy",
         num_cpus=1,
     )
-    imgs, oks, errs, rws, bxs = [], [], [], [], []
+    imgs, oks, errs, rws, bxs, msks = [], [], [], [], [], []
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         imgs.append(b["image"]), oks.append(b["ok"]), errs.append(b["error"]), rws.append(b["row"])
+        if masks:
+            msks.append(b["masks"])
         if detection:
             bxs.extend(np.asarray(v, np.float32).reshape(-1, 4) for v in b["boxes_flat"])
     shape = (0, cfg.channels, cfg.size, cfg.size)
@@ -295,4 +338,5 @@ def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False):
         confluence=conf[pos[good]],
         boxes=[bxs[i] for i in good] if detection else None,
         errors=tuple(str(e) for e in error[~ok]),
+        masks=np.ascontiguousarray(np.concatenate(msks)[good]) if masks and msks else None,
     )

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ NMS_CANDIDATES = (0.3, 0.4, 0.5)
 
 @dataclass(frozen=True)
 class DetectJobConfig:
+    kind: ClassVar[str] = "detector"  # the Ray Train worker rebuilds the job from this (see job_from)
+
     manifest: str
     out: str
     stack: str = "sstack"
@@ -74,6 +77,14 @@ class DetectJobConfig:
             raise ValueError(f"--placement must be PACK or SPREAD, got {self.placement!r}")
         if self.workers < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--workers, --epochs and --batch-size must be at least 1")
+
+    def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:
+        return models.build_detector(self.backbone, image_size=self.size, anchors=anchors, **kwargs)
+
+    def validation_score(self, model, val: engine.Cache, aug: engine.Augmenter, device) -> float:
+        """What early stopping follows on the inner validation part: mAP@0.5 (NaN: nothing to find)."""
+        preds, truths = engine.predict_detections(model, val, aug, batch_size=self.batch_size * 2, device=device)
+        return engine.detection_map(preds, truths)
 
     def data_config(self) -> DataConfig:
         # RetinaNet normalises inside its own transform: the pipeline hands it [0, 1] images
@@ -143,7 +154,7 @@ class DetectorRun:
             raise ValueError(f"fold {fold}: {len(self.train)} training images for {world} workers")
         dcfg = job.data_config()
         torch.manual_seed(job.seed + fold)
-        self.model = models.build_detector(job.backbone, image_size=job.size, anchors=anchors)
+        self.model = job.build_model(anchors)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
         steps = max(-(-(len(self.train) // world) // job.batch_size), 1)
         self.sched = engine.warmup_cosine(self.opt, job.epochs * steps, steps)
@@ -200,10 +211,7 @@ class DetectorRun:
         if self.rank == 0 and warm:
             val_map = 0.0
             if len(self.val):
-                preds, truths = engine.predict_detections(
-                    self.model, self.val, self.aug_eval, batch_size=job.batch_size * 2, device=self.device
-                )
-                val_map = engine.detection_map(preds, truths)
+                val_map = job.validation_score(self.model, self.val, self.aug_eval, self.device)
                 val_map = -1.0 if math.isnan(val_map) else val_map
             self.stopper.update(val_map, epoch + 1, self.model)
             report["val_map50"] = val_map
@@ -228,6 +236,14 @@ class DetectorRun:
         )
 
 
+def job_from(config: dict) -> DetectJobConfig:
+    """The job of a worker's ``train_loop_config``: a detector's, or a segmenter's (``kind``)."""
+    cls = DetectJobConfig
+    if config.get("kind") == "segmenter":
+        from .segment import SegmentJobConfig as cls
+    return from_dict(cls, config["job"])
+
+
 def detector_worker(config: dict) -> None:
     """Ray Train worker loop: a thin wrapper around :class:`DetectorRun` (which calls
     :func:`engine.train_detector_epoch`).
@@ -240,7 +256,7 @@ def detector_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    job = from_dict(DetectJobConfig, config["job"])
+    job = job_from(config)
     fold = int(config["fold"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -299,7 +315,14 @@ def _train_fold(job: DetectJobConfig, fold: int, folds: int, cache_ref, anchors:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         detector_worker,
-        train_loop_config={"job": asdict(job), "fold": fold, "folds": folds, "cache": cache_ref, "anchors": anchors},
+        train_loop_config={
+            "job": asdict(job),
+            "kind": job.kind,
+            "fold": fold,
+            "folds": folds,
+            "cache": cache_ref,
+            "anchors": anchors,
+        },
         scaling_config=ScalingConfig(
             num_workers=job.workers,
             use_gpu=job.gpu,
@@ -456,10 +479,6 @@ def _panel(job: DetectJobConfig, results: list[FoldResult], op: dict, dest: Path
     return str(dest)
 
 
-def _fmt(v: float) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
-
-
 def _table(results: list[FoldResult], op: dict) -> tuple[list[dict], dict]:
     rows = []
     for r in results:
@@ -485,23 +504,13 @@ TABLE2_KEYS = ("hit_rate", "fdr", "image_hit_rate", "image_fdr", "map50")
 
 def _write_table2(rows: list[dict], summary: dict, op: dict, out: Path) -> None:
     metrics.write_csv(rows, out / "metrics.csv")
-    md = [
+    md = metrics.fold_table_md(
+        [{**r, "epochs_best": f"{r['epochs']} ({r['best_epoch']})"} for r in rows],
+        ["fold", "epochs_best", "images", "abnormal_cells"],
+        TABLE2_KEYS,
+        summary,
         "| fold | epochs (best) | images | cells | hit rate (box) | FDR (box) | hit rate (image) | FDR (image) "
         "| mAP@0.5 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        md.append(
-            f"| {r['fold']} | {r['epochs']} ({r['best_epoch']}) | {r['images']} | {r['abnormal_cells']} | "
-            + " | ".join(_fmt(r[k]) for k in TABLE2_KEYS)
-            + " |"
-        )
-    md.append(
-        "| mean ± SD | | | | "
-        + " | ".join(
-            "n/a" if math.isnan(summary[k][0]) else f"{summary[k][0]:.3f} ± {summary[k][1]:.3f}" for k in TABLE2_KEYS
-        )
-        + " |"
     )
     md += [
         "",
@@ -541,26 +550,33 @@ def _export(job: DetectJobConfig, out: Path, results: list[FoldResult], op: dict
     )
 
 
+def prepare_run(job: DetectJobConfig) -> tuple:
+    """What a per-fold Ray Train run (detector or segmenter) checks and sets up before any work.
+    Returns ``(job with absolute paths, manifest, number of folds (≥ 3: nested evaluation), folds to
+    run, local output folder, whether --out is s3://)``; the tables, panel and summary are written to
+    the local folder, then copied to --out when that is s3://. ``--out`` is checked writable and seen
+    by every node."""
+    job.validate()
+    job = replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out))
+    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
+    n_folds = int(corpus.manifest_info(manifest)["folds"])
+    if n_folds < 3:
+        raise ValueError(f"{job.manifest}: {n_folds} folds; nested evaluation needs at least 3")
+    storage.check_writable(job.out, job.endpoint_url)
+    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
+    storage.ensure_shared({"--out": job.out, "the manifest": job.manifest, "the corpus (first image)": first})
+    remote = storage.is_s3(job.out)
+    out = Path(tempfile.mkdtemp(prefix=f"msc-ray-{job.kind}-") if remote else job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return job, manifest, n_folds, list(job.folds) or list(range(n_folds)), out, remote
+
+
 def train_detector(job: DetectJobConfig) -> dict:
     """Decode once, train every outer fold on Ray Train, choose the operating point on the inner
     validation folds, write Table 2 (outer folds), the panel and the artifact."""
     import ray
 
-    job.validate()
-    job = replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out))
-    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    info = corpus.manifest_info(manifest)
-    n_folds = int(info["folds"])
-    if n_folds < 3:
-        raise ValueError(f"{job.manifest}: {n_folds} folds; nested evaluation needs at least 3")
-    folds = list(job.folds) or list(range(n_folds))
-    storage.check_writable(job.out, job.endpoint_url)
-    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
-    storage.ensure_shared({"--out": job.out, "the manifest": job.manifest, "the corpus (first image)": first})
-    # the table, panel and summary are written here, then copied to --out when that is s3://
-    remote = storage.is_s3(job.out)
-    out = Path(tempfile.mkdtemp(prefix="msc-ray-detect-") if remote else job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    job, manifest, n_folds, folds, out, remote = prepare_run(job)
     cache = data.build_cache(detection_rows(manifest, job.stack), job.data_config(), detection=True)
     for e in cache.errors:
         log.warning("left out: %s", e)

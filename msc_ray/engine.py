@@ -33,7 +33,8 @@ class Cache:
     ``images`` uint8 (N, C, S, S); ``labels`` int64 (N,); ``rows`` int64 (N,) manifest row indices;
     ``folds`` int64 (N,); ``keys`` image paths (augmentation seeds); ``confluence`` float32 (N,) in
     [0, 1] or NaN where unknown; ``boxes`` a list of float32 (k, 4) ``[x1, y1, x2, y2]`` in the cached
-    frame (detection caches only); ``errors`` one line per image that could not be read."""
+    frame (detection caches only); ``masks`` uint16 (N, 2, S, S) cell and nucleus instance ids in the
+    cached frame (segmentation caches only); ``errors`` one line per image that could not be read."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -43,6 +44,7 @@ class Cache:
     confluence: np.ndarray
     boxes: list[np.ndarray] | None = None
     errors: tuple[str, ...] = ()
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,6 +60,7 @@ class Cache:
             confluence=self.confluence[idx],
             boxes=[self.boxes[i] for i in idx] if self.boxes is not None else None,
             errors=self.errors,
+            masks=self.masks[idx] if self.masks is not None else None,
         )
 
     def split(self, outer: int, folds: int) -> tuple[Cache, Cache, Cache]:
@@ -115,6 +118,49 @@ class Augmenter:
         if self.with_boxes:
             return x, torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         return x
+
+
+def augment_with_masks(aug: Augmenter, img: np.ndarray, masks: np.ndarray, key: str, epoch: int):
+    """uint8 (C, S, S) and uint16 (2, S, S) instance maps → normalised float32 (C, S, S) and int64
+    (2, S, S), the same geometric augmentation applied to both (nearest neighbour for the ids)."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
+    m = torch.from_numpy(masks.astype(np.int64))
+    if aug.train:
+        tf = v2.Compose(augment.geometric(aug.cfg) + augment.photometric())
+        out = augment.apply(
+            tf,
+            {"image": tv_tensors.Image(x), "masks": tv_tensors.Mask(m)},
+            augment.sample_seed(aug.cfg.seed, epoch, key),
+        )
+        x, m = out["image"].as_subclass(torch.Tensor), out["masks"].as_subclass(torch.Tensor)
+    return (x - aug.mean) / aug.std, m
+
+
+def instance_targets(label_maps: torch.Tensor, min_area: int = 4) -> dict[str, torch.Tensor]:
+    """(2, S, S) cell and nucleus id maps → Mask R-CNN targets: ``masks`` (K, S, S) uint8, ``boxes``
+    (K, 4) ``[x1, y1, x2, y2]`` pixel edges, ``labels`` (K,) 1 = cell, 2 = nucleus. Instances under
+    ``min_area`` pixels (slivers of cells hidden by their neighbours) are left out."""
+    from torchvision.ops import masks_to_boxes
+
+    masks, labels = [], []
+    for channel, label in ((0, 1), (1, 2)):
+        ids = label_maps[channel]
+        uniq, counts = torch.unique(ids, return_counts=True)
+        keep = uniq[(uniq > 0) & (counts >= min_area)]
+        if len(keep):
+            masks.append((ids[None] == keep[:, None, None]).to(torch.uint8))
+            labels.append(torch.full((len(keep),), label, dtype=torch.int64))
+    s = label_maps.shape[-1]
+    if not masks:
+        return {
+            "masks": torch.zeros((0, s, s), dtype=torch.uint8),
+            "boxes": torch.zeros((0, 4)),
+            "labels": torch.zeros(0, dtype=torch.int64),
+        }
+    m = torch.cat(masks)
+    boxes = masks_to_boxes(m)
+    boxes[:, 2:] += 1  # pixel edges: x2 = last column + 1
+    return {"masks": m, "boxes": boxes, "labels": torch.cat(labels)}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -293,11 +339,19 @@ def confluence_from_outputs(outputs: np.ndarray, classes: list[str], temperature
 
 def detection_batches(cache: Cache, aug: Augmenter, batch_size: int, *, epoch: int = 0, order=None):
     """``(list of images (3, S, S), list of {"boxes": (k, 4), "labels": (k,)}, rows)`` in ``order``
-    (default: the cache's order). Images without abnormal cells come with empty targets (negatives)."""
+    (default: the cache's order). Images without abnormal cells come with empty targets (negatives).
+    A segmentation cache (``cache.masks``) gives Mask R-CNN targets (:func:`instance_targets`)."""
     order = np.arange(len(cache)) if order is None else np.asarray(order)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         imgs, targets = [], []
+        if cache.masks is not None:
+            for j in idx:
+                x, m = augment_with_masks(aug, cache.images[j], cache.masks[j], cache.keys[j], epoch)
+                imgs.append(x)
+                targets.append(instance_targets(m))
+            yield imgs, targets, cache.rows[idx]
+            continue
         for j in idx:
             x, b = aug.one(cache.images[j], cache.keys[j], epoch, cache.boxes[j])
             imgs.append(x)
@@ -395,3 +449,146 @@ def anchor_plan(boxes: list[np.ndarray], levels: int, per_level: int = 3) -> dic
         "sizes": [[round(float(s), 2) for s in sizes[i * per_level : (i + 1) * per_level]] for i in range(levels)],
         "aspect_ratios": sorted({round(float(r), 3) for r in ratios}),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmenter: predictions, mask AP, counts and coverage
+# --------------------------------------------------------------------------------------------------
+
+SCORE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # thresholds the counts and coverage are kept at
+
+
+def mask_ap_metric():
+    """torchmetrics' COCO mask AP (pycocotools backend) with its precision table kept, for per-class
+    AP@0.5 and AP@[.5:.95] (:func:`mask_ap_summary`). Up to 500 detections per image (a dense culture
+    holds hundreds of cells)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    return MeanAveragePrecision(
+        iou_type="segm",
+        class_metrics=True,
+        max_detection_thresholds=[1, 10, 500],
+        backend="pycocotools",
+        extended_summary=True,
+        sync_on_compute=False,  # rank 0 alone validates: a cross-rank sync would wait forever
+    )
+
+
+def mask_ap_summary(metric) -> dict:
+    """Per class (cell, nucleus): mask AP@0.5 and AP@[.5:.95], read from the COCO precision table
+    (IoU × recall × class × area × max detections; all areas, 500 detections) the way COCO
+    summarises it. A class with no true instance: NaN; true instances and no prediction at all: 0."""
+    r = metric.compute()
+    classes = [int(c) for c in torch.atleast_1d(r["classes"]).tolist()]
+    out = {}
+    for label, name in ((1, "cell"), (2, "nucleus")):
+        ap50 = ap = float("nan")
+        if label in classes and "precision" not in r:  # nothing predicted in any image
+            ap50 = ap = 0.0
+        elif label in classes:
+            prec = r["precision"][:, :, classes.index(label), 0, -1]
+            if (prec >= 0).any():
+                ap50, ap = float(prec[0].clamp(min=0).mean()), float(prec.clamp(min=0).mean())
+        out[f"{name}_mask_ap50"], out[f"{name}_mask_ap"] = ap50, ap
+    return out
+
+
+@torch.no_grad()
+def predict_instances(
+    model: nn.Module,
+    cache: Cache,
+    aug: Augmenter,
+    *,
+    batch_size: int,
+    device: torch.device,
+    metric=None,
+    with_masks: bool = True,
+):
+    """Mask R-CNN on every cached image (no augmentation). Per image: ``boxes``, ``scores`` and
+    ``labels`` of its detections; the truth (``true_boxes``, ``true_labels``, ``true_cells``,
+    ``true_nuclei``: instances of :func:`instance_targets`; ``true_confluence``: the cache's); and
+    ``coverage``: the fraction of the image under predicted cell masks (probability ≥ 0.5) of score ≥
+    each threshold of :data:`SCORE_GRID`. With ``metric`` (:func:`mask_ap_metric`), each image's masks
+    also update it. ``with_masks=False``: boxes only (no coverage, no metric), a quick validation."""
+    model.eval()
+    out: list[dict] = []
+    heads = model.roi_heads
+    mask_pool = heads.mask_roi_pool
+    if not with_masks:  # torchvision's RoIHeads runs its mask branch only when it has a mask RoI pool
+        heads.mask_roi_pool = None
+    try:
+        for imgs, targets, _ in detection_batches(cache, aug, batch_size):
+            for p, t in zip(model([i.to(device) for i in imgs]), targets, strict=True):
+                out.append(_instance_record(p, t, float(cache.confluence[len(out)]), metric, with_masks))
+    finally:
+        heads.mask_roi_pool = mask_pool
+    return out
+
+
+def _instance_record(p: dict, t: dict, confluence: float, metric, with_masks: bool) -> dict:
+    """One image's Mask R-CNN output and truth → the record :func:`predict_instances` describes."""
+    scores, labels = p["scores"].float().cpu(), p["labels"].cpu()
+    rec = {
+        "boxes": p["boxes"].float().cpu().numpy(),
+        "scores": scores.numpy(),
+        "labels": labels.numpy(),
+        "true_boxes": t["boxes"].numpy(),
+        "true_labels": t["labels"].numpy(),
+        "true_cells": int((t["labels"] == 1).sum()),
+        "true_nuclei": int((t["labels"] == 2).sum()),
+        "true_confluence": confluence,
+    }
+    if not with_masks:
+        return rec
+    masks = p["masks"][:, 0].float().cpu() >= 0.5
+    if metric is not None:
+        metric.update(
+            [{"masks": masks, "scores": scores, "labels": labels}],
+            [{"masks": t["masks"].bool(), "labels": t["labels"]}],
+        )
+    cells, cell_scores = masks[labels == 1], scores[labels == 1]
+    coverage = [float(cells[cell_scores >= th].any(0).float().mean()) if len(cells) else 0.0 for th in SCORE_GRID]
+    rec["coverage"] = np.asarray(coverage)
+    return rec
+
+
+def instance_box_ap(preds: list[dict], label: int) -> float:
+    """Box AP@0.5 (VOC, :func:`metrics.average_precision`) of one class from :func:`predict_instances`."""
+    return metrics.average_precision(
+        [(p["boxes"][p["labels"] == label], p["scores"][p["labels"] == label]) for p in preds],
+        [p["true_boxes"][p["true_labels"] == label] for p in preds],
+    )
+
+
+def instance_counts(preds: list[dict], label: int, threshold: float) -> np.ndarray:
+    """Predicted instances of ``label`` with score ≥ ``threshold``, per image."""
+    return np.array([int(((p["labels"] == label) & (p["scores"] >= threshold)).sum()) for p in preds])
+
+
+def count_error(preds: list[dict], label: int, threshold: float) -> float:
+    """Mean relative counting error |predicted − true| / true over images with at least one true
+    instance (NaN when none has)."""
+    key = "true_cells" if label == 1 else "true_nuclei"
+    true = np.array([p[key] for p in preds], float)
+    pred = instance_counts(preds, label, threshold)
+    ok = true > 0
+    return float(np.mean(np.abs(pred[ok] - true[ok]) / true[ok])) if ok.any() else float("nan")
+
+
+def coverage_mae(preds: list[dict], threshold: float) -> float:
+    """Mask-based confluence MAE in percentage points against the true confluence, at the grid
+    threshold nearest ``threshold``."""
+    i = int(np.argmin(np.abs(np.asarray(SCORE_GRID) - threshold)))
+    err = [abs(p["coverage"][i] - p["true_confluence"]) for p in preds if np.isfinite(p["true_confluence"])]
+    return 100.0 * float(np.mean(err)) if err else float("nan")
+
+
+def choose_count_thresholds(preds: list[dict]) -> dict:
+    """Per class, the :data:`SCORE_GRID` threshold with the lowest mean relative counting error on
+    ``preds`` (the inner validation folds': never the folds that are reported)."""
+    out = {}
+    for label, name in ((1, "cell"), (2, "nucleus")):
+        errs = [count_error(preds, label, th) for th in SCORE_GRID]
+        errs = [e if np.isfinite(e) else np.inf for e in errs]
+        out[name] = float(SCORE_GRID[int(np.argmin(errs))])
+    return out

@@ -9,6 +9,7 @@ share, so a row of the report and a reply of the page are the same computation.
   GPU the forward pass runs under bfloat16 autocast.
 * :func:`interpret` — probabilities → predicted class, band and confluence % (inside the band).
 * :meth:`Classifier.grad_cam` — which regions drove the predicted class (captum's ``LayerGradCam``).
+* :class:`Segmenter` — a segmenter artifact: an image → cell and nucleus instance maps.
 """
 
 from __future__ import annotations
@@ -170,6 +171,51 @@ class Detector:
             sc = r["scores"].float().cpu().numpy()
             out.append([[round(float(v), 2) for v in bb] + [round(float(p), 4)] for bb, p in zip(b, sc, strict=True)])
         return out
+
+
+class Segmenter:
+    """A segmenter artifact on a device: an image → cell and nucleus instance maps at the image's own
+    size, read at the artifact's score thresholds (chosen on the inner validation folds)."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, device=None):
+        from . import models
+
+        self.uri = uri
+        self.device = device or default_device()
+        self.model, self.config = models.load_segmenter(uri, endpoint_url)
+        self.model.to(self.device)
+        self.size = int(self.config["image_size"])
+        self.thresholds = self.config["score_thresholds"]
+        self.version = self.config.get("version", "")
+
+    def label_maps(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded image (C, H, W) → ``(cells, nuclei)`` int32 (H, W) instance maps, 0 = background.
+        Cells are painted lowest score first, so where two masks overlap the surer cell keeps the
+        pixel; a nucleus takes the id of the cell it overlaps most (a nucleus on no cell is dropped)."""
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        h, w = img.shape[-2:]
+        x, _ = detector_input(img, self.size)
+        with torch.inference_mode():
+            (r,) = self.model([torch.from_numpy(np.ascontiguousarray(x)).to(self.device)])
+        masks = (r["masks"][:, 0] >= 0.5).cpu()
+        scores, labels = r["scores"].float().cpu(), r["labels"].cpu()
+        size = self.size
+        cells = torch.zeros((size, size), dtype=torch.int32)
+        keep = torch.nonzero((labels == 1) & (scores >= self.thresholds["cell"])).flatten()
+        for n, i in enumerate(keep[torch.argsort(scores[keep])].tolist(), start=1):
+            cells[masks[i]] = n
+        nuclei = torch.zeros_like(cells)
+        keep = torch.nonzero((labels == 2) & (scores >= self.thresholds["nucleus"])).flatten()
+        for i in keep[torch.argsort(scores[keep])].tolist():
+            under = cells[masks[i]]
+            under = under[under > 0]
+            if len(under):
+                owner = int(torch.mode(under).values)
+                nuclei[masks[i] & (cells == owner)] = owner
+        back = [F.resize(m[None], [h, w], interpolation=F.InterpolationMode.NEAREST)[0] for m in (cells, nuclei)]
+        return back[0].numpy(), back[1].numpy()
 
 
 def interpret(classes: list[str], probs: np.ndarray, regressed: float = float("nan")) -> dict:

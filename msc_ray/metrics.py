@@ -36,6 +36,24 @@ def write_csv(rows: list[dict], path) -> str:
     return str(path)
 
 
+def fmt(v: float | None) -> str:
+    """A table figure: three decimals, ``n/a`` for an undefined one (never 0)."""
+    return "n/a" if v is None or np.isnan(v) else f"{v:.3f}"
+
+
+def fold_table_md(rows: list[dict], lead: list[str], keys: tuple[str, ...], summary: dict, head: str) -> list[str]:
+    """A per-fold Markdown table: ``head`` is the header row (its cells: the ``lead`` columns, then one
+    per key); each row gives its ``lead`` values, then its ``keys`` figures; a last row gives mean ± SD
+    (``summary[key] = (mean, sd)``)."""
+    n = head.count("|") - 1
+    md = [head, "|" + "---|" * n]
+    for r in rows:
+        md.append("| " + " | ".join([str(r[c]) for c in lead] + [fmt(r[k]) for k in keys]) + " |")
+    figures = ["n/a" if np.isnan(summary[k][0]) else f"{summary[k][0]:.3f} ± {summary[k][1]:.3f}" for k in keys]
+    md.append("| " + " | ".join(["mean ± SD"] + [""] * (len(lead) - 1) + figures) + " |")
+    return md
+
+
 def one_hot(y: np.ndarray, k: int) -> np.ndarray:
     return np.eye(k, dtype=np.float64)[np.asarray(y, int)]
 

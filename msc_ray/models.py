@@ -339,16 +339,18 @@ DETECTOR_LEVELS = {"compact_fpn": 2, "resnet18_fpn": 5, "resnet50_fpn": 5}
 
 class CompactFPN(nn.Module):
     """A small detection backbone: :class:`CompactCNN`'s blocks (per-image standardisation first),
-    with a feature pyramid over strides 8 and 16 (``out_channels`` each). Input (N, 3, H, W);
-    output ``{"0": (N, C, H/8, W/8), "1": (N, C, H/16, W/16)}``."""
+    with a feature pyramid over its last ``levels`` blocks (``out_channels`` each): strides 8 and 16
+    for 2 levels, 4, 8 and 16 for 3 (small objects such as nuclei). Input (N, 3, H, W); output
+    ``{"0": finest, …}``."""
 
-    def __init__(self, out_channels: int = 64, widths: tuple[int, ...] = (32, 64, 128, 192)):
+    def __init__(self, out_channels: int = 64, widths: tuple[int, ...] = (32, 64, 128, 192), levels: int = 2):
         from torchvision.ops import FeaturePyramidNetwork
 
         super().__init__()
         self.body = CompactCNN(widths=widths).features
         self.out_channels = out_channels
-        self.fpn = FeaturePyramidNetwork([widths[2], widths[3]], out_channels)
+        self.first = len(widths) - levels + 1  # the first block (1-based) whose output is a level
+        self.fpn = FeaturePyramidNetwork(list(widths[-levels:]), out_channels)
 
     def forward(self, x: torch.Tensor):
         from collections import OrderedDict
@@ -359,9 +361,25 @@ class CompactFPN(nn.Module):
             x = layer(x)
             if isinstance(layer, nn.MaxPool2d):
                 blocks += 1
-                if blocks >= 3:
-                    feats[str(blocks - 3)] = x
+                if blocks >= self.first:
+                    feats[str(blocks - self.first)] = x
         return self.fpn(feats)
+
+
+def _anchor_generator(backbone_name: str, levels: int, anchors: dict | None, base: list[int]):
+    """torchvision's AnchorGenerator for ``anchors`` (``{"sizes": [[px, ...] per level],
+    "aspect_ratios": [h/w, ...]}``, see :func:`msc_ray.engine.anchor_plan`); default: three sizes an
+    octave apart per level from ``base``, ratios 0.5, 1 and 2."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if anchors is None:
+        anchors = {"sizes": [[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in base], "aspect_ratios": [0.5, 1.0, 2.0]}
+    if len(anchors["sizes"]) != levels:
+        raise ValueError(f"{backbone_name} has {levels} pyramid levels, anchors give {len(anchors['sizes'])}")
+    return AnchorGenerator(
+        tuple(tuple(float(s) for s in lv) for lv in anchors["sizes"]),
+        tuple(tuple(float(r) for r in anchors["aspect_ratios"]) for _ in range(levels)),
+    )
 
 
 def build_detector(
@@ -382,22 +400,13 @@ def build_detector(
     :func:`msc_ray.engine.anchor_plan`); default torchvision's. Images are resized so their short side
     is ``image_size`` (the transform inside RetinaNet), boxes are returned in the input's pixels."""
     from torchvision.models.detection import RetinaNet
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     if backbone_name not in DETECTOR_BACKBONES:
         raise ValueError(f"unknown detector backbone {backbone_name!r}; valid: {', '.join(DETECTOR_BACKBONES)}")
     levels = DETECTOR_LEVELS[backbone_name]
-    if anchors is None:
-        base = [32, 64, 128, 256, 512][-levels:] if levels < 5 else [32, 64, 128, 256, 512]
-        anchors = {"sizes": [[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in base], "aspect_ratios": [0.5, 1.0, 2.0]}
-    if len(anchors["sizes"]) != levels:
-        raise ValueError(f"{backbone_name} has {levels} pyramid levels, anchors give {len(anchors['sizes'])}")
-    gen = AnchorGenerator(
-        tuple(tuple(float(s) for s in lv) for lv in anchors["sizes"]),
-        tuple(tuple(float(r) for r in anchors["aspect_ratios"]) for _ in range(levels)),
-    )
+    gen = _anchor_generator(backbone_name, levels, anchors, [32, 64, 128, 256, 512][-levels:])
     common = dict(
         min_size=image_size,
         max_size=image_size * 2,
@@ -434,6 +443,85 @@ def load_detector(src: str | os.PathLike, endpoint_url: str | None = None) -> tu
         score_thresh=config["score_threshold"],
         nms_thresh=config["nms_iou"],
         anchors=config.get("anchors"),
+    )
+    model.load_state_dict(state)
+    return model.eval(), config
+
+
+SEGMENTER_BACKBONES = ("compact_fpn", "resnet50_fpn")
+SEGMENTER_LEVELS = {"compact_fpn": 3, "resnet50_fpn": 5}
+SEGMENTER_CLASSES = ("cell", "nucleus")  # labels 1 and 2; 0 is background
+
+
+def build_segmenter(
+    backbone_name: str = "compact_fpn",
+    *,
+    image_size: int = 256,
+    score_thresh: float = 0.05,
+    detections_per_img: int = 500,
+    anchors: dict | None = None,
+) -> nn.Module:
+    """Mask R-CNN (torchvision) for cells and nuclei. Input: list of float (3, H, W) in [0, 1]; output
+    per image ``{"boxes", "labels" (1 cell, 2 nucleus), "scores", "masks" (k, 1, H, W) probabilities}``.
+    ``compact_fpn``: the compact CNN with a three-level pyramid (strides 4, 8, 16: nuclei are a few
+    pixels wide), for CPUs at 128–512 px; ``resnet50_fpn``: torchvision's ResNet-50 FPN (GPUs).
+    ``anchors`` as for :func:`build_detector` (one size list per pyramid level)."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if backbone_name not in SEGMENTER_BACKBONES:
+        raise ValueError(f"unknown segmenter backbone {backbone_name!r}; valid: {', '.join(SEGMENTER_BACKBONES)}")
+    levels = SEGMENTER_LEVELS[backbone_name]
+    gen = _anchor_generator(backbone_name, levels, anchors, [8, 16, 32, 64, 128][:levels])
+    heads: dict = {}
+    if backbone_name == "compact_fpn":
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+        body = CompactFPN(levels=levels)
+        names = [str(i) for i in range(levels)]
+        c = body.out_channels  # heads sized for CPUs: 256-wide box features, 64-channel mask convolutions
+        heads = dict(
+            box_head=TwoMLPHead(c * 7 * 7, 256),
+            box_predictor=FastRCNNPredictor(256, len(SEGMENTER_CLASSES) + 1),
+            mask_head=MaskRCNNHeads(c, (64, 64, 64, 64), 1),
+            mask_predictor=MaskRCNNPredictor(64, 64, len(SEGMENTER_CLASSES) + 1),
+        )
+    else:
+        body = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5)
+        names = ["0", "1", "2", "3"]
+    return MaskRCNN(
+        body,
+        min_size=image_size,
+        max_size=image_size * 2,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        rpn_anchor_generator=gen,
+        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+        box_score_thresh=score_thresh,
+        box_detections_per_img=detections_per_img,
+        # a dense culture holds a few hundred instances: 1,000 proposals per image cover them; 256 sampled
+        # RoIs per image (torchvision's default 512) halve the RoIAlign backward pass, the costliest step on CPUs
+        rpn_pre_nms_top_n_train=1000,
+        rpn_post_nms_top_n_train=1000,
+        rpn_pre_nms_top_n_test=1000,
+        rpn_post_nms_top_n_test=1000,
+        box_batch_size_per_image=256,
+        num_classes=None if heads else len(SEGMENTER_CLASSES) + 1,
+        **heads,
+    )
+
+
+def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[nn.Module, dict]:
+    """A segmenter artifact → ``(model in eval mode, config)`` (its per-class score thresholds, chosen
+    on the inner validation folds, are in the config and applied by the caller)."""
+    config, state = read_artifact(src, endpoint_url)
+    if config.get("kind") != "segmenter":
+        raise ValueError(f"{src}: a {config.get('kind')} artifact, not a segmenter")
+    model = build_segmenter(
+        config["architecture"], image_size=config["image_size"], score_thresh=0.05, anchors=config.get("anchors")
     )
     model.load_state_dict(state)
     return model.eval(), config

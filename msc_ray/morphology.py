@@ -178,6 +178,31 @@ def _measure_chunk(items: list[tuple[str, str, str, str | None]], endpoint_url: 
     return cells_out, images_out
 
 
+def _segment_chunk(
+    items: list[tuple[str, str, str, str]], segmenter: str, endpoint_url: str | None
+) -> tuple[list, list]:
+    """Ray task: ``(stack, stem, image URI, path)`` → (cell rows, image rows) measured on the instance
+    maps a segmenter predicts (loaded once per task). An unreadable image is an image row with
+    ``error`` set."""
+    from .data import read_uri
+    from .images import ImageError, decode
+    from .inference import Segmenter
+
+    seg = Segmenter(segmenter, endpoint_url)
+    cells_out, images_out = [], []
+    for stack, stem, uri, path in items:
+        base = {"stack": stack, "stem": stem, "mask": f"predicted by {seg.version or segmenter}"}
+        try:
+            cells, nuclei = seg.label_maps(decode(read_uri(uri, endpoint_url), path))
+            rows, img = features(cells.astype(np.int64), nuclei.astype(np.int64))
+        except (ImageError, OSError, ValueError) as exc:
+            images_out.append({**base, "error": f"{path}: {' '.join(str(exc).split())[:200]}"})
+            continue
+        cells_out += [{**base, **r} for r in rows]
+        images_out.append({**base, **img, "error": None})
+    return cells_out, images_out
+
+
 def _metadata(corpus: str, endpoint_url: str | None) -> dict[tuple[str, str], dict]:
     """metadata.csv rows (:func:`msc_ray.corpus.read_metadata`) by (stack, image stem)."""
     from pathlib import PurePosixPath
@@ -196,18 +221,30 @@ def _metadata(corpus: str, endpoint_url: str | None) -> dict[tuple[str, str], di
     return out
 
 
-def measure_corpus(corpus: str, out: str, endpoint_url: str | None = None, chunk: int = 64) -> dict:
+def measure_corpus(
+    corpus: str, out: str, endpoint_url: str | None = None, chunk: int = 64, segmenter: str | None = None
+) -> dict:
     """Every instance mask of ``corpus`` (``masks/<stack>/<stem>.png``; nuclei, when present, in
     ``masks/<stack>/nuclei/<stem>.png``) → ``OUT/cells.parquet`` and ``OUT/images.parquet`` (with the
-    image's metadata.csv columns). Returns ``n_images``, ``n_cells``, ``errors`` and the two tables'
-    URIs (``images``, ``cells``)."""
-    import pyarrow as pa
+    image's metadata.csv columns). With ``segmenter`` (an artifact), every image of the corpus is
+    segmented instead and its predicted masks are measured (images need no masks). Returns
+    ``n_images``, ``n_cells``, ``errors`` and the two tables' URIs (``images``, ``cells``)."""
     import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
     import ray
 
     from . import storage
 
+    if segmenter is not None:
+        from .corpus import index_corpus
+
+        table, _ = index_corpus(corpus, folds=2, seed=0, endpoint_url=endpoint_url)
+        rows = table.select(["stack", "path", "uri"]).to_pylist()
+        items = [(r["stack"], r["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0], r["uri"], r["path"]) for r in rows]
+        task = ray.remote(num_cpus=1)(_segment_chunk)
+        parts = ray.get(
+            [task.remote(items[i : i + chunk], segmenter, endpoint_url) for i in range(0, len(items), chunk)]
+        )
+        return _write_tables(corpus, out, parts, endpoint_url)
     loc = storage.resolve(storage.join(corpus, "masks"), endpoint_url)
     found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
     rel = sorted(f.path[len(loc.path) :].lstrip("/") for f in found if f.type == pafs.FileType.File)
@@ -229,6 +266,17 @@ def measure_corpus(corpus: str, out: str, endpoint_url: str | None = None, chunk
         )
     task = ray.remote(num_cpus=1)(_measure_chunk)
     parts = ray.get([task.remote(items[i : i + chunk], endpoint_url) for i in range(0, len(items), chunk)])
+    return _write_tables(corpus, out, parts, endpoint_url)
+
+
+def _write_tables(corpus: str, out: str, parts: list, endpoint_url: str | None) -> dict:
+    """The tasks' (cell rows, image rows) → ``OUT/cells.parquet`` and ``OUT/images.parquet``, the
+    image rows joined with the corpus's metadata.csv."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from . import storage
+
     cells = [c for p in parts for c in p[0]]
     imgs = [m for p in parts for m in p[1]]
     meta = _metadata(corpus, endpoint_url)

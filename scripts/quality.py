@@ -5,7 +5,13 @@ calibrated on. Then the exported models score a corpus of new vessels (another s
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
     .venv/bin/python scripts/quality.py [--n 300] [--size 128] [--folds 5]     # CPU, about 25 min
+    .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 25 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
+
+``--stages segmenter`` is the morphology/potency chain: Mask R-CNN trained on one corpus (its outer
+folds give mask AP, counting and confluence errors), then a corpus of new vessels (another seed) is
+segmented by the exported model, measured, and LightGBM potency is fitted and scored with folds
+grouped by vessel, once on the predicted masks and once on the exact masks for comparison.
 """
 
 from __future__ import annotations
@@ -47,6 +53,54 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
     }
 
 
+def segmenter_stage(out: Path, args, gpu: bool) -> dict:
+    """Segmenter on corpus A (outer folds), then potency on new vessels from its predicted masks."""
+    from msc_ray import corpus, morphology, potency, segment, synth
+
+    n, size = args.seg_n or (1000 if gpu else 300), args.seg_size or (256 if gpu else 128)
+    synth.synthesize(out / "seg-corpus", synth.SynthConfig(n=n, size=size, stack="sstack", seed=7, workers=2))
+    table, _ = corpus.index_corpus(str(out / "seg-corpus"), folds=args.folds, seed=0)
+    manifest = corpus.write_manifest(table, str(out / "seg-corpus" / "manifest.parquet"))
+    t0 = time.perf_counter()
+    seg = segment.train_segmenter(
+        segment.SegmentJobConfig(
+            manifest=manifest,
+            out=str(out / "segmenter"),
+            folds=tuple(int(f) for f in (args.segmenter_folds or ("" if gpu else "0")).split(",") if f),
+            epochs=args.segmenter_epochs,
+            workers=2 if not gpu else 1,
+            gpu=gpu,
+            backbone="resnet50_fpn" if gpu else "compact_fpn",
+            size=size,
+        )
+    )
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\n== Segmentation, cells and nuclei ({minutes:.1f} min)")
+    print(Path(seg["table_md"]).read_text())
+    pot_n = args.potency_n or (2000 if gpu else 600)
+    synth.synthesize(out / "pot-corpus", synth.SynthConfig(n=pot_n, size=size, stack="sstack", seed=7007, workers=2))
+    res: dict = {"segmenter": {"minutes": minutes, "summary": seg["summary"], "thresholds": seg["thresholds"]}}
+    for what, seg_art in (("predicted masks", seg["artifact"]), ("exact masks", None)):
+        t0 = time.perf_counter()
+        tag = "pred" if seg_art else "exact"
+        feats = morphology.measure_corpus(str(out / "pot-corpus"), str(out / f"morph-{tag}"), segmenter=seg_art)
+        fit = potency.train_potency(
+            potency.PotencyJobConfig(features=feats["images"], out=str(out / f"potency-{tag}"), folds=args.folds)
+        )
+        m = fit["metrics"]
+        res[f"potency_{tag}"] = {"minutes": (time.perf_counter() - t0) / 60, **m}
+        print(
+            f"potency from {what} of {pot_n} new-vessel images (seed 7007): R² {m['r2']:.3f}, Spearman ρ "
+            f"{m['spearman']:.3f}, MAE {m['mae']:.2f} on held-out vessels ({res[f'potency_{tag}']['minutes']:.1f} min)"
+        )
+    print(
+        f"settings: segmenter on {n} images at {size}px, outer folds "
+        f"{args.segmenter_folds or ('all' if gpu else '0')}, "
+        f"up to {args.segmenter_epochs} epochs; potency on {pot_n} images of new vessels, {args.folds} folds by vessel"
+    )
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="the study's scale: 1000 images per stack, 224 px, GPUs")
@@ -67,7 +121,14 @@ def main() -> None:
     ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1; GPU all)")
     ap.add_argument("--heldout-n", type=int, default=100)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--stages", default="classifier,detector", help="classifier, detector, segmenter (comma-separated)")
+    ap.add_argument("--seg-n", type=int, default=None, help="segmenter corpus images (CPU 300, GPU 1000)")
+    ap.add_argument("--seg-size", type=int, default=None, help="segmenter image side (CPU 128, GPU 256)")
+    ap.add_argument("--segmenter-epochs", type=int, default=16)
+    ap.add_argument("--segmenter-folds", default=None, help="outer folds of the segmentation table (CPU 0; GPU all)")
+    ap.add_argument("--potency-n", type=int, default=None, help="new-vessel images for potency (CPU 600, GPU 2000)")
     args = ap.parse_args()
+    stages = set(args.stages.split(","))
     gpu = args.gpu
     n = args.n or (1000 if gpu else 300)
     size = args.size or (512 if gpu else 128)
@@ -79,18 +140,21 @@ def main() -> None:
 
     import ray
 
-    from msc_ray import corpus, detect, synth
+    from msc_ray import corpus, synth
     from msc_ray import tune as mt
 
     t_all = time.perf_counter()
     out = Path(args.out or tempfile.mkdtemp())
-    synth.synthesize(out / "corpus", synth.SynthConfig(n=n, size=size, seed=7, workers=2))
-    synth.synthesize(out / "heldout", synth.SynthConfig(n=args.heldout_n, size=size, seed=7007, workers=2))
-    table, _ = corpus.index_corpus(str(out / "corpus"), folds=args.folds, seed=0)
-    manifest = corpus.write_manifest(table, str(out / "corpus" / "manifest.parquet"))
     ray.init(include_dashboard=False, log_to_driver=False, **({} if gpu else {"num_cpus": 2}))
     report: dict = {}
-    for stack in ("sstack", "mstack"):
+    if "segmenter" in stages:
+        report["segmenter"] = segmenter_stage(out, args, gpu)
+    if stages & {"classifier", "detector"}:
+        synth.synthesize(out / "corpus", synth.SynthConfig(n=n, size=size, seed=7, workers=2))
+        synth.synthesize(out / "heldout", synth.SynthConfig(n=args.heldout_n, size=size, seed=7007, workers=2))
+        table, _ = corpus.index_corpus(str(out / "corpus"), folds=args.folds, seed=0)
+        manifest = corpus.write_manifest(table, str(out / "corpus" / "manifest.parquet"))
+    for stack in ("sstack", "mstack") if "classifier" in stages else ():
         t0 = time.perf_counter()
         job = mt.TuneJobConfig(
             manifest=manifest,
@@ -125,6 +189,24 @@ def main() -> None:
             f"exported model on {held['images']} held-out images (new vessels, seed 7007): accuracy "
             f"{held['accuracy']:.3f}, ECE {held['ece']:.3f}, confluence MAE {held['confluence_mae']:.1f} points"
         )
+    if "detector" in stages:
+        report["detector"] = detector_stage(manifest, out, args, gpu, size)
+    print(
+        f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, "
+        f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
+        f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
+        f"{args.patience}), detector up to {args.detector_epochs} epochs, random init, "
+        f"{'GPU' if gpu else '2 CPU cores'}; stages {','.join(sorted(stages))}; "
+        f"total {(time.perf_counter() - t_all) / 60:.1f} min"
+    )
+    (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"runs and quality.json under {out}")
+
+
+def detector_stage(manifest: str, out: Path, args, gpu: bool, size: int) -> dict:
+    """Table 2: the abnormal-cell detector on outer folds."""
+    from msc_ray import detect
+
     t0 = time.perf_counter()
     det = detect.train_detector(
         detect.DetectJobConfig(
@@ -141,23 +223,15 @@ def main() -> None:
             batch_size=4,
         )
     )
-    report["detector"] = {
+    res = {
         "minutes": (time.perf_counter() - t0) / 60,
         "summary": det["summary"],
         "operating_point": det["operating_point"],
         "folds": det["folds"],
     }
-    print(f"\n== Table 2, abnormal cells ({report['detector']['minutes']:.1f} min)")
+    print(f"\n== Table 2, abnormal cells ({res['minutes']:.1f} min)")
     print(Path(det["table_md"]).read_text())
-    print(
-        f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, "
-        f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
-        f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
-        f"{args.patience}), detector up to {args.detector_epochs} epochs, random init, "
-        f"{'GPU' if gpu else '2 CPU cores'}; total {(time.perf_counter() - t_all) / 60:.1f} min"
-    )
-    (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"runs and quality.json under {out}")
+    return res
 
 
 if __name__ == "__main__":

@@ -63,6 +63,14 @@ def test_every_command_with_relative_paths(tmp_path):
         tmp_path,
     )
     assert (tmp_path / "det" / "artifact" / "config.json").exists()
+    _run(
+        ["train-segmenter", "m.parquet", "--out", "seg", "--workers", "1", "--only-folds", "0", "--epochs", "1"],
+        tmp_path,
+    )
+    assert (tmp_path / "seg" / "artifact" / "config.json").exists() and (tmp_path / "seg" / "metrics.md").exists()
+    _run(["morphology", "c", "--out", "morph"], tmp_path)
+    _run(["train-potency", "morph/images.parquet", "--out", "pot", "--folds", "3", "--samples", "1"], tmp_path)
+    assert (tmp_path / "pot" / "artifact" / "model.txt").exists()
     _run(["score", "c/sstack", "--classifier", "run2/artifact", "--detector", "det/artifact", "--out", "rep"], tmp_path)
     report = _run(["report", "rep", "--plots", "plots"], tmp_path)
     assert "30 rows" in report and (tmp_path / "plots" / "bands.png").exists()

@@ -1,0 +1,297 @@
+"""Cell and nucleus instance segmentation: torchvision Mask R-CNN trained with Ray Train (DDP).
+
+The detector's machinery (:mod:`msc_ray.detect`) with another model and other targets: images and
+their cell and nucleus instance masks (``masks/<stack>/<stem>.png``, ``masks/<stack>/nuclei/<stem>.png``)
+are decoded and resized once (Ray Data tasks) and shared through Ray's object store; one
+``TorchTrainer`` run per outer fold under ``RUN/fold<k>`` with N DDP workers, each training on its
+equal slice of the epoch's seeded permutation with the study's geometric and photometric
+augmentations (the instance maps follow the geometry, nearest neighbour). Rank 0 checkpoints every
+epoch and scores the inner validation fold (mean of the cell and nucleus box AP@0.5) for early
+stopping; a rerun with the same ``--out`` resumes.
+
+Reported per outer fold (nothing of it trained, stopped or chose a threshold): mask AP@0.5 and
+AP@[.5:.95] per class (torchmetrics' COCO evaluation, pycocotools backend), the mean relative
+counting error of cells and nuclei, and the MAE of mask-based confluence against the true
+confluence. The per-class score thresholds for counting are chosen on the inner validation folds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from . import data, engine, metrics, models, storage
+from .detect import DetectJobConfig, _read_state, _train_fold, prepare_run
+
+log = logging.getLogger(__name__)
+
+TABLE_KEYS = (
+    "cell_mask_ap50",
+    "nucleus_mask_ap50",
+    "cell_mask_ap",
+    "nucleus_mask_ap",
+    "cell_count_error",
+    "nucleus_count_error",
+    "confluence_mae",
+)
+
+
+@dataclass(frozen=True)
+class SegmentJobConfig(DetectJobConfig):
+    """Options of ``msc-ray train-segmenter`` (the detector's, with the segmenter's defaults)."""
+
+    kind: ClassVar[str] = "segmenter"
+
+    epochs: int = 20
+    min_epochs: int = 0  # 0: half of --epochs
+    size: int = 128  # nuclei are a few pixels wide: do not shrink the images below their own size
+    batch_size: int = 2
+    min_area: int = 4  # instances (visible parts of cells and nuclei) below this many pixels are not targets
+
+    def validate(self) -> None:
+        if self.backbone not in models.SEGMENTER_BACKBONES:
+            raise ValueError(
+                f"--backbone must be one of {', '.join(models.SEGMENTER_BACKBONES)}, got {self.backbone!r}"
+            )
+        if self.placement not in ("PACK", "SPREAD"):
+            raise ValueError(f"--placement must be PACK or SPREAD, got {self.placement!r}")
+        if self.workers < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("--workers, --epochs and --batch-size must be at least 1")
+
+    def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:
+        return models.build_segmenter(self.backbone, image_size=self.size, anchors=anchors, **kwargs)
+
+    def validation_score(self, model, val: engine.Cache, aug: engine.Augmenter, device) -> float:
+        """Mean of the cell and nucleus box AP@0.5 on the inner validation part: an early-stopping signal
+        that costs one forward pass (COCO mask AP over hundreds of instances per image takes far longer;
+        it is computed once per fold, on the outer fold)."""
+        preds = engine.predict_instances(
+            model, val, aug, batch_size=self.batch_size * 2, device=device, with_masks=False
+        )
+        vals = [v for v in (engine.instance_box_ap(preds, 1), engine.instance_box_ap(preds, 2)) if not math.isnan(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+
+def instance_anchors(cache: engine.Cache, levels: int, min_area: int) -> dict:
+    """Anchor sizes and ratios from the training part's cell and nucleus boxes (:func:`engine.anchor_plan`)."""
+    boxes = [
+        engine.instance_targets(torch.from_numpy(m.astype(np.int64)), min_area)["boxes"].numpy() for m in cache.masks
+    ]
+    return engine.anchor_plan(boxes, levels)
+
+
+@dataclass
+class SegFoldResult:
+    fold: int
+    checkpoint: str
+    epochs: int
+    best_epoch: int
+    best_val: float
+    val_preds: list  # inner validation: the counting thresholds are chosen here
+    preds: list  # outer fold
+    ap: dict  # outer-fold mask AP per class
+
+
+def _load_best(job: SegmentJobConfig, ckpt_dir: str):
+    state = _read_state(job, ckpt_dir)
+    model = job.build_model(json.loads(state["anchors"]))
+    model.load_state_dict(state["best_model"] or state["model"])
+    dev = torch.device("cuda" if job.gpu and torch.cuda.is_available() else "cpu")
+    return model.eval().to(dev), state, dev
+
+
+def predict_fold(job: SegmentJobConfig, fold: int, folds: int, ckpt_dir: str, cache: engine.Cache) -> SegFoldResult:
+    """The fold's best model on its inner validation part and, with mask AP, on its outer fold."""
+    _, val, test = cache.split(fold, folds)
+    model, state, dev = _load_best(job, ckpt_dir)
+    aug = engine.Augmenter(job.data_config(), train=False)
+    bs = job.batch_size * 2
+    vp = engine.predict_instances(model, val, aug, batch_size=bs, device=dev)
+    metric = engine.mask_ap_metric()
+    tp = engine.predict_instances(model, test, aug, batch_size=bs, device=dev, metric=metric)
+    return SegFoldResult(
+        fold=fold,
+        checkpoint=ckpt_dir,
+        epochs=int(state["epoch"]),
+        best_epoch=int(state["best_epoch"]),
+        best_val=float(state["best_map"]),
+        val_preds=vp,
+        preds=tp,
+        ap=engine.mask_ap_summary(metric),
+    )
+
+
+def _table(results: list[SegFoldResult], thresholds: dict) -> tuple[list[dict], dict]:
+    rows = []
+    for r in results:
+        rows.append(
+            {
+                "fold": r.fold,
+                "epochs": r.epochs,
+                "best_epoch": r.best_epoch,
+                "images": len(r.preds),
+                "cells": int(sum(p["true_cells"] for p in r.preds)),
+                "nuclei": int(sum(p["true_nuclei"] for p in r.preds)),
+                **r.ap,
+                "cell_count_error": engine.count_error(r.preds, 1, thresholds["cell"]),
+                "nucleus_count_error": engine.count_error(r.preds, 2, thresholds["nucleus"]),
+                "confluence_mae": engine.coverage_mae(r.preds, thresholds["cell"]),
+            }
+        )
+    return rows, {k: metrics.mean_sd([r[k] for r in rows]) for k in TABLE_KEYS}
+
+
+def _write_table(rows: list[dict], summary: dict, thresholds: dict, job: SegmentJobConfig, out: Path) -> None:
+    metrics.write_csv(rows, out / "metrics.csv")
+    md = metrics.fold_table_md(
+        [{**r, "epochs_best": f"{r['epochs']} ({r['best_epoch']})"} for r in rows],
+        ["fold", "epochs_best", "images", "cells", "nuclei"],
+        TABLE_KEYS,
+        summary,
+        "| fold | epochs (best) | images | cells | nuclei | cell AP@0.5 | nucleus AP@0.5 | cell AP@[.5:.95] "
+        "| nucleus AP@[.5:.95] | cell count error | nucleus count error | confluence MAE (points) |",
+    )
+    md += [
+        "",
+        f"Outer folds: no image of a fold's row was trained on or used to choose anything. Mask AP: COCO "
+        f"evaluation (torchmetrics, pycocotools), up to 500 detections per image. Targets and truth: visible "
+        f"cell and nucleus parts of at least {job.min_area} px at {job.size} px. Counting error: mean "
+        f"|predicted − true| / true per image, at score thresholds chosen on the inner validation folds "
+        f"(cell {thresholds['cell']:.2f}, nucleus {thresholds['nucleus']:.2f}); confluence: the share of the "
+        "image under predicted cell masks at the cell threshold, against the true confluence.",
+    ]
+    (out / "metrics.md").write_text("\n".join(md) + "\n")
+
+
+def _panel(
+    job: SegmentJobConfig,
+    results: list[SegFoldResult],
+    cache: engine.Cache,
+    folds: int,
+    th: dict,
+    dest: Path,
+    n: int = 4,
+) -> str:
+    """Outer-fold images: truth outlines (left) and the predicted cells and nuclei (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    r = results[0]
+    _, _, test = cache.split(r.fold, folds)
+    model, state, dev = _load_best(job, r.checkpoint)
+    aug = engine.Augmenter(job.data_config(), train=False)
+    picks = np.linspace(0, len(test) - 1, min(n, len(test))).round().astype(int)
+    fig, axes = plt.subplots(len(picks), 2, figsize=(6.4, 3.2 * len(picks)), squeeze=False)
+    with torch.no_grad():
+        for row, j in enumerate(picks):
+            x = aug.one(test.images[j], test.keys[j], 0)
+            p = model([x.to(dev)])[0]
+            gray = test.images[j][0]
+            truth = test.masks[j]
+            over = np.dstack([gray] * 3).astype(np.float32) / 255
+            over[find_boundaries(truth[0].astype(np.int64))] = (0.1, 1.0, 0.1)
+            over[find_boundaries(truth[1].astype(np.int64))] = (0.2, 0.4, 1.0)
+            axes[row, 0].imshow(over)
+            axes[row, 0].set_title(f"truth: {len(np.unique(truth[0])) - 1} cells", fontsize=8)
+            pred = np.dstack([gray] * 3).astype(np.float32) / 255
+            keep_c = (p["labels"] == 1) & (p["scores"] >= th["cell"])
+            keep_n = (p["labels"] == 2) & (p["scores"] >= th["nucleus"])
+            for keep, colour in ((keep_c, (1.0, 0.2, 0.2)), (keep_n, (1.0, 1.0, 0.2))):
+                for m in (p["masks"][keep][:, 0] >= 0.5).cpu().numpy():
+                    pred[find_boundaries(m)] = colour
+            axes[row, 1].imshow(pred)
+            axes[row, 1].set_title(f"predicted: {int(keep_c.sum())} cells", fontsize=8)
+            for a in axes[row]:
+                a.axis("off")
+    fig.suptitle(
+        f"fold {r.fold}: cells (green truth, red predicted), nuclei (blue truth, yellow predicted)", fontsize=8
+    )
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100)
+    plt.close(fig)
+    return str(dest)
+
+
+def _export(job: SegmentJobConfig, results: list[SegFoldResult], thresholds: dict, summary: dict) -> dict:
+    """The artifact: the fold model with the best inner-validation score, the counting thresholds
+    chosen on the inner validation folds, and the anchors it was trained with."""
+    best = max(results, key=lambda r: r.best_val)
+    saved = _read_state(job, best.checkpoint)
+    return models.save_artifact(
+        storage.join(job.out, "artifact"),
+        saved["best_model"] or saved["model"],
+        {
+            "kind": "segmenter",
+            "architecture": job.backbone,
+            "classes": list(models.SEGMENTER_CLASSES),
+            "image_size": job.size,
+            "score_thresholds": thresholds,
+            "anchors": json.loads(saved["anchors"]),
+            "stack": job.stack,
+            "min_area": job.min_area,
+            "trained_on": f"folds other than {best.fold} and its inner validation fold (best inner box AP@0.5)",
+            "metrics": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in TABLE_KEYS},
+            "run": {"out": job.out, "manifest": job.manifest, "epochs": best.best_epoch},
+        },
+        endpoint_url=job.endpoint_url,
+    )
+
+
+def train_segmenter(job: SegmentJobConfig) -> dict:
+    """Decode once (images and masks), train every outer fold on Ray Train, choose the counting
+    thresholds on the inner validation folds, write the table (outer folds), a panel and the artifact."""
+    import ray
+
+    job, manifest, n_folds, folds, out, remote = prepare_run(job)
+    cache = data.build_cache(data.select(manifest, stack=job.stack), job.data_config(), masks=True)
+    for e in cache.errors:
+        log.warning("left out: %s", e)
+    if len(cache) == 0:
+        raise ValueError(f"{job.manifest}: no {job.stack} image with readable cell and nucleus masks")
+    cache_ref = ray.put(cache)
+    results = []
+    for fold in folds:
+        train_part = cache.split(fold, n_folds)[0]
+        anchors = instance_anchors(train_part, models.SEGMENTER_LEVELS[job.backbone], job.min_area)
+        ckpt, last = _train_fold(job, fold, n_folds, cache_ref, anchors)
+        log.info(
+            "fold %d: %d epochs, best %d (inner mask AP@0.5 %.3f)",
+            fold,
+            last.get("epoch", 0),
+            last.get("best_epoch", 0),
+            last.get("best_val_map50", float("nan")),
+        )
+        results.append(predict_fold(job, fold, n_folds, ckpt, cache))
+    thresholds = engine.choose_count_thresholds([p for r in results for p in r.val_preds])
+    rows, summary = _table(results, thresholds)
+    _write_table(rows, summary, thresholds, job, out)
+    panel = _panel(job, results, cache, n_folds, thresholds, out / "segmentation.png")
+    art = _export(job, results, thresholds, summary)
+    result = {
+        "table_csv": storage.join(job.out, "metrics.csv"),
+        "table_md": storage.join(job.out, "metrics.md"),
+        "panel": storage.join(job.out, Path(panel).name),
+        "artifact": storage.join(job.out, "artifact"),
+        "thresholds": thresholds,
+        "folds": rows,
+        "summary": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in TABLE_KEYS},
+        "artifact_version": art["version"],
+        "config": asdict(job),
+        "left_out": list(cache.errors),
+    }
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    if remote:
+        storage.upload_dir(out, job.out, job.endpoint_url)
+        shutil.rmtree(out, ignore_errors=True)
+    return result
