@@ -122,7 +122,7 @@ def test_a_short_training_finds_cells_and_nuclei_on_held_out_images(ray_session,
     assert r["n_images"] == 81 and r["errors"] == 1 and imgs.loc["broken", "error"].startswith("sstack/1/broken.png")
     truth = pq.read_table(root / "truth.parquet").to_pandas()
     truth["stem"] = truth["image"].str.rsplit("/", n=1).str[-1].str.rsplit(".", n=1).str[0]
-    both = truth.set_index("stem").join(imgs[["cell_count"]], rsuffix="_pred")
+    both = truth.set_index("stem").join(imgs[["cell_count"]].add_suffix("_pred"))
     # the short run's counts follow the truth (measured ρ 0.37); its mask confluence does not yet
     assert spearmanr(both["cell_count"], both["cell_count_pred"])[0] > 0.2
     assert "potency" in imgs.columns  # metadata joined: the potency model's target
