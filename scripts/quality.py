@@ -191,14 +191,15 @@ def main() -> None:
         )
     if "detector" in stages:
         report["detector"] = detector_stage(manifest, out, args, gpu, size)
-    print(
-        f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, "
-        f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
-        f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
-        f"{args.patience}), detector up to {args.detector_epochs} epochs, random init, "
-        f"{'GPU' if gpu else '2 CPU cores'}; stages {','.join(sorted(stages))}; "
-        f"total {(time.perf_counter() - t_all) / 60:.1f} min"
-    )
+    if stages & {"classifier", "detector"}:
+        print(
+            f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, "
+            f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
+            f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
+            f"{args.patience}), detector up to {args.detector_epochs} epochs, random init, "
+            f"{'GPU' if gpu else '2 CPU cores'}"
+        )
+    print(f"stages {','.join(sorted(stages))}; total {(time.perf_counter() - t_all) / 60:.1f} min")
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"runs and quality.json under {out}")
 
