@@ -44,6 +44,7 @@ NMS_CANDIDATES = (0.3, 0.4, 0.5)
 @dataclass(frozen=True)
 class DetectJobConfig:
     kind: ClassVar[str] = "detector"  # the Ray Train worker rebuilds the job from this (see job_from)
+    backbones: ClassVar[tuple[str, ...]] = models.DETECTOR_BACKBONES
 
     manifest: str
     out: str
@@ -71,8 +72,8 @@ class DetectJobConfig:
     endpoint_url: str | None = None
 
     def validate(self) -> None:
-        if self.backbone not in models.DETECTOR_BACKBONES:
-            raise ValueError(f"--backbone must be one of {', '.join(models.DETECTOR_BACKBONES)}, got {self.backbone!r}")
+        if self.backbone not in self.backbones:
+            raise ValueError(f"--backbone must be one of {', '.join(self.backbones)}, got {self.backbone!r}")
         if self.placement not in ("PACK", "SPREAD"):
             raise ValueError(f"--placement must be PACK or SPREAD, got {self.placement!r}")
         if self.workers < 1 or self.epochs < 1 or self.batch_size < 1:
@@ -357,17 +358,11 @@ def _read_state(job: DetectJobConfig, ckpt_dir: str) -> dict:
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
-def _load(ckpt_dir: str, job: DetectJobConfig, score_thresh: float = 0.01, nms: float = max(NMS_CANDIDATES)):
-    """The best epoch's model of a fold checkpoint, on the job's device, with a loose threshold and
-    the loosest NMS (both tightened later at the operating point)."""
+def load_best(ckpt_dir: str, job: DetectJobConfig, **kwargs):
+    """The best epoch's model of a fold checkpoint (``job.build_model`` with the checkpoint's anchors
+    and ``kwargs``), in eval mode on the job's device, and the checkpoint's state."""
     state = _read_state(job, ckpt_dir)
-    model = models.build_detector(
-        job.backbone,
-        image_size=job.size,
-        score_thresh=score_thresh,
-        nms_thresh=nms,
-        anchors=json.loads(state["anchors"]),
-    )
+    model = job.build_model(json.loads(state["anchors"]), **kwargs)
     model.load_state_dict(state["best_model"] or state["model"])
     return model.eval().to(_device(job)), state
 
@@ -375,7 +370,8 @@ def _load(ckpt_dir: str, job: DetectJobConfig, score_thresh: float = 0.01, nms: 
 def predict_fold(job: DetectJobConfig, fold: int, folds: int, ckpt_dir: str, cache) -> FoldResult:
     """The fold's best model on its inner validation part and on its outer fold."""
     _, val, test = cache.split(fold, folds)
-    model, state = _load(ckpt_dir, job)
+    # a loose threshold and the loosest NMS, both tightened later at the operating point
+    model, state = load_best(ckpt_dir, job, score_thresh=0.01, nms_thresh=max(NMS_CANDIDATES))
     aug = engine.Augmenter(job.data_config(), train=False, boxes=True)
     dev = _device(job)
     vp, vt = engine.predict_detections(model, val, aug, batch_size=job.batch_size * 2, device=dev)

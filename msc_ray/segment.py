@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import data, engine, metrics, models, storage
-from .detect import DetectJobConfig, _read_state, _train_fold, prepare_run
+from .detect import DetectJobConfig, _device, _read_state, _train_fold, load_best, prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +49,13 @@ class SegmentJobConfig(DetectJobConfig):
     """Options of ``msc-ray train-segmenter`` (the detector's, with the segmenter's defaults)."""
 
     kind: ClassVar[str] = "segmenter"
+    backbones: ClassVar[tuple[str, ...]] = models.SEGMENTER_BACKBONES
 
     epochs: int = 20
     min_epochs: int = 0  # 0: half of --epochs
     size: int = 128  # nuclei are a few pixels wide: do not shrink the images below their own size
     batch_size: int = 2
     min_area: int = 4  # instances (visible parts of cells and nuclei) below this many pixels are not targets
-
-    def validate(self) -> None:
-        if self.backbone not in models.SEGMENTER_BACKBONES:
-            raise ValueError(
-                f"--backbone must be one of {', '.join(models.SEGMENTER_BACKBONES)}, got {self.backbone!r}"
-            )
-        if self.placement not in ("PACK", "SPREAD"):
-            raise ValueError(f"--placement must be PACK or SPREAD, got {self.placement!r}")
-        if self.workers < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("--workers, --epochs and --batch-size must be at least 1")
 
     def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:
         return models.build_segmenter(self.backbone, image_size=self.size, anchors=anchors, **kwargs)
@@ -100,21 +91,15 @@ class SegFoldResult:
     ap: dict  # outer-fold mask AP per class
 
 
-def _load_best(job: SegmentJobConfig, ckpt_dir: str):
-    state = _read_state(job, ckpt_dir)
-    model = job.build_model(json.loads(state["anchors"]))
-    model.load_state_dict(state["best_model"] or state["model"])
-    dev = torch.device("cuda" if job.gpu and torch.cuda.is_available() else "cpu")
-    return model.eval().to(dev), state, dev
-
-
 def predict_fold(job: SegmentJobConfig, fold: int, folds: int, ckpt_dir: str, cache: engine.Cache) -> SegFoldResult:
     """The fold's best model on its inner validation part and, with mask AP, on its outer fold."""
     _, val, test = cache.split(fold, folds)
-    model, state, dev = _load_best(job, ckpt_dir)
+    model, state = load_best(ckpt_dir, job)
+    dev = _device(job)
     aug = engine.Augmenter(job.data_config(), train=False)
     bs = job.batch_size * 2
-    vp = engine.predict_instances(model, val, aug, batch_size=bs, device=dev)
+    # the inner part chooses the counting thresholds: counts need no masks
+    vp = engine.predict_instances(model, val, aug, batch_size=bs, device=dev, with_masks=False)
     metric = engine.mask_ap_metric()
     tp = engine.predict_instances(model, test, aug, batch_size=bs, device=dev, metric=metric)
     return SegFoldResult(
@@ -189,7 +174,8 @@ def _panel(
 
     r = results[0]
     _, _, test = cache.split(r.fold, folds)
-    model, state, dev = _load_best(job, r.checkpoint)
+    model, _ = load_best(r.checkpoint, job)
+    dev = _device(job)
     aug = engine.Augmenter(job.data_config(), train=False)
     picks = np.linspace(0, len(test) - 1, min(n, len(test))).round().astype(int)
     fig, axes = plt.subplots(len(picks), 2, figsize=(6.4, 3.2 * len(picks)), squeeze=False)
