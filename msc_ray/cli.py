@@ -408,10 +408,22 @@ def score(
     ],
     out: Annotated[str, typer.Option(help="Report location: a local folder or s3://bucket/prefix.")],
     detector: Annotated[str | None, typer.Option(help="Detector artifact for abnormal-cell boxes.")] = None,
+    segmenter: Annotated[
+        str | None,
+        typer.Option(
+            help="Segmenter artifact: cell count, mask confluence and morphology per row, and a per-cell table."
+        ),
+    ] = None,
+    potency: Annotated[
+        str | None,
+        typer.Option(help="Potency artifact (`msc-ray train-potency`): predicted potency per vessel-day."),
+    ] = None,
     stack: Annotated[
         str, typer.Option(help="auto (from a sstack/mstack folder in the key), sstack or mstack.")
     ] = "auto",
-    detect_all_stacks: Annotated[bool, typer.Option(help="Run the detector on multi-stack images too.")] = False,
+    detect_all_stacks: Annotated[
+        bool, typer.Option(help="Run the detector and segmenter on multi-stack images too.")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
     concurrency: Annotated[int, typer.Option(help="Model actors (each loads the models once).")] = 1,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
@@ -445,6 +457,8 @@ def score(
         classifier=tuple(_classifier_entry(c) for c in classifier),
         out=_absolute(out),
         detector=_absolute(detector) if detector else None,
+        segmenter=_absolute(segmenter) if segmenter else None,
+        potency=_absolute(potency) if potency else None,
         stack=stack,
         detect_all_stacks=detect_all_stacks,
         batch_size=batch_size,
@@ -464,6 +478,10 @@ def score(
         f"({s.errors} error rows) in {s.seconds:.1f}s" + (f"; {s.no_vessel} rows got no vessel" if s.no_vessel else "")
     )
     typer.echo(f"report: {out}")
+    if segmenter:
+        typer.echo(f"  per-cell table: {s.cells} cells this run (read all: msc_ray.score.read_cells)")
+    if potency:
+        typer.echo(f"  potency: {s.potency_days} vessel-days predicted (msc_ray.score.read_potency)")
 
 
 @app.command()

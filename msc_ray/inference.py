@@ -188,34 +188,46 @@ class Segmenter:
         self.thresholds = self.config["score_thresholds"]
         self.version = self.config.get("version", "")
 
+    def prepare(self, img: np.ndarray) -> np.ndarray:
+        return detector_input(img, self.size)[0]
+
     def label_maps(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded image (C, H, W) → ``(cells, nuclei)`` int32 (H, W) instance maps, 0 = background.
-        Cells are painted lowest score first, so where two masks overlap the surer cell keeps the
-        pixel; a nucleus takes the id of the cell it overlaps most (a nucleus on no cell is dropped)."""
+        """Decoded image (C, H, W) → ``(cells, nuclei)`` int32 (H, W) instance maps, 0 = background."""
+        return self([self.prepare(img)], [img.shape[-2:]])[0]
+
+    def __call__(self, inputs: list[np.ndarray], shapes: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Segmenter inputs (:meth:`prepare`) and the original ``(H, W)`` of each → per image
+        ``(cells, nuclei)`` int32 instance maps at that size. Cells are painted lowest score first, so
+        where two masks overlap the surer cell keeps the pixel; a nucleus takes the id of the cell it
+        overlaps most (a nucleus on no cell is dropped)."""
         import torch
         from torchvision.transforms.v2 import functional as F
 
-        h, w = img.shape[-2:]
-        x, _ = detector_input(img, self.size)
-        with torch.inference_mode():
-            (r,) = self.model([torch.from_numpy(np.ascontiguousarray(x)).to(self.device)])
-        masks = (r["masks"][:, 0] >= 0.5).cpu()
-        scores, labels = r["scores"].float().cpu(), r["labels"].cpu()
-        size = self.size
-        cells = torch.zeros((size, size), dtype=torch.int32)
-        keep = torch.nonzero((labels == 1) & (scores >= self.thresholds["cell"])).flatten()
-        for n, i in enumerate(keep[torch.argsort(scores[keep])].tolist(), start=1):
-            cells[masks[i]] = n
-        nuclei = torch.zeros_like(cells)
-        keep = torch.nonzero((labels == 2) & (scores >= self.thresholds["nucleus"])).flatten()
-        for i in keep[torch.argsort(scores[keep])].tolist():
-            under = cells[masks[i]]
-            under = under[under > 0]
-            if len(under):
-                owner = int(torch.mode(under).values)
-                nuclei[masks[i] & (cells == owner)] = owner
-        back = [F.resize(m[None], [h, w], interpolation=F.InterpolationMode.NEAREST)[0] for m in (cells, nuclei)]
-        return back[0].numpy(), back[1].numpy()
+        if not inputs:
+            return []
+        amp = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            res = self.model([torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs])
+        out = []
+        for r, (h, w) in zip(res, shapes, strict=True):
+            masks = (r["masks"][:, 0].float() >= 0.5).cpu()
+            scores, labels = r["scores"].float().cpu(), r["labels"].cpu()
+            cells = torch.zeros((self.size, self.size), dtype=torch.int32)
+            keep = torch.nonzero((labels == 1) & (scores >= self.thresholds["cell"])).flatten()
+            for n, i in enumerate(keep[torch.argsort(scores[keep])].tolist(), start=1):
+                cells[masks[i]] = n
+            nuclei = torch.zeros_like(cells)
+            keep = torch.nonzero((labels == 2) & (scores >= self.thresholds["nucleus"])).flatten()
+            for i in keep[torch.argsort(scores[keep])].tolist():
+                under = cells[masks[i]]
+                under = under[under > 0]
+                if len(under):
+                    owner = int(torch.mode(under).values)
+                    nuclei[masks[i] & (cells == owner)] = owner
+            size = [int(h), int(w)]
+            back = [F.resize(m[None], size, interpolation=F.InterpolationMode.NEAREST)[0] for m in (cells, nuclei)]
+            out.append((back[0].numpy(), back[1].numpy()))
+        return out
 
 
 def interpret(classes: list[str], probs: np.ndarray, regressed: float = float("nan")) -> dict:

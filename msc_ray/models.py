@@ -521,7 +521,11 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
     if config.get("kind") != "segmenter":
         raise ValueError(f"{src}: a {config.get('kind')} artifact, not a segmenter")
     model = build_segmenter(
-        config["architecture"], image_size=config["image_size"], score_thresh=0.05, anchors=config.get("anchors")
+        config["architecture"],
+        image_size=config["image_size"],
+        score_thresh=0.05,
+        detections_per_img=int(config.get("detections_per_img", 500)),
+        anchors=config.get("anchors"),
     )
     model.load_state_dict(state)
     return model.eval(), config

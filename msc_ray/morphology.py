@@ -52,6 +52,15 @@ CELL_COLUMNS = (
     "touches_border",
     "flattened",
 )
+# the per-image summary (:func:`image_features`), in order: what the potency model learns from
+IMAGE_COLUMNS = (
+    "cell_count",
+    "density",
+    "confluence_pct",
+    "flattened_share",
+    *(f"{name}_{stat}" for name in SHAPES for stat in ("median", "iqr")),
+    "alignment",
+)
 
 
 def _check(mask: np.ndarray, what: str) -> np.ndarray:

@@ -52,9 +52,14 @@ class PotencyJobConfig:
 
 
 def vessel_days(table, target: str):
-    """Per-image table → (per vessel-day DataFrame, feature columns). Features: every numeric column
-    but the target and identifiers; rows of a vessel-day are averaged (NaN-aware)."""
+    """Per-image table → (per vessel-day DataFrame, feature columns). Features: the morphology summary
+    columns (:data:`msc_ray.morphology.IMAGE_COLUMNS`) the table has — what scoring measures on new
+    images, so other metadata (a measured confluence, say) never becomes an input; a table with none
+    of them uses every numeric column but the target and identifiers. Rows of a vessel-day are
+    averaged (NaN-aware)."""
     import pandas as pd
+
+    from .morphology import IMAGE_COLUMNS
 
     df = table.to_pandas() if hasattr(table, "to_pandas") else pd.DataFrame(table)
     missing = [c for c in ("vessel", "day", target) if c not in df.columns]
@@ -66,6 +71,8 @@ def vessel_days(table, target: str):
         for c in df.columns
         if c not in ID_COLUMNS and c != target and pd.api.types.is_numeric_dtype(df[c]) and df[c].dtype != bool
     ]
+    morph = [c for c in IMAGE_COLUMNS if c in feats]
+    feats = morph or feats
     if not feats:
         raise ValueError("features table: no numeric feature columns")
     return per_vessel_day(df, feats + [target]), feats

@@ -2,8 +2,11 @@
 
 synthetic corpus → index (grouped 5-fold) → classifier search on Ray Tune (two small backbones, five
 outer folds, nested early stopping) → abnormal-cell detector on Ray Train (RetinaNet, two DDP workers)
-→ scoring an archive of new vessels (another seed) that includes broken files → report counts and
-plots → the archive's predictions against the truth of its images (``heldout_metrics.json``).
+→ cell/nucleus segmenter on Ray Train (Mask R-CNN, two DDP workers, a subset of the vessels) →
+morphology of the training images from its masks → potency model (LightGBM on Ray Tune, nested by
+vessel) → scoring an archive of new vessels (another seed) that includes broken files, with every
+model → report counts and plots → the archive's predictions against the truth of its images
+(``heldout_metrics.json``).
 Every step writes under one output folder; the paths worth opening are returned and printed.
 """
 
@@ -32,6 +35,9 @@ class QuickstartConfig:
     lr: float = 2e-3
     detector_folds: tuple[int, ...] = (0,)  # outer folds the detector's Table 2 covers (~3 min each)
     detector_epochs: int = 12
+    segmenter_vessels: int = 8  # vessels (× 3 days × 5 positions) the segmenter trains and is judged on
+    segmenter_epochs: int = 8
+    potency_samples: int = 6  # LightGBM parameter sets
     seed: int = 0
     heldout_seed: int = 2026  # never looked at while choosing the recipe (those experiments used seed 1000)
 
@@ -98,6 +104,41 @@ def heldout_metrics(report_table, truth_table) -> dict:
     }
 
 
+def morphology_metrics(report_table, potency_table, truth_table) -> dict:
+    """The segmenter's and potency model's part of the report against the truth: mean relative cell
+    count error and mask-confluence MAE (points) per image; potency R², Spearman ρ and MAE per
+    vessel-day (truth: the mean of the day's images, one value per vessel-day)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    truth = {r["image"].rsplit("/", 1)[-1]: r for r in truth_table.to_pylist()}
+    count_err, conf_err = [], []
+    for row in report_table.to_pylist():
+        t = truth.get(row["key"].rsplit("/", 1)[-1])
+        if row["status"] != "ok" or t is None or row.get("cell_count") is None:
+            continue
+        count_err.append(abs(row["cell_count"] - t["cell_count"]) / max(t["cell_count"], 1))
+        conf_err.append(abs(row["mask_confluence_pct"] - 100 * t["confluence"]))
+    out = {
+        "segmented_images": len(count_err),
+        "cell_count_error": float(np.mean(count_err)) if count_err else float("nan"),
+        "mask_confluence_mae_points": float(np.mean(conf_err)) if conf_err else float("nan"),
+    }
+    if potency_table is not None and potency_table.num_rows and "potency" in truth_table.column_names:
+        true = truth_table.to_pandas().groupby(["vessel", "day"], as_index=False)["potency"].mean()
+        both = potency_table.to_pandas().merge(true, on=["vessel", "day"], suffixes=("", "_true"))
+        if len(both) >= 2:
+            y, p = both["potency_true"].to_numpy(), both["potency"].to_numpy()
+            out.update(
+                potency_vessel_days=len(both),
+                potency_r2=float(r2_score(y, p)),
+                potency_spearman=float(spearmanr(y, p).statistic),
+                potency_mae=float(mean_absolute_error(y, p)),
+            )
+    return out
+
+
 def _quiet() -> None:
     """Console output cut to progress and paths: no Ray Data progress bars, no Ray INFO lines."""
     import os
@@ -125,12 +166,12 @@ def make_corpora(cfg: QuickstartConfig, out: Path) -> tuple[Path, Path, Path, st
     from . import synth
 
     corpus, heldout = _fresh(out / "corpus"), _fresh(out / "heldout")
-    log.info("step 1/7: synthetic corpus (%d single-stack images, %d px) → %s", cfg.n, cfg.size, corpus)
+    log.info("step 1/9: synthetic corpus (%d single-stack images, %d px) → %s", cfg.n, cfg.size, corpus)
     rows = synth.synthesize(corpus, synth.SynthConfig(n=cfg.n, size=cfg.size, stack="sstack", seed=cfg.seed, workers=2))
     sheet = synth.preview(corpus, rows, out / "plots" / "corpus_preview.png")
     held = synth.SynthConfig(n=cfg.heldout_n, size=cfg.size, stack="sstack", seed=cfg.heldout_seed, workers=2)
     synth.synthesize(heldout, held)
-    log.info("step 2/7: index with %d folds grouped by vessel", cfg.folds)
+    log.info("step 2/9: index with %d folds grouped by vessel", cfg.folds)
     table, _ = corpus_mod.index_corpus(str(corpus), folds=cfg.folds, seed=cfg.seed)
     return corpus, heldout, sheet, corpus_mod.write_manifest(table, str(out / "manifest.parquet"))
 
@@ -140,7 +181,7 @@ def train_classifier(cfg: QuickstartConfig, manifest: str, out: Path):
     from . import tune as tune_mod
 
     log.info(
-        "step 3/7: classifier search on Ray Tune: %s × %d outer folds, up to %d epochs",
+        "step 3/9: classifier search on Ray Tune: %s × %d outer folds, up to %d epochs",
         ", ".join(cfg.backbones),
         cfg.folds,
         cfg.max_epochs,
@@ -173,7 +214,7 @@ def train_abnormal_detector(cfg: QuickstartConfig, manifest: str, out: Path) -> 
     from . import detect
 
     log.info(
-        "step 4/7: abnormal-cell detector on Ray Train: RetinaNet (compact FPN), 2 DDP workers, outer folds "
+        "step 4/9: abnormal-cell detector on Ray Train: RetinaNet (compact FPN), 2 DDP workers, outer folds "
         "%s, up to %d epochs",
         ",".join(map(str, cfg.detector_folds)),
         cfg.detector_epochs,
@@ -194,20 +235,96 @@ def train_abnormal_detector(cfg: QuickstartConfig, manifest: str, out: Path) -> 
     return detect.train_detector(job)
 
 
-def score_heldout(heldout: Path, classifier: str, detector: str, out: Path) -> tuple[Path, dict[str, str]]:
-    """Steps 5–6: score the archive of new vessels (with broken files) and report on it."""
+def train_cell_segmenter(cfg: QuickstartConfig, manifest: str, out: Path) -> dict:
+    """Step 5: Mask R-CNN for cells and nuclei on Ray Train (two DDP workers), outer fold 0, on the
+    images of ``segmenter_vessels`` vessels spread over the folds (CPU time is what bounds it here)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from . import corpus as corpus_mod
+    from . import segment
+
+    table = pq.read_table(manifest)
+    vessels = sorted(set(zip(table["fold"].to_pylist(), table["vessel"].to_pylist(), strict=True)))
+    per_fold = -(-cfg.segmenter_vessels // cfg.folds)
+    chosen = [v for f in range(cfg.folds) for v in [v for g, v in vessels if g == f][:per_fold]]
+    subset = table.filter(pc.is_in(table["vessel"], value_set=pa.array(chosen)))
+    sub_manifest = corpus_mod.write_manifest(subset, str(out / "segmenter_manifest.parquet"))
+    log.info(
+        "step 5/9: cell/nucleus segmenter on Ray Train: Mask R-CNN (compact FPN), 2 DDP workers, %d images of "
+        "%d vessels, outer fold 0, up to %d epochs",
+        subset.num_rows,
+        len(chosen),
+        cfg.segmenter_epochs,
+    )
+    job = segment.SegmentJobConfig(
+        manifest=sub_manifest,
+        out=str(_fresh(out / "segmenter")),
+        folds=(0,),
+        epochs=cfg.segmenter_epochs,
+        workers=2,
+        cpus_per_worker=1.0,
+        size=cfg.size,
+        lr=2e-3,
+        seed=cfg.seed,
+    )
+    res = segment.train_segmenter(job)
+    (row,) = res["folds"]
+    log.info(
+        "segmenter on outer fold 0: mask AP@0.5 cells %.3f, nuclei %.3f; cell count error %.3f → %s",
+        row["cell_mask_ap50"],
+        row["nucleus_mask_ap50"],
+        row["cell_count_error"],
+        res["table_md"],
+    )
+    return res
+
+
+def train_potency_model(cfg: QuickstartConfig, corpus: Path, segmenter: str, out: Path) -> dict:
+    """Step 6: morphology of every training image from the segmenter's masks, then the potency model
+    (LightGBM per vessel-day on Ray Tune, outer folds over vessels)."""
+    from . import morphology, potency
+
+    log.info("step 6/9: morphology of the %d training images from the segmenter's masks → potency model", cfg.n)
+    feats = morphology.measure_corpus(str(corpus), str(_fresh(out / "morphology")), segmenter=segmenter)
+    job = potency.PotencyJobConfig(
+        features=feats["images"], out=str(_fresh(out / "potency")), folds=4, samples=cfg.potency_samples, seed=cfg.seed
+    )
+    summary = potency.train_potency(job)
+    m = summary["metrics"]
+    log.info(
+        "potency on held-out vessels of the training corpus (%d vessel-days): R² %.3f, Spearman ρ %.3f, MAE %.2f",
+        m["vessel_days"],
+        m["r2"],
+        m["spearman"],
+        m["mae"],
+    )
+    return {"artifact": str(Path(job.out) / "artifact"), "plot": str(Path(job.out) / "predicted_vs_true.png")}
+
+
+def score_heldout(
+    heldout: Path, classifier: str, detector: str, out: Path, segmenter: str | None = None, potency: str | None = None
+) -> tuple[Path, dict[str, str]]:
+    """Steps 7–8: score the archive of new vessels (with broken files) with every model and report on it."""
     from . import report, score
 
     n_objects = _archive(heldout, out / "archive")
     report_dir = _fresh(out / "report")
-    log.info("step 5/7: scoring %d archived images of new vessels (2 of them broken) → %s", n_objects, report_dir)
+    log.info("step 7/9: scoring %d archived images of new vessels (2 of them broken) → %s", n_objects, report_dir)
     s = score.score_archive(
         score.ScoreConfig(
-            archive=str(out / "archive"), classifier=classifier, detector=detector, out=str(report_dir), stack="sstack"
+            archive=str(out / "archive"),
+            classifier=classifier,
+            detector=detector,
+            segmenter=segmenter,
+            potency=potency,
+            out=str(report_dir),
+            stack="sstack",
         )
     )
     log.info("scored %d objects, %d error rows, %d non-images ignored", s.scored, s.errors, s.ignored)
-    log.info("step 6/7: report and plots")
+    log.info("step 8/9: report and plots")
     counts, plots = report.report(str(report_dir), out / "plots")
     for line in report.lines(counts):
         log.info("%s", line)
@@ -222,8 +339,10 @@ def judge(report_dir: Path, heldout: Path, out: Path, seed: int, started: float)
 
     from . import score
 
-    log.info("step 7/7: the archive against the truth of its images (new vessels, seed %d)", seed)
-    held = heldout_metrics(score.read_report(str(report_dir)), pq.read_table(heldout / "truth.parquet"))
+    log.info("step 9/9: the archive against the truth of its images (new vessels, seed %d)", seed)
+    truth = pq.read_table(heldout / "truth.parquet")
+    held = heldout_metrics(score.read_report(str(report_dir)), truth)
+    held.update(morphology_metrics(score.read_report(str(report_dir)), score.read_potency(str(report_dir)), truth))
     held["minutes"] = (time.perf_counter() - started) / 60
     path = out / "heldout_metrics.json"
     path.write_text(json.dumps(held, indent=2) + "\n")
@@ -253,7 +372,11 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
     _quiet()
     outcome = train_classifier(cfg, manifest, out)
     det = train_abnormal_detector(cfg, manifest, out)
-    report_dir, plots = score_heldout(heldout, outcome.outputs["artifact"], det["artifact"], out)
+    seg = train_cell_segmenter(cfg, manifest, out)
+    pot = train_potency_model(cfg, corpus, seg["artifact"], out)
+    report_dir, plots = score_heldout(
+        heldout, outcome.outputs["artifact"], det["artifact"], out, seg["artifact"], pot["artifact"]
+    )
     held_path = judge(report_dir, heldout, out, cfg.heldout_seed, started)
     return {
         "corpus": corpus,
@@ -265,6 +388,11 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
         "detector_table": Path(det["table_md"]),
         "detections": Path(det["panel"]),
         "detector": Path(det["artifact"]),
+        "segmenter_table": Path(seg["table_md"]),
+        "segmentation": Path(seg["panel"]),
+        "segmenter": Path(seg["artifact"]),
+        "potency_plot": Path(pot["plot"]),
+        "potency": Path(pot["artifact"]),
         "report": report_dir,
         "heldout": held_path,
         **{f"plot_{k}": Path(v) for k, v in plots.items()},
@@ -275,11 +403,29 @@ def heldout_lines(h: dict) -> list[str]:
     def f(v):
         return "n/a" if v != v else f"{v:.3f}"
 
-    return [
-        f"on {h['images']} images of vessels no model saw:",
-        f"  band accuracy {f(h['band_accuracy'])}; confusion (rows truth 1-4, columns predicted) {h['confusion']}",
-        f"  confluence MAE {h['confluence_mae_points']:.1f} points; calibration error (ECE) {f(h['ece'])}",
-        f"  abnormal cells ({h['abnormal_cells']}): per box hit rate {f(h['abnormal_box_hit_rate'])}, FDR "
-        f"{f(h['abnormal_box_fdr'])}; per image hit rate {f(h['abnormal_image_hit_rate'])}, FDR "
-        f"{f(h['abnormal_image_fdr'])}",
-    ]
+    return (
+        [
+            f"on {h['images']} images of vessels no model saw:",
+            f"  band accuracy {f(h['band_accuracy'])}; confusion (rows truth 1-4, columns predicted) {h['confusion']}",
+            f"  confluence MAE {h['confluence_mae_points']:.1f} points; calibration error (ECE) {f(h['ece'])}",
+            f"  abnormal cells ({h['abnormal_cells']}): per box hit rate {f(h['abnormal_box_hit_rate'])}, FDR "
+            f"{f(h['abnormal_box_fdr'])}; per image hit rate {f(h['abnormal_image_hit_rate'])}, FDR "
+            f"{f(h['abnormal_image_fdr'])}",
+        ]
+        + (
+            [
+                f"  cells ({h['segmented_images']} images): count error {f(h['cell_count_error'])}, mask confluence "
+                f"MAE {h['mask_confluence_mae_points']:.1f} points"
+            ]
+            if h.get("segmented_images")
+            else []
+        )
+        + (
+            [
+                f"  potency ({h['potency_vessel_days']} vessel-days): R² {f(h['potency_r2'])}, Spearman ρ "
+                f"{f(h['potency_spearman'])}, MAE {h['potency_mae']:.2f}"
+            ]
+            if "potency_r2" in h
+            else []
+        )
+    )

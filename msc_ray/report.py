@@ -1,5 +1,7 @@
 """Summaries and plots of a scoring report: counts per band, stack and status; the band
-distribution; per-vessel confluence over time when object keys carry vessel and day."""
+distribution; per-vessel confluence over time when object keys carry vessel and day; with a
+segmenter, the morphology distributions (per image and per cell); with a potency model, the
+predicted potency per vessel over days."""
 
 from __future__ import annotations
 
@@ -15,16 +17,29 @@ from . import score, storage
 log = logging.getLogger(__name__)
 
 
-def summarise(table: pa.Table) -> dict:
-    rows = table.select(["status", "stack", "band", "predicted_class", "n_abnormal"]).to_pylist()
+def summarise(table: pa.Table, potency: pa.Table | None = None) -> dict:
+    rows = table.select(["status", "stack", "band", "predicted_class", "n_abnormal", "cell_count"]).to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
-    return {
+    counts = [r["cell_count"] for r in ok if r["cell_count"] is not None]
+    out = {
         "rows": len(rows),
         "status": dict(Counter(r["status"] for r in rows)),
         "stack": dict(Counter(r["stack"] for r in rows)),
         "band": dict(Counter(r["band"] or r["predicted_class"] for r in ok)),
         "images_with_abnormal_cells": sum(1 for r in ok if (r["n_abnormal"] or 0) > 0),
+        "segmented_images": len(counts),
+        "cells": int(sum(counts)),
     }
+    if potency is not None and potency.num_rows:
+        p = potency.column("potency").to_numpy()
+        out["potency"] = {
+            "vessel_days": potency.num_rows,
+            "vessels": len(set(potency.column("vessel").to_pylist())),
+            "min": float(p.min()),
+            "median": float(np.median(p)),
+            "max": float(p.max()),
+        }
+    return out
 
 
 def lines(summary: dict) -> list[str]:
@@ -32,11 +47,22 @@ def lines(summary: dict) -> list[str]:
     for what in ("status", "stack", "band"):
         out.append(f"  {what}: " + ", ".join(f"{k}={v}" for k, v in sorted(summary[what].items(), key=str)))
     out.append(f"  images with abnormal cells: {summary['images_with_abnormal_cells']}")
+    if summary.get("segmented_images"):
+        out.append(f"  segmented images: {summary['segmented_images']}, {summary['cells']} cells")
+    if "potency" in summary:
+        p = summary["potency"]
+        out.append(
+            f"  predicted potency: {p['vessel_days']} vessel-days of {p['vessels']} vessels, "
+            f"median {p['median']:.3g} (range {p['min']:.3g} to {p['max']:.3g})"
+        )
     return out
 
 
-def plot(table: pa.Table, dest: str | Path) -> dict[str, str]:
-    """Write ``bands.png`` and, when keys carry vessel and day, ``vessels.png`` under ``dest``."""
+def plot(
+    table: pa.Table, dest: str | Path, cells: pa.Table | None = None, potency: pa.Table | None = None
+) -> dict[str, str]:
+    """Write ``bands.png`` and, when keys carry vessel and day, ``vessels.png`` under ``dest``; with
+    morphology in the rows, ``morphology.png``; with a potency table, ``potency.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +114,62 @@ def plot(table: pa.Table, dest: str | Path) -> dict[str, str]:
         fig.savefig(dest / "vessels.png", dpi=110)
         plt.close(fig)
         out["vessels"] = str(dest / "vessels.png")
+    if any(t["cell_count"][i] is not None for i in ok):
+        out["morphology"] = _morphology_plot(t, ok, cells, dest / "morphology.png", plt)
+    if potency is not None and potency.num_rows:
+        out["potency"] = _potency_plot(potency, dest / "potency.png", plt)
     return out
+
+
+def _morphology_plot(t: dict, ok: list[int], cells: pa.Table | None, path: Path, plt) -> str:
+    """Distributions: per image (cell count, mask confluence, flattened share, median aspect ratio)
+    and, from the per-cell table, per cell (area, aspect ratio, nucleus/cell ratio)."""
+    panels = [
+        ("cell_count", "cells per image"),
+        ("mask_confluence_pct", "mask confluence per image (%)"),
+        ("flattened_share", "share of flattened cells per image"),
+        ("aspect_ratio_median", "median aspect ratio per image"),
+    ]
+    per_cell = [("area", "cell area (px)"), ("aspect_ratio", "cell aspect ratio"), ("nucleus_ratio", "nucleus / cell")]
+    if cells is not None and cells.num_rows:
+        panels += [(c, label, "cell") for c, label in per_cell]
+    fig, axes = plt.subplots(2, 4, figsize=(12, 5.5))
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        col, label = panel[0], panel[1]
+        if len(panel) == 3:
+            v = cells.column(col).to_numpy(zero_copy_only=False).astype(float)
+        else:
+            v = np.array([t[col][i] for i in ok if t[col][i] is not None], float)
+        v = v[np.isfinite(v)]
+        ax.hist(v, bins=30, color="tab:green" if len(panel) == 3 else "tab:blue")
+        ax.set_xlabel(label, fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("morphology of the predicted cell masks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _potency_plot(potency: pa.Table, path: Path, plt) -> str:
+    """Predicted potency per vessel over days (one line per vessel)."""
+    p = potency.to_pydict()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for v, d, y in zip(p["vessel"], p["day"], p["potency"], strict=True):
+        if d is not None:
+            series.setdefault(v, []).append((d, y))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for v in sorted(series):
+        days, ys = zip(*sorted(series[v]), strict=True)
+        ax.plot(days, ys, marker="o", label=v)
+    ax.set(xlabel="day", ylabel="predicted potency", title="predicted potency per vessel over time")
+    if len(series) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def default_plots_dir(uri: str) -> Path:
@@ -121,4 +202,10 @@ def report(
     if table.num_rows == 0:
         _check_exists(uri, endpoint_url)
         raise ValueError(f"{uri}: no committed rows (not a report, or nothing scored yet)")
-    return summarise(table), plot(table, plots_dir if plots_dir is not None else default_plots_dir(uri))
+    potency = score.read_potency(uri, endpoint_url)
+    segmented = table.column("cell_count").null_count < table.num_rows
+    cells = (
+        score.read_cells(uri, endpoint_url, columns=["area", "aspect_ratio", "nucleus_ratio"]) if segmented else None
+    )
+    dest = plots_dir if plots_dir is not None else default_plots_dir(uri)
+    return summarise(table, potency), plot(table, dest, cells, potency)

@@ -11,6 +11,8 @@ Report layout (a local folder or an ``s3://`` prefix)::
     REPORT/parts/<run id>-<chunk>.parquet      published parts (what a plain Parquet reader of REPORT sees)
     REPORT/_commits/<run id>-<chunk>.json      completion manifests
     REPORT/_staging/...                        parts being written; never read
+    REPORT/_cells/<run id>-<chunk>.parquet     with --segmenter: one row per cell of that part's images
+    REPORT/_potency/current.parquet            with --potency: predicted potency per vessel-day
 
 Publishing a part: write it under ``_staging``, write its manifest, then move the part into
 ``parts/``. The move is the commit: a part is in ``parts/`` only once its manifest exists, so a run
@@ -27,6 +29,15 @@ The confluence-percent estimate always lies inside the predicted band: the class
 confluence (where it was trained on measured confluence) clipped to the band, else an order-aware
 position inside the band from the calibrated probabilities (:func:`msc_ray.metrics.confluence_in_band`).
 It is given only for the four standard bands.
+
+With a segmenter (``--segmenter``), each row of the stack it serves also carries the morphology of
+its predicted cell and nucleus masks (:mod:`msc_ray.morphology`): cell count, density, mask-based
+confluence (``mask_confluence_pct``), the share of flattened cells, median and IQR of the cell shapes,
+alignment. The per-cell table of a part is written under ``_cells/`` before the part's manifest and
+read (:func:`read_cells`) only for committed parts, so cells are in it exactly once, like the rows.
+A potency model (``--potency``) is per vessel-day, and a vessel-day's images may arrive over several
+parts and runs: after each run the potency of every vessel-day in the report is predicted again from
+all its committed rows and written to ``_potency/current.parquet`` (:func:`read_potency`).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import images, inference, storage
+from . import images, inference, morphology, storage
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,10 @@ BOX_TYPE = pa.struct(
         ("score", pa.float32()),
     ]
 )
+# morphology column of a report row for each per-image feature (the classifier's estimate is
+# confluence_pct; the masks' is mask_confluence_pct)
+MORPH_FIELDS = {c: "mask_confluence_pct" if c == "confluence_pct" else c for c in morphology.IMAGE_COLUMNS}
+MORPH_SCHEMA = [(f, pa.int32() if f == "cell_count" else pa.float32()) for f in MORPH_FIELDS.values()]
 REPORT_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),
@@ -80,13 +95,42 @@ REPORT_SCHEMA = pa.schema(
         ("confluence_pct", pa.float32()),
         ("abnormal_boxes", pa.list_(BOX_TYPE)),
         ("n_abnormal", pa.int32()),
+        *MORPH_SCHEMA,
         ("vessel", pa.string()),
         ("day", pa.int32()),
         ("position", pa.string()),
         ("classifier_version", pa.string()),
         ("detector_version", pa.string()),
+        ("segmenter_version", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+ID_FIELDS = [("uri", pa.string()), ("key", pa.string()), ("version", pa.string()), ("stack", pa.string())]
+CELL_SCHEMA = pa.schema(
+    [
+        *ID_FIELDS,
+        ("vessel", pa.string()),
+        ("day", pa.int32()),
+        ("position", pa.string()),
+        ("segmenter_version", pa.string()),
+        ("run_id", pa.string()),
+        *(
+            (c, pa.int32() if c == "cell_id" else pa.bool_() if c in ("touches_border", "flattened") else pa.float32())
+            for c in morphology.CELL_COLUMNS
+        ),
+    ]
+)
+POTENCY_SCHEMA = pa.schema(
+    [
+        ("vessel", pa.string()),
+        ("day", pa.int32()),
+        ("n_images", pa.int32()),
+        ("potency", pa.float32()),
+        ("potency_version", pa.string()),
+        ("segmenter_version", pa.string()),
+        ("run_id", pa.string()),
+        ("computed_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
 
@@ -98,9 +142,11 @@ class ScoreConfig:
     classifier: str | tuple[str, ...]
     out: str
     detector: str | None = None
+    segmenter: str | None = None  # cell/nucleus masks → morphology columns and the per-cell table
+    potency: str | None = None  # potency per vessel-day from the morphology (needs the segmenter)
     # auto: from a "sstack"/"mstack" folder in the key, else the stack of the only classifier given
     stack: str = "auto"
-    detect_all_stacks: bool = False  # the detector was trained on single-stack images
+    detect_all_stacks: bool = False  # the detector and segmenter serve the stack they were trained on
     batch_size: int = 32  # images per model call
     decode_batch: int = 32  # images per decode task
     concurrency: int = 1  # model actors
@@ -123,6 +169,8 @@ class ScoreConfig:
             )
         if self.key_pattern is not None:
             _compile_key_pattern(self.key_pattern)
+        if self.potency and not self.segmenter:
+            raise ValueError("--potency: the potency model reads morphology, so it needs --segmenter")
         if self.stack not in STACK_CHOICES:
             raise ValueError(f"--stack must be one of {', '.join(STACK_CHOICES)}, got {self.stack!r}")
         for name in ("batch_size", "decode_batch", "concurrency", "chunk_size", "read_attempts", "window"):
@@ -240,6 +288,8 @@ class ScoreSummary:
     parts: list[str] = field(default_factory=list)
     seconds: float = 0.0
     no_vessel: int = 0  # committed rows whose key gave no vessel (no per-vessel plot for them)
+    cells: int = 0  # rows of the per-cell table (with a segmenter)
+    potency_days: int = 0  # vessel-days with a predicted potency (with a potency model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,15 +518,44 @@ def _run_id_used(out: str, endpoint_url: str | None, run_id: str) -> bool:
 def read_report(out: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """All committed rows of a report (a table with :data:`REPORT_SCHEMA`, possibly empty)."""
     loc = _report_loc(out, endpoint_url)
-    tables = [
-        pq.read_table(loc.join("parts", m["part"]), filesystem=loc.fs, columns=columns)
-        for m in committed(out, endpoint_url)
-    ]
+    schema = REPORT_SCHEMA if columns is None else pa.schema([REPORT_SCHEMA.field(c) for c in columns])
+    tables = [_read_part(loc, loc.join("parts", m["part"]), schema) for m in committed(out, endpoint_url)]
     if not tables:
-        schema = REPORT_SCHEMA if columns is None else pa.schema([REPORT_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
     table = pa.concat_tables(tables)
     return table if columns is not None else _current(table)
+
+
+def _read_part(loc, path: str, schema: pa.Schema) -> pa.Table:
+    """A committed part with ``schema``'s columns; columns a part written by an earlier version lacks
+    (say the morphology) come back null."""
+    have = set(pq.read_schema(path, filesystem=loc.fs).names)
+    t = pq.read_table(path, filesystem=loc.fs, columns=[c for c in schema.names if c in have])
+    for f in schema:
+        if f.name not in have:
+            t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
+    return t.select(schema.names).cast(schema)
+
+
+def read_cells(out: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The per-cell table of a report (:data:`CELL_SCHEMA`, or ``columns`` of it): the cells of
+    committed parts only."""
+    loc = _report_loc(out, endpoint_url)
+    schema = CELL_SCHEMA if columns is None else pa.schema([CELL_SCHEMA.field(c) for c in columns])
+    names = [m["cells"] for m in committed(out, endpoint_url) if m.get("cells")]
+    tables = [pq.read_table(loc.join("_cells", n), filesystem=loc.fs, columns=schema.names).cast(schema) for n in names]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_potency(out: str, endpoint_url: str | None = None) -> pa.Table | None:
+    """The predicted potency per vessel-day (:data:`POTENCY_SCHEMA`), or None without one."""
+    loc = _report_loc(out, endpoint_url)
+    path = loc.join("_potency", "current.parquet")
+    import pyarrow.fs as pafs
+
+    if loc.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    return pq.read_table(path, filesystem=loc.fs)
 
 
 def _current(table: pa.Table) -> pa.Table:
@@ -488,16 +567,15 @@ def _current(table: pa.Table) -> pa.Table:
     transient = pc.fill_null(pc.equal(table["error_kind"], "transient"), False)
     if not pc.any(transient).as_py():
         return table
-    key = pc.binary_join_element_wise(
-        *(pc.fill_null(table[c], "") for c in ("uri", "version", "classifier_version", "detector_version")), "\x00"
-    )
+    versions = ("uri", "version", "classifier_version", "detector_version", "segmenter_version")
+    key = pc.binary_join_element_wise(*(pc.fill_null(table[c], "") for c in versions), "\x00")
     replaced = pc.is_in(key, value_set=pc.unique(pc.filter(key, pc.invert(transient))))
     return table.filter(pc.invert(pc.and_(transient, replaced)))
 
 
 class DoneKeys:
     """What the report already holds, compactly: a sorted array of 64-bit digests of (URI, version,
-    classifier version, detector version) of its rows, transient error rows left out (those objects
+    classifier, detector and segmenter versions) of its rows, transient error rows left out (those objects
     are scored again). 8 bytes per row, read one committed part at a time, so a report of ten million
     rows costs the driver about 80 MB. A digest collision (about 5 in a million for ten million rows
     looked up against ten million) would skip one object as done."""
@@ -506,23 +584,29 @@ class DoneKeys:
         self.digests = np.sort(np.asarray(digests, np.uint64))
 
     @staticmethod
-    def digest(uri: str, version: str, clf: str, det: str) -> int:
+    def digest(uri: str, version: str, clf: str, det: str, seg: str = "") -> int:
         import hashlib
 
-        h = hashlib.blake2b(f"{uri}\x00{version}\x00{clf}\x00{det}".encode(), digest_size=8)
+        text = f"{uri}\x00{version}\x00{clf}\x00{det}" + (f"\x00{seg}" if seg else "")
+        h = hashlib.blake2b(text.encode(), digest_size=8)
         return int.from_bytes(h.digest(), "little")
 
     @classmethod
     def load(cls, out: str, endpoint_url: str | None = None) -> DoneKeys:
         loc = _report_loc(out, endpoint_url)
-        cols = ["uri", "version", "classifier_version", "detector_version", "error_kind"]
+        cols = ["uri", "version", "classifier_version", "detector_version", "segmenter_version", "error_kind"]
+        schema = pa.schema([REPORT_SCHEMA.field(c) for c in cols])
         parts = []
         for m in committed(out, endpoint_url):
-            t = pq.read_table(loc.join("parts", m["part"]), filesystem=loc.fs, columns=cols)
+            t = _read_part(loc, loc.join("parts", m["part"]), schema)
             rows = zip(*(t.column(c).to_pylist() for c in cols), strict=True)
             parts.append(
                 np.fromiter(
-                    (cls.digest(u, v, c or "", d or "") for u, v, c, d, kind in rows if kind != "transient"),
+                    (
+                        cls.digest(u, v, c or "", d or "", s or "")
+                        for u, v, c, d, s, kind in rows
+                        if kind != "transient"
+                    ),
                     np.uint64,
                 )
             )
@@ -539,16 +623,24 @@ class DoneKeys:
         return self.digests[i] == digests
 
 
-def _publish(table: pa.Table, out: str, endpoint_url: str | None, name: str, meta: dict) -> str:
-    """Write a part under _staging, then its manifest, then move the part into parts/ (the commit:
-    a part a reader can see always has its manifest)."""
+def _publish(
+    table: pa.Table, out: str, endpoint_url: str | None, name: str, meta: dict, cells: pa.Table | None = None
+) -> str:
+    """Write a part under _staging, its cells (when given) under _cells, then its manifest, then move
+    the part into parts/ (the commit: a part a reader can see always has its manifest, and cells are
+    read only for committed parts)."""
     loc = _report_loc(out, endpoint_url)
     staging, final = loc.join("_staging", f"{name}.parquet"), loc.join("parts", f"{name}.parquet")
     try:
-        for d in ("_staging", "parts", "_commits"):
+        for d in ("_staging", "parts", "_commits") + (("_cells",) if cells is not None else ()):
             loc.fs.create_dir(loc.join(d), recursive=True)
         pq.write_table(table, staging, filesystem=loc.fs)
         manifest = {**meta, "part": f"{name}.parquet", "rows": table.num_rows}
+        if cells is not None:
+            tmp_cells = loc.join("_staging", f"{name}.cells.parquet")
+            pq.write_table(cells, tmp_cells, filesystem=loc.fs)
+            loc.fs.move(tmp_cells, loc.join("_cells", f"{name}.parquet"))
+            manifest.update(cells=f"{name}.parquet", cell_rows=cells.num_rows)
         tmp = loc.join("_staging", f"{name}.json")
         with loc.fs.open_output_stream(tmp) as fh:
             fh.write(json.dumps(manifest, indent=1).encode())
@@ -566,6 +658,52 @@ def _commit_part(loc, staging: str, final: str) -> None:
     """The commit: the part arrives in ``parts/`` (a rename locally; on S3 a copy, atomic for
     readers, then the staging object's delete)."""
     loc.fs.move(staging, final)
+
+
+def update_potency(cfg: ScoreConfig, sm: StackModels, run_id: str) -> int:
+    """Predict the potency of every vessel-day of the report from all its committed rows measured by
+    this segmenter, and replace ``_potency/current.parquet`` (written under ``_staging``, then moved).
+    Returns the number of vessel-days."""
+    from . import potency
+
+    booster, pcfg = potency.load_potency(cfg.potency, cfg.endpoint_url)
+    seg_version = sm.segmenter["version"]
+    feats = [MORPH_FIELDS[f] for f in pcfg["features"]]
+    t = read_report(cfg.out, cfg.endpoint_url, columns=["status", "vessel", "day", "segmenter_version", *feats])
+    df = t.to_pandas()
+    df = df[(df["status"] == "ok") & (df["segmenter_version"] == seg_version) & df["vessel"].notna()]
+    df = df.assign(day=df["day"].fillna(-1).astype(int))
+    agg = potency.per_vessel_day(df, feats)
+    n = df.groupby(["vessel", "day"]).size().rename("n_images").reset_index()
+    agg = agg.merge(n, on=["vessel", "day"])
+    pred = booster.predict(agg[feats].to_numpy(np.float64)) if len(agg) else np.zeros(0)
+    out = pa.Table.from_pydict(
+        {
+            "vessel": agg["vessel"].astype(str).tolist(),
+            "day": [None if d < 0 else int(d) for d in agg["day"]],
+            "n_images": agg["n_images"].astype(int).tolist(),
+            "potency": [float(v) for v in pred],
+            "potency_version": [pcfg["version"]] * len(agg),
+            "segmenter_version": [seg_version] * len(agg),
+            "run_id": [run_id] * len(agg),
+            "computed_at": [dt.datetime.now(dt.timezone.utc)] * len(agg),
+        },
+        schema=POTENCY_SCHEMA,
+    )
+    loc = _report_loc(cfg.out, cfg.endpoint_url)
+    tmp = loc.join("_staging", f"potency-{run_id}.parquet")
+    try:
+        for d in ("_staging", "_potency"):
+            loc.fs.create_dir(loc.join(d), recursive=True)
+        pq.write_table(out, tmp, filesystem=loc.fs)
+        loc.fs.move(tmp, loc.join("_potency", "current.parquet"))
+    except OSError as exc:
+        raise storage.StorageError(
+            f"cannot write the potency table to {cfg.out} ({storage.describe_error(exc)}); the rows are "
+            "committed: run again to predict it"
+        ) from None
+    log.info("potency predicted for %d vessel-days (model %s)", len(agg), pcfg["version"])
+    return len(agg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,6 +726,7 @@ def _preprocess(
     det_size: int | None,
     endpoint_url: str | None,
     max_pixels: int,
+    seg_size: int | None = None,
     read_attempts: int = 4,
     retry_delay: float = 1.0,
 ) -> dict:
@@ -604,6 +743,8 @@ def _preprocess(
     ok = np.zeros(n, bool)
     use_det = np.zeros(n, bool)
     scale = np.ones((n, 2), np.float32)  # detector input → original pixels (x, y)
+    seg = np.zeros((n, 3, seg_size, seg_size), np.float32) if seg_size else None
+    shape = np.zeros((n, 2), np.int32)  # the original (H, W): where the segmenter's masks are measured
     err = np.empty(n, dtype=object)
     transient = np.zeros(n, bool)
     attempts = read_attempts
@@ -628,9 +769,14 @@ def _preprocess(
         if det is not None:  # det_size is given only for a stack the detector serves
             det[i], scale[i] = inference.detector_input(img, det_size)
             use_det[i] = True
+        if seg is not None:
+            seg[i] = inference.detector_input(img, seg_size)[0]
+            shape[i] = img.shape[-2:]
     out = {"row": batch["row"], "image": x, "ok": ok, "error": err.astype(str), "transient": transient}
     if det is not None:
         out.update(det_image=det, use_det=use_det, det_scale=scale)
+    if seg is not None:
+        out.update(seg_image=seg, seg_shape=shape)
     return out
 
 
@@ -659,17 +805,21 @@ def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: flo
 
 
 class ModelActor:
-    """Holds the classifier (and detector) for the life of the actor (:mod:`msc_ray.inference`); turns
-    image batches into predictions. On a GPU, inference runs under autocast (bfloat16)."""
+    """Holds the classifier (and detector, segmenter) for the life of the actor
+    (:mod:`msc_ray.inference`); turns image batches into predictions. On a GPU, inference runs under
+    autocast (bfloat16)."""
 
-    def __init__(self, classifier: str, detector: str | None, endpoint_url: str | None):
+    def __init__(self, classifier: str, detector: str | None, endpoint_url: str | None, segmenter: str | None = None):
         self.clf = inference.Classifier(classifier, endpoint_url)
         self.det = inference.Detector(detector, endpoint_url, self.clf.device) if detector else None
+        self.seg = inference.Segmenter(segmenter, endpoint_url, self.clf.device) if segmenter else None
 
     def __call__(self, batch: dict) -> dict:
         """Batch in: ``row``, ``ok``, ``error``, ``image`` (N, C, S, S) [+ ``det_image``, ``use_det``,
-        ``det_scale``]. Batch out: ``row``, ``ok``, ``error``, ``probs`` (N, K) calibrated, ``boxes``
-        (JSON text per row: ``[[x1, y1, x2, y2, score], ...]`` in the original image's pixels)."""
+        ``det_scale``] [+ ``seg_image``, ``seg_shape``]. Batch out: ``row``, ``ok``, ``error``, ``probs``
+        (N, K) calibrated, ``boxes`` (JSON text per row: ``[[x1, y1, x2, y2, score], ...]`` in the
+        original image's pixels), ``morph`` and ``cells`` (JSON text per row: the image's morphology
+        and its cells, :func:`msc_ray.morphology.features` of the predicted masks)."""
         n = len(batch["row"])
         ok = np.asarray(batch["ok"], bool)
         probs = np.zeros((n, len(self.clf.classes)), np.float32)
@@ -683,6 +833,12 @@ class ModelActor:
             found = self.det([batch["det_image"][i] for i in didx], [batch["det_scale"][i] for i in didx])
             for i, bx in zip(didx, found, strict=True):
                 boxes[i] = json.dumps(bx)
+        morph, cells = ["{}"] * n, ["[]"] * n
+        if self.seg is not None and len(idx):
+            maps = self.seg([batch["seg_image"][i] for i in idx], [batch["seg_shape"][i] for i in idx])
+            for i, (cm, nm) in zip(idx, maps, strict=True):
+                found, img = morphology.features(cm.astype(np.int64), nm.astype(np.int64))
+                morph[i], cells[i] = json.dumps(img), json.dumps(found)
         return {
             "row": batch["row"],
             "ok": ok,
@@ -691,6 +847,8 @@ class ModelActor:
             "probs": probs,
             "confluence": conf,
             "boxes": np.array(boxes, dtype=object).astype(str),
+            "morph": np.array(morph, dtype=object).astype(str),
+            "cells": np.array(cells, dtype=object).astype(str),
         }
 
 
@@ -707,12 +865,18 @@ class StackModels:
     classifiers: dict[str, tuple[str, dict]]
     detector: dict | None = None
     detect_all: bool = False
+    segmenter: dict | None = None
 
-    def versions(self, stack: str | None) -> tuple[str, str]:
-        """(classifier version, detector version) of a row of this stack; "" where none applies."""
+    def versions(self, stack: str | None) -> tuple[str, str, str]:
+        """(classifier, detector, segmenter version) of a row of this stack; "" where none applies.
+        The detector and the segmenter serve the stack they were trained on (sstack unless their
+        config says otherwise), every stack with ``detect_all``."""
         clf = self.classifiers.get(stack or "")
-        det = self.detector if self.detector and (self.detect_all or stack == "sstack") else None
-        return (clf[1]["version"] if clf else "", det["version"] if det else "")
+
+        def serves(cfg: dict | None) -> str:
+            return cfg["version"] if cfg and (self.detect_all or stack == (cfg.get("stack") or "sstack")) else ""
+
+        return (clf[1]["version"] if clf else "", serves(self.detector), serves(self.segmenter))
 
     def missing(self, key: str, stack: str | None) -> str:
         if stack is None:
@@ -727,16 +891,18 @@ def _rows_for_chunk(
     models: StackModels,
     run_id: str,
     fields: KeyFields | None = None,
-) -> pa.Table:
-    """Report rows of one chunk: ``results[i] = (ok, error, probs, boxes_json, confluence, transient)``
-    for object ``i`` (confluence: the model's regressed fraction, NaN when it has no such output). An
-    object with no result (a lost task or actor) is a transient error row."""
+) -> tuple[pa.Table, pa.Table | None]:
+    """Report rows of one chunk, and its per-cell table when a segmenter is in use:
+    ``results[i] = (ok, error, probs, boxes_json, confluence, transient, morph_json, cells_json)`` for
+    object ``i`` (confluence: the model's regressed fraction, NaN when it has no such output; morph: the
+    image's morphology, cells: its cells, JSON). An object with no result (a lost task or actor) is a
+    transient error row."""
     now = dt.datetime.now(dt.timezone.utc)
     fields = fields or KeyFields()
-    rows = []
+    rows, cells = [], []
     for i, o in enumerate(objs):
         vessel, day, position = fields(o.key)
-        clf_version, det_version = models.versions(stacks[i])
+        clf_version, det_version, seg_version = models.versions(stacks[i])
         row = {
             "uri": o.uri,
             "key": o.key,
@@ -748,11 +914,12 @@ def _rows_for_chunk(
             "position": position,
             "classifier_version": clf_version or None,
             "detector_version": det_version or None,
+            "segmenter_version": seg_version or None,
             "run_id": run_id,
             "scored_at": now,
         }
-        ok, error, p, boxes, regressed, transient = results.get(
-            i, (False, f"{o.key}: not scored (its task or actor was lost)", None, "[]", np.nan, True)
+        ok, error, p, boxes, regressed, transient, morph, found = results.get(
+            i, (False, f"{o.key}: not scored (its task or actor was lost)", None, "[]", np.nan, True, "{}", "[]")
         )
         if ok:
             classes = list(models.classifiers[stacks[i]][1]["classes"])
@@ -767,18 +934,38 @@ def _rows_for_chunk(
                 bx = json.loads(boxes)
                 row["abnormal_boxes"] = [dict(zip(("x1", "y1", "x2", "y2", "score"), b, strict=True)) for b in bx]
                 row["n_abnormal"] = len(bx)
+            if seg_version:
+                row.update({MORPH_FIELDS[k]: v for k, v in json.loads(morph).items()})
+                ids = {k: row[k] for k in CELL_SCHEMA.names if k in row}
+                cells += [{**ids, **c} for c in json.loads(found)]
         else:
             row.update(status="error", error=error, error_kind="transient" if transient else "permanent")
         rows.append(row)
-    return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+    return table, (pa.Table.from_pylist(cells, schema=CELL_SCHEMA) if models.segmenter else None)
 
 
 def _check_models(cfg: ScoreConfig) -> StackModels:
-    return stack_models(cfg.entries(), cfg.detector, cfg.endpoint_url, cfg.detect_all_stacks)
+    sm = stack_models(cfg.entries(), cfg.detector, cfg.endpoint_url, cfg.detect_all_stacks, cfg.segmenter)
+    if cfg.potency:
+        from . import potency
+
+        _, pcfg = potency.load_potency(cfg.potency, cfg.endpoint_url)
+        unknown = [f for f in pcfg["features"] if f not in MORPH_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"--potency {cfg.potency}: trained on {', '.join(unknown)}, which scoring does not measure "
+                "(train it on `msc-ray morphology` features)"
+            )
+    return sm
 
 
 def stack_models(
-    entries: list[tuple[str | None, str]], detector: str | None, endpoint_url: str | None, detect_all: bool = False
+    entries: list[tuple[str | None, str]],
+    detector: str | None,
+    endpoint_url: str | None,
+    detect_all: bool = False,
+    segmenter: str | None = None,
 ) -> StackModels:
     """The artifacts' configs (no weights read): each must exist and be of the right kind, and one
     classifier per stack. ``entries``: :func:`classifier_entries`."""
@@ -801,7 +988,12 @@ def stack_models(
         det_cfg = models.read_config(detector, endpoint_url)
         if det_cfg.get("kind") != "detector":
             raise ValueError(f"--detector {detector}: a {det_cfg.get('kind')} artifact, not a detector")
-    return StackModels(by_stack, det_cfg, detect_all)
+    seg_cfg = None
+    if segmenter:
+        seg_cfg = models.read_config(segmenter, endpoint_url)
+        if seg_cfg.get("kind") != "segmenter":
+            raise ValueError(f"--segmenter {segmenter}: a {seg_cfg.get('kind')} artifact, not a segmenter")
+    return StackModels(by_stack, det_cfg, detect_all, seg_cfg)
 
 
 def _plan_windows(
@@ -851,7 +1043,9 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
     import ray
 
     uri, clf_cfg = sm.classifiers[stack]
-    det_size = int(sm.detector["image_size"]) if sm.versions(stack)[1] else None
+    _, det_version, seg_version = sm.versions(stack)
+    det_size = int(sm.detector["image_size"]) if det_version else None
+    seg_size = int(sm.segmenter["image_size"]) if seg_version else None
     table = pa.table(
         {
             "row": pa.array(rows, pa.int64()),
@@ -872,6 +1066,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         fn_kwargs={
             "cls_cfg": {**clf_cfg["data"], "endpoint_url": None},
             "det_size": det_size,
+            "seg_size": seg_size,
             "endpoint_url": cfg.endpoint_url,
             "max_pixels": cfg.max_pixels,
             "read_attempts": cfg.read_attempts,
@@ -883,6 +1078,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         fn_constructor_kwargs={
             "classifier": uri,
             "detector": cfg.detector if det_size else None,
+            "segmenter": cfg.segmenter if seg_size else None,
             "endpoint_url": cfg.endpoint_url,
         },
         batch_size=cfg.batch_size,
@@ -912,6 +1108,8 @@ def _scored(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str | None
             "boxes": np.array(["[]"] * n),
             "confluence": np.full(n, np.nan, np.float32),
             "transient": np.zeros(n, bool),
+            "morph": np.array(["{}"] * n),
+            "cells": np.array(["[]"] * n),
         }
 
 
@@ -935,7 +1133,7 @@ class _Committer:
         cfg, size = self.cfg, self.cfg.chunk_size
         lo, hi = c * size, min((c + 1) * size, len(self.todo))
         local = {i - lo: results.pop(i) for i in range(lo, hi) if i in results}
-        table = _rows_for_chunk(
+        table, cells = _rows_for_chunk(
             self.todo[lo:hi], local, self.stacks[lo:hi], self.models, self.summary.run_id, self.fields
         )
         name = f"{self.summary.run_id}-{self.first_chunk + c:05d}"
@@ -944,9 +1142,11 @@ class _Committer:
             "archive": cfg.archive,
             "classifier_versions": {s: m[1]["version"] for s, m in self.models.classifiers.items()},
             "detector_version": self.models.detector["version"] if self.models.detector else "",
+            "segmenter_version": self.models.segmenter["version"] if self.models.segmenter else "",
             "config": asdict(cfg),
         }
-        self.summary.parts.append(_publish(table, cfg.out, cfg.endpoint_url, name, meta))
+        self.summary.parts.append(_publish(table, cfg.out, cfg.endpoint_url, name, meta, cells))
+        self.summary.cells += 0 if cells is None else cells.num_rows
         n_err = table.num_rows - sum(1 for v in table.column("status").to_pylist() if v == "ok")
         self.summary.scored += table.num_rows
         self.summary.errors += n_err
@@ -960,9 +1160,9 @@ class _Committer:
         results: dict[int, tuple] = {}
         next_chunk, received = 0, 0
         for b in scored:
-            cols = (b["row"], b["ok"], b["error"], b["probs"], b["boxes"], b["confluence"], b["transient"])
-            for r, ok, e, p, bx, cf, tr in zip(*cols, strict=True):
-                results[int(r)] = (bool(ok), str(e), p, str(bx), float(cf), bool(tr))
+            cols = ("row", "ok", "error", "probs", "boxes", "confluence", "transient", "morph", "cells")
+            for r, ok, e, p, bx, cf, tr, mo, ce in zip(*(b[c] for c in cols), strict=True):
+                results[int(r)] = (bool(ok), str(e), p, str(bx), float(cf), bool(tr), str(mo), str(ce))
                 received += 1
             while next_chunk < n_chunks and received >= min((next_chunk + 1) * self.cfg.chunk_size, len(self.todo)):
                 self.commit(next_chunk, results)
@@ -998,7 +1198,7 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
                     connect()
                 # read tasks and model actors may run on any node: what they read must be there (the
                 # report itself is written by this driver alone)
-                shared = {"ARCHIVE": cfg.archive, "--detector": cfg.detector or ""}
+                shared = {"ARCHIVE": cfg.archive, "--detector": cfg.detector or "", "--segmenter": cfg.segmenter or ""}
                 shared.update({f"--classifier {st}": uri for st, (uri, _) in sm.classifiers.items()})
                 storage.ensure_shared(shared)
             log.info(
@@ -1016,6 +1216,8 @@ def score_archive(cfg: ScoreConfig, connect=None) -> ScoreSummary:
             log.info(
                 "%s: %d objects, all %d images already in the report", cfg.archive, summary.listed, summary.skipped
             )
+        if cfg.potency:
+            summary.potency_days = update_potency(cfg, sm, run_id)
     finally:
         lease.release()
     summary.seconds = time.perf_counter() - t0

@@ -32,6 +32,7 @@ def known_formula(tmp_path, vessels=24, days=4, images=3, noise=0.05, seed=0):
                         "flattened_share": flat + rng.normal(0, 0.1),
                         "area_iqr": rng.normal(0, 1),
                         "solidity_median": rng.normal(0, 1),
+                        "confluence": rng.uniform(0.1, 0.9),  # a metadata column, never an input
                         "potency": pot,
                     }
                 )
@@ -54,7 +55,12 @@ def test_potency_model_recovers_a_known_formula_on_held_out_vessels(ray_session,
     assert pred.groupby("vessel")["fold"].nunique().max() == 1
     assert (run / "importance.png").stat().st_size > 0 and (run / "predicted_vs_true.png").stat().st_size > 0
     cfg = json.loads((run / "artifact" / "config.json").read_text())
-    assert cfg["kind"] == "potency" and "potency" not in cfg["features"] and "day" not in cfg["features"]
+    assert cfg["kind"] == "potency" and set(cfg["features"]) == {
+        "flattened_share",
+        "aspect_ratio_median",
+        "solidity_median",
+        "area_iqr",
+    }  # the morphology columns only: not the target, the day or other metadata
     assert (run / "artifact" / "model.txt").read_text().startswith("tree")  # LightGBM's own text format
     # the artifact predicts per vessel-day from per-image rows
     out = potency.predict(str(run / "artifact"), df)

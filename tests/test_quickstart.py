@@ -64,3 +64,42 @@ def test_heldout_metrics_fdr_is_undefined_when_nothing_is_predicted():
     h = quickstart.heldout_metrics(report, truth)
     assert h["abnormal_box_hit_rate"] == 0.0 and math.isnan(h["abnormal_box_fdr"])
     assert "n/a" in quickstart.heldout_lines({**h, "minutes": 1.0})[3]
+
+
+def test_morphology_and_potency_judged_per_image_and_per_vessel_day():
+    truth = pa.Table.from_pylist(
+        [
+            {"image": "sstack/1/S1_d01_a.png", "cell_count": 10, "confluence": 0.30, "vessel": "S1", "day": 1,
+             "potency": 50.0},
+            {"image": "sstack/1/S1_d01_b.png", "cell_count": 20, "confluence": 0.50, "vessel": "S1", "day": 1,
+             "potency": 50.0},
+            {"image": "sstack/2/S2_d01_a.png", "cell_count": 40, "confluence": 0.90, "vessel": "S2", "day": 1,
+             "potency": 60.0},
+            {"image": "sstack/3/S3_d02_a.png", "cell_count": 5, "confluence": 0.10, "vessel": "S3", "day": 2,
+             "potency": 40.0},
+        ]
+    )  # fmt: skip
+    report = pa.Table.from_pylist(
+        [
+            {"key": "sstack/S1_d01_a.png", "status": "ok", "cell_count": 12, "mask_confluence_pct": 35.0},
+            {"key": "sstack/S1_d01_b.png", "status": "ok", "cell_count": 20, "mask_confluence_pct": 50.0},
+            {"key": "sstack/S2_d01_a.png", "status": "ok", "cell_count": 30, "mask_confluence_pct": 80.0},
+            {"key": "sstack/S3_d02_a.png", "status": "error", "cell_count": None, "mask_confluence_pct": None},
+        ]
+    )
+    potency = pa.Table.from_pylist(
+        [{"vessel": "S1", "day": 1, "potency": 52.0}, {"vessel": "S2", "day": 1, "potency": 58.0},
+         {"vessel": "S3", "day": 2, "potency": 41.0}]
+    )  # fmt: skip
+    h = quickstart.morphology_metrics(report, potency, truth)
+    assert h["segmented_images"] == 3
+    assert h["cell_count_error"] == pytest.approx((0.2 + 0 + 0.25) / 3)
+    assert h["mask_confluence_mae_points"] == pytest.approx((5 + 0 + 10) / 3)
+    assert h["potency_vessel_days"] == 3 and h["potency_mae"] == pytest.approx((2 + 2 + 1) / 3)
+    assert h["potency_spearman"] == pytest.approx(1.0)
+    assert h["potency_r2"] == pytest.approx(1 - (4 + 4 + 1) / (0**2 + 10**2 + 10**2), rel=1e-6)
+    base = {"images": 3, "band_accuracy": 1.0, "confusion": [], "confluence_mae_points": 0.0, "ece": 0.0,
+            "abnormal_cells": 0, "abnormal_box_hit_rate": 1.0, "abnormal_box_fdr": 0.0, "abnormal_image_hit_rate": 1.0,
+            "abnormal_image_fdr": 0.0}  # fmt: skip
+    lines = quickstart.heldout_lines({**base, **h})
+    assert any(line.startswith("  potency (3 vessel-days): R² 0.955") for line in lines), lines

@@ -575,3 +575,115 @@ def test_the_archive_is_listed_planned_and_scored_a_window_at_a_time(ray_session
     assert done.contains(np.array([key, key ^ 1], np.uint64)).tolist() == [True, False]
     again = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=out, window=7))
     assert (again.scored, again.skipped) == (0, n_images)
+
+
+@pytest.fixture(scope="module")
+def seg_artifacts(tmp_path_factory):
+    """A real (untrained) Mask R-CNN segmenter whose masks fill their boxes (so it finds cells), and a
+    LightGBM potency model of three morphology features."""
+    import lightgbm as lgb
+
+    from msc_ray import potency
+
+    root = tmp_path_factory.mktemp("seg_artifacts")
+    torch.manual_seed(0)
+    state = models.build_segmenter("compact_fpn", image_size=64).state_dict()
+    state["roi_heads.mask_predictor.mask_fcn_logits.bias"] += 3.0
+    models.save_artifact(
+        root / "seg",
+        state,
+        {
+            "kind": "segmenter",
+            "architecture": "compact_fpn",
+            "classes": ["cell", "nucleus"],
+            "image_size": 64,
+            "score_thresholds": {"cell": 0.0, "nucleus": 0.0},
+            "detections_per_img": 24,
+            "stack": "sstack",
+        },
+    )
+    rng = np.random.default_rng(0)
+    feats = ["cell_count", "confluence_pct", "aspect_ratio_median"]
+    x = rng.uniform(0, 50, (200, 3))
+    booster = lgb.LGBMRegressor(n_estimators=20, verbose=-1).fit(x, x @ [1.0, 0.5, -2.0]).booster_
+    potency.save_artifact(root / "pot", booster, {"kind": "potency", "features": feats, "target": "potency"})
+    return root / "seg", root / "pot"
+
+
+def test_segmenter_adds_morphology_and_cells_exactly_once_and_potency_per_vessel_day(
+    ray_session, archive, artifacts, seg_artifacts, tmp_path, monkeypatch
+):
+    """Rows of the stack the segmenter serves gain cell count, mask confluence and morphology; their
+    cells land in the per-cell table once, even across a run killed between a manifest and its part;
+    the potency of every vessel-day is predicted from all its committed rows."""
+    import pandas as pd
+
+    from msc_ray import potency
+
+    root, n_images = archive
+    clf, _ = artifacts
+    seg, pot = seg_artifacts
+    out = tmp_path / "r"
+    cfg = score.ScoreConfig(
+        archive=str(root), classifier=clf, segmenter=str(seg), potency=str(pot), out=str(out), chunk_size=8
+    )
+    real_commit, done = score._commit_part, []
+
+    def dying_commit(loc, staging, final):
+        if len(done) == 2:
+            raise KeyboardInterrupt("killed between the manifest and the part")
+        real_commit(loc, staging, final)
+        done.append(final)
+
+    monkeypatch.setattr(score, "_commit_part", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        score.score_archive(cfg)
+    monkeypatch.setattr(score, "_commit_part", real_commit)
+    assert len(list((out / "_cells").glob("*.parquet"))) == 3  # the third part's cells were written ...
+    assert score.read_cells(str(out))["uri"].unique().to_pylist()  # ... but only committed parts' are read
+    assert set(score.read_cells(str(out))["uri"].to_pylist()) <= set(score.read_report(str(out))["uri"].to_pylist())
+    s = score.score_archive(cfg)
+    assert s.skipped == 16 and s.scored == n_images - 16 and s.potency_days > 0
+
+    rows = score.read_report(str(out)).to_pandas()
+    cells = score.read_cells(str(out)).to_pandas()
+    assert len(rows) == n_images and rows["uri"].nunique() == n_images
+    seg_version = models.read_config(seg)["version"]
+    sst = rows[(rows["stack"] == "sstack") & (rows["status"] == "ok")]
+    assert len(sst) == 24 and (sst["segmenter_version"] == seg_version).all()
+    assert (sst["cell_count"] > 0).all() and sst["mask_confluence_pct"].between(0.1, 100).all()
+    assert sst["aspect_ratio_median"].notna().all() and sst["flattened_share"].between(0, 1).all()
+    assert rows.loc[rows["stack"] == "mstack", "segmenter_version"].isna().all()  # not the stack it serves
+    others = rows[(rows["stack"] != "sstack") | (rows["status"] != "ok")]
+    assert len(others) == n_images - 24 and others["cell_count"].isna().all()
+    # every cell of every served row, once: the per-cell table agrees with each row's count
+    per_row = cells.groupby("uri").size()
+    assert per_row.reindex(sst["uri"]).fillna(0).astype(int).tolist() == sst["cell_count"].tolist()
+    assert len(cells) == cells[["uri", "cell_id"]].drop_duplicates().shape[0] == sst["cell_count"].sum()
+    assert (cells["area"] > 0).all() and (cells["segmenter_version"] == seg_version).all()
+    assert (
+        cells.merge(sst[["uri", "vessel", "day"]], on="uri", suffixes=("", "_row")).eval("vessel == vessel_row").all()
+    )
+
+    # potency per vessel-day: the model applied to the mean of the day's rows, every vessel-day once
+    table = score.read_potency(str(out)).to_pandas()
+    booster, pcfg = potency.load_potency(str(pot))
+    feats = [score.MORPH_FIELDS[f] for f in pcfg["features"]]
+    mean = sst.groupby(["vessel", "day"], as_index=False)[feats].mean()
+    both = table.merge(mean, on=["vessel", "day"])
+    assert len(table) == len(both) == len(mean) and table["n_images"].sum() == len(sst)
+    assert both["potency"].to_numpy() == pytest.approx(booster.predict(both[feats].to_numpy()), rel=1e-4)
+    # a plain Parquet reader of the report sees the rows only; a rerun adds no row and no cell
+    assert len(pd.read_parquet(out)) == n_images
+    again = score.score_archive(cfg)
+    assert again.scored == 0 and again.cells == 0 and len(score.read_cells(str(out))) == len(cells)
+    # the report command plots the morphology distributions and the potency per vessel over days
+    from msc_ray import report
+
+    summary, files = report.report(str(out), tmp_path / "plots")
+    assert summary["cells"] == len(cells) and summary["potency"]["vessel_days"] == len(table)
+    assert any(line.startswith("  predicted potency:") for line in report.lines(summary))
+    assert {"morphology", "potency"} <= set(files) and all(os.path.getsize(f) > 10_000 for f in files.values())
+    # a potency model needs the segmenter's morphology
+    with pytest.raises(ValueError, match="--potency: .* needs --segmenter"):
+        score.ScoreConfig(archive=str(root), classifier=clf, potency=str(pot), out=str(out)).validate()
