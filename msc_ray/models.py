@@ -520,10 +520,13 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
     config, state = read_artifact(src, endpoint_url)
     if config.get("kind") != "segmenter":
         raise ValueError(f"{src}: a {config.get('kind')} artifact, not a segmenter")
+    # detections under every class's threshold are dropped by the caller anyway: not producing them
+    # saves their masks (pasting hundreds of masks per image dominates inference on CPUs)
+    thresholds = config.get("score_thresholds") or {}
     model = build_segmenter(
         config["architecture"],
         image_size=config["image_size"],
-        score_thresh=0.05,
+        score_thresh=min(thresholds.values()) if thresholds else 0.05,
         detections_per_img=int(config.get("detections_per_img", 500)),
         anchors=config.get("anchors"),
     )

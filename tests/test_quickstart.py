@@ -91,7 +91,11 @@ def test_morphology_and_potency_judged_per_image_and_per_vessel_day():
         [{"vessel": "S1", "day": 1, "potency": 52.0}, {"vessel": "S2", "day": 1, "potency": 58.0},
          {"vessel": "S3", "day": 2, "potency": 41.0}]
     )  # fmt: skip
-    h = quickstart.morphology_metrics(report, potency, truth)
+    import pandas as pd
+
+    exact = pd.DataFrame({"vessel": ["S1", "S2", "S3"], "day": [1, 1, 2], "potency": [50.0, 60.0, 40.0]})
+    h = quickstart.morphology_metrics(report, potency, truth, exact)
+    assert h["potency_exact_r2"] == pytest.approx(1.0) and h["potency_exact_mae"] == pytest.approx(0.0)
     assert h["segmented_images"] == 3
     assert h["cell_count_error"] == pytest.approx((0.2 + 0 + 0.25) / 3)
     assert h["mask_confluence_mae_points"] == pytest.approx((5 + 0 + 10) / 3)
@@ -102,4 +106,5 @@ def test_morphology_and_potency_judged_per_image_and_per_vessel_day():
             "abnormal_cells": 0, "abnormal_box_hit_rate": 1.0, "abnormal_box_fdr": 0.0, "abnormal_image_hit_rate": 1.0,
             "abnormal_image_fdr": 0.0}  # fmt: skip
     lines = quickstart.heldout_lines({**base, **h})
-    assert any(line.startswith("  potency (3 vessel-days): R² 0.955") for line in lines), lines
+    expect = "  potency (3 vessel-days) from the segmenter's masks: R² 0.955"
+    assert any(line.startswith(expect) for line in lines), lines
