@@ -549,10 +549,10 @@ def read_cells(out: str, endpoint_url: str | None = None, columns: list[str] | N
 
 def read_potency(out: str, endpoint_url: str | None = None) -> pa.Table | None:
     """The predicted potency per vessel-day (:data:`POTENCY_SCHEMA`), or None without one."""
-    loc = _report_loc(out, endpoint_url)
-    path = loc.join("_potency", "current.parquet")
     import pyarrow.fs as pafs
 
+    loc = _report_loc(out, endpoint_url)
+    path = loc.join("_potency", "current.parquet")
     if loc.fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     return pq.read_table(path, filesystem=loc.fs)
@@ -662,16 +662,18 @@ def _commit_part(loc, staging: str, final: str) -> None:
 
 def update_potency(cfg: ScoreConfig, sm: StackModels, run_id: str) -> int:
     """Predict the potency of every vessel-day of the report from all its committed rows measured by
-    this segmenter, and replace ``_potency/current.parquet`` (written under ``_staging``, then moved).
-    Returns the number of vessel-days."""
+    this segmenter (an object scored again by a newer classifier counts once: its latest row), and
+    replace ``_potency/current.parquet`` (written under ``_staging``, then moved). Returns the number
+    of vessel-days."""
     from . import potency
 
     booster, pcfg = potency.load_potency(cfg.potency, cfg.endpoint_url)
     seg_version = sm.segmenter["version"]
     feats = [MORPH_FIELDS[f] for f in pcfg["features"]]
-    t = read_report(cfg.out, cfg.endpoint_url, columns=["status", "vessel", "day", "segmenter_version", *feats])
-    df = t.to_pandas()
+    cols = ["uri", "scored_at", "status", "vessel", "day", "segmenter_version", *feats]
+    df = read_report(cfg.out, cfg.endpoint_url, columns=cols).to_pandas()
     df = df[(df["status"] == "ok") & (df["segmenter_version"] == seg_version) & df["vessel"].notna()]
+    df = df.sort_values("scored_at").drop_duplicates("uri", keep="last")
     df = df.assign(day=df["day"].fillna(-1).astype(int))
     agg = potency.per_vessel_day(df, feats)
     n = df.groupby(["vessel", "day"]).size().rename("n_images").reset_index()

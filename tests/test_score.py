@@ -684,6 +684,26 @@ def test_segmenter_adds_morphology_and_cells_exactly_once_and_potency_per_vessel
     assert summary["cells"] == len(cells) and summary["potency"]["vessel_days"] == len(table)
     assert any(line.startswith("  predicted potency:") for line in report.lines(summary))
     assert {"morphology", "potency"} <= set(files) and all(os.path.getsize(f) > 10_000 for f in files.values())
+    # a new classifier version scores the single-stack images again (new rows, their cells again);
+    # a vessel-day's potency still counts each image once: its latest row
+    sstack_art = clf[0].split("=", 1)[1]
+    config, weights = models.read_artifact(sstack_art)
+    models.save_artifact(
+        tmp_path / "clf2",
+        {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+        {k: v for k, v in config.items() if k not in ("version", "format")},
+    )
+    newer = score.ScoreConfig(
+        archive=str(root),
+        classifier=(f"sstack={tmp_path / 'clf2'}", clf[1]),
+        segmenter=str(seg),
+        potency=str(pot),
+        out=str(out),
+    )
+    fourth = score.score_archive(newer)
+    assert fourth.scored == 25 and fourth.cells == len(cells)  # 24 images and the broken one
+    assert len(score.read_report(str(out))) == n_images + 25
+    assert score.read_potency(str(out))["n_images"].to_pylist() == table["n_images"].tolist()
     # a potency model needs the segmenter's morphology
     with pytest.raises(ValueError, match="--potency: .* needs --segmenter"):
         score.ScoreConfig(archive=str(root), classifier=clf, potency=str(pot), out=str(out)).validate()
