@@ -139,6 +139,16 @@ class Classifier:
         return (cam / hi if hi > 0 else cam).astype(np.float32)
 
 
+def _forward(model, inputs: list[np.ndarray], device) -> list[dict]:
+    """A torchvision detection model on a list of ``(3, S, S)`` inputs, under inference mode
+    (bfloat16 autocast on a GPU)."""
+    import torch
+
+    amp = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        return model([torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in inputs])
+
+
 class Detector:
     """A detector artifact on a device; ``size`` is its input side."""
 
@@ -158,13 +168,9 @@ class Detector:
     def __call__(self, inputs: list[np.ndarray], scales: list[np.ndarray]) -> list[list[list[float]]]:
         """Detector inputs and their scales → per image ``[[x1, y1, x2, y2, score], ...]`` in the
         original image's pixels."""
-        import torch
-
         if not inputs:
             return []
-        amp = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            res = self.model([torch.from_numpy(np.ascontiguousarray(d)).to(self.device) for d in inputs])
+        res = _forward(self.model, inputs, self.device)
         out = []
         for r, s in zip(res, scales, strict=True):
             b = r["boxes"].float().cpu().numpy() * np.tile(np.asarray(s, np.float32), 2)
@@ -205,9 +211,7 @@ class Segmenter:
 
         if not inputs:
             return []
-        amp = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            res = self.model([torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs])
+        res = _forward(self.model, inputs, self.device)
         out = []
         for r, (h, w) in zip(res, shapes, strict=True):
             masks = (r["masks"][:, 0].float() >= 0.5).cpu()

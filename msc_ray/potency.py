@@ -225,13 +225,19 @@ def save_artifact(dest: Path, booster, config: dict) -> None:
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_config(uri: str, endpoint_url: str | None = None) -> dict:
+    """A potency artifact's config (features, version, ...), its model not read."""
+    config = json.loads(storage.read_bytes(storage.join(uri, "config.json"), endpoint_url))
+    if config.get("kind") != "potency":
+        raise ValueError(f"{uri}: a {config.get('kind')} artifact, not a potency model")
+    return config
+
+
 def load_potency(uri: str, endpoint_url: str | None = None):
     """A potency artifact → (LightGBM Booster from its text model, config)."""
     import lightgbm as lgb
 
-    config = json.loads(storage.read_bytes(storage.join(uri, "config.json"), endpoint_url))
-    if config.get("kind") != "potency":
-        raise ValueError(f"{uri}: a {config.get('kind')} artifact, not a potency model")
+    config = read_config(uri, endpoint_url)
     booster = lgb.Booster(model_str=storage.read_bytes(storage.join(uri, "model.txt"), endpoint_url).decode())
     return booster, config
 

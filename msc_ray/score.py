@@ -667,24 +667,25 @@ def update_potency(cfg: ScoreConfig, sm: StackModels, run_id: str) -> int:
     of vessel-days."""
     from . import potency
 
-    booster, pcfg = potency.load_potency(cfg.potency, cfg.endpoint_url)
+    pcfg = potency.read_config(cfg.potency, cfg.endpoint_url)
     seg_version = sm.segmenter["version"]
     feats = [MORPH_FIELDS[f] for f in pcfg["features"]]
     cols = ["uri", "scored_at", "status", "vessel", "day", "segmenter_version", *feats]
     df = read_report(cfg.out, cfg.endpoint_url, columns=cols).to_pandas()
     df = df[(df["status"] == "ok") & (df["segmenter_version"] == seg_version) & df["vessel"].notna()]
     df = df.sort_values("scored_at").drop_duplicates("uri", keep="last")
-    df = df.assign(day=df["day"].fillna(-1).astype(int))
-    agg = potency.per_vessel_day(df, feats)
+    df = df.assign(day=df["day"].fillna(-1).astype(int)).rename(columns=dict(zip(feats, pcfg["features"], strict=True)))
     n = df.groupby(["vessel", "day"]).size().rename("n_images").reset_index()
-    agg = agg.merge(n, on=["vessel", "day"])
-    pred = booster.predict(agg[feats].to_numpy(np.float64)) if len(agg) else np.zeros(0)
+    if len(df):
+        agg = potency.predict(cfg.potency, df, cfg.endpoint_url).merge(n, on=["vessel", "day"])
+    else:
+        agg = n.assign(potency=np.zeros(0))
     out = pa.Table.from_pydict(
         {
             "vessel": agg["vessel"].astype(str).tolist(),
             "day": [None if d < 0 else int(d) for d in agg["day"]],
             "n_images": agg["n_images"].astype(int).tolist(),
-            "potency": [float(v) for v in pred],
+            "potency": agg["potency"].astype(float).tolist(),
             "potency_version": [pcfg["version"]] * len(agg),
             "segmenter_version": [seg_version] * len(agg),
             "run_id": [run_id] * len(agg),
@@ -952,7 +953,7 @@ def _check_models(cfg: ScoreConfig) -> StackModels:
     if cfg.potency:
         from . import potency
 
-        _, pcfg = potency.load_potency(cfg.potency, cfg.endpoint_url)
+        pcfg = potency.read_config(cfg.potency, cfg.endpoint_url)
         unknown = [f for f in pcfg["features"] if f not in MORPH_FIELDS]
         if unknown:
             raise ValueError(
