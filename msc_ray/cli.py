@@ -352,18 +352,24 @@ def train_segmenter(
     epochs: Annotated[int, typer.Option(help="Epochs per fold at most (early stopping on inner mask AP@0.5).")] = 20,
     patience: Annotated[int, typer.Option(help="Epochs without a better inner mask AP@0.5 before a fold stops.")] = 6,
     min_epochs: MinEpochsOpt = 0,
-    backbone: Annotated[str, typer.Option(help="compact_fpn (default, CPUs) or resnet50_fpn (GPUs).")] = "compact_fpn",
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="unet (U-Net + seeded watershed; default) or Mask R-CNN: compact_fpn (CPUs), resnet50_fpn "
+            "(GPUs); Mask R-CNN trains best with --batch-size 2 --lr 1e-3."
+        ),
+    ] = "unet",
     size: Annotated[
         int, typer.Option(help="Image side the segmenter sees (keep the corpus's own: nuclei are small).")
     ] = 128,
-    batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 2,
-    lr: LrOpt = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 8,
+    lr: LrOpt = 3e-3,
     seed: SeedOpt = 0,
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """Mask R-CNN for cells and nuclei with Ray Train (DDP) per fold → mask AP, counting and confluence
-    errors on outer folds, a panel, a segmenter artifact. Rerunning with the same --out resumes."""
+    """Cell and nucleus instance segmentation with Ray Train (DDP) per fold → mask AP, counting and
+    confluence errors on outer folds, a panel, a segmenter artifact. Rerunning with the same --out resumes."""
     from . import segment
 
     job = segment.SegmentJobConfig(**_per_fold_job(corpus_or_manifest, out, folds, only_folds, locals()), stack=stack)

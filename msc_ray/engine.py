@@ -504,24 +504,26 @@ def predict_instances(
     metric=None,
     with_masks: bool = True,
 ):
-    """Mask R-CNN on every cached image (no augmentation). Per image: ``boxes``, ``scores`` and
-    ``labels`` of its detections; the truth (``true_boxes``, ``true_labels``, ``true_cells``,
-    ``true_nuclei``: instances of :func:`instance_targets`; ``true_confluence``: the cache's); and
-    ``coverage``: the fraction of the image under predicted cell masks (probability ≥ 0.5) of score ≥
-    each threshold of :data:`SCORE_GRID`. With ``metric`` (:func:`mask_ap_metric`), each image's masks
-    also update it. ``with_masks=False``: boxes only (no coverage, no metric), a quick validation."""
+    """A segmenter (:func:`msc_ray.models.build_segmenter`) on every cached image (no augmentation).
+    Per image: ``boxes``, ``scores`` and ``labels`` of its detections; the truth (``true_boxes``,
+    ``true_labels``, ``true_cells``, ``true_nuclei``: instances of :func:`instance_targets`;
+    ``true_confluence``: the cache's); and ``coverage``: the fraction of the image under predicted cell
+    masks (probability ≥ 0.5) of score ≥ each threshold of :data:`SCORE_GRID`. With ``metric``
+    (:func:`mask_ap_metric`), each image's masks also update it. ``with_masks=False``: boxes only (no
+    coverage, no metric), a quick validation."""
     model.eval()
     out: list[dict] = []
-    heads = model.roi_heads
-    mask_pool = heads.mask_roi_pool
-    if not with_masks:  # torchvision's RoIHeads runs its mask branch only when it has a mask RoI pool
+    heads = getattr(model, "roi_heads", None)  # Mask R-CNN's; the U-Net's masks cost nothing extra
+    mask_pool = heads.mask_roi_pool if heads is not None else None
+    if not with_masks and heads is not None:  # torchvision's RoIHeads runs its mask branch only with a mask RoI pool
         heads.mask_roi_pool = None
     try:
         for imgs, targets, _ in detection_batches(cache, aug, batch_size):
             for p, t in zip(model([i.to(device) for i in imgs]), targets, strict=True):
                 out.append(_instance_record(p, t, float(cache.confluence[len(out)]), metric, with_masks))
     finally:
-        heads.mask_roi_pool = mask_pool
+        if heads is not None:
+            heads.mask_roi_pool = mask_pool
     return out
 
 

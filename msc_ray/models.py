@@ -448,30 +448,178 @@ def load_detector(src: str | os.PathLike, endpoint_url: str | None = None) -> tu
     return model.eval(), config
 
 
-SEGMENTER_BACKBONES = ("compact_fpn", "resnet50_fpn")
-SEGMENTER_LEVELS = {"compact_fpn": 3, "resnet50_fpn": 5}
+SEGMENTER_BACKBONES = ("unet", "compact_fpn", "resnet50_fpn")
+SEGMENTER_LEVELS = {"compact_fpn": 3, "resnet50_fpn": 5}  # Mask R-CNN pyramids (the U-Net has no anchors)
 SEGMENTER_CLASSES = ("cell", "nucleus")  # labels 1 and 2; 0 is background
 
 
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def instance_contacts(ids: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) instance ids → bool (N, H, W): pixels of an instance that touch another instance (a
+    different non-zero id in their 3 × 3 neighbourhood). Where two cells meet, both sides are marked."""
+    import torch.nn.functional as F
+
+    p = F.pad(ids[:, None].float(), (1, 1, 1, 1), mode="replicate")
+    hi = F.max_pool2d(p, 3, 1)[:, 0]
+    lo = -F.max_pool2d(-p.masked_fill(p == 0, float("inf")), 3, 1)[:, 0]
+    f = ids.float()
+    return (ids > 0) & ((hi != f) | ((lo != f) & torch.isfinite(lo)))
+
+
+class UNetWatershed(nn.Module):
+    """Cells and nuclei as a U-Net's pixel maps, split into instances by seeded watershed (the
+    foreground-and-contour approach of nucleus segmentation; cellpose's idea of pixel maps that a
+    post-processing step turns into instances, with contours in place of flows).
+
+    Four output maps: cell foreground, cell contacts (pixels where a cell touches another), nucleus
+    foreground, nucleus contacts. Nuclei: watershed (scikit-image) of ``contact − foreground`` from
+    the connected cores (foreground without contacts). Cells: the same relief, flooded from the nuclei
+    (an MSC has one nucleus), so touching and overlapping spindles split where their contacts are;
+    cell foreground that no nucleus reaches becomes cells of its own. An instance's score is its mean
+    foreground probability. Smaller than ``min_area`` pixels: dropped.
+
+    The interface of torchvision's detection models, so training, evaluation and scoring treat it like
+    Mask R-CNN: input a list of float (3, H, W) in [0, 1] (standardised per image here); in training
+    mode with targets (``masks`` (K, H, W), ``labels`` 1 cell / 2 nucleus) → ``{"loss_foreground",
+    "loss_contact"}`` (binary cross-entropy; contacts weighted ``contact_weight``, they are rare); in
+    eval mode → per image ``{"boxes", "labels", "scores", "masks" (K, 1, H, W)}``."""
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (16, 32, 64, 128),
+        *,
+        score_thresh: float = 0.05,
+        detections_per_img: int = 500,
+        min_area: int = 4,
+        contact_weight: float = 4.0,
+    ):
+        super().__init__()
+        self.score_thresh, self.detections_per_img, self.min_area = score_thresh, detections_per_img, min_area
+        self.register_buffer("pos_weight", torch.tensor([1.0, contact_weight, 1.0, contact_weight]).view(1, 4, 1, 1))
+        self.norm = nn.InstanceNorm2d(3, affine=False)
+        self.down = nn.ModuleList(_double_conv(3 if i == 0 else widths[i - 1], w) for i, w in enumerate(widths))
+        rev = list(range(len(widths) - 1, 0, -1))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i], widths[i - 1], 2, stride=2) for i in rev)
+        self.dec = nn.ModuleList(_double_conv(2 * widths[i - 1], widths[i - 1]) for i in rev)
+        self.head = nn.Conv2d(widths[0], 4, 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) → (N, 4, H, W) logits (padded inside to a multiple of the deepest stride)."""
+        import torch.nn.functional as F
+
+        h, w = x.shape[-2:]
+        m = 2 ** (len(self.down) - 1)
+        x = F.pad(self.norm(x), (0, -w % m, 0, -h % m), mode="replicate")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1]), strict=True):
+            x = dec(torch.cat([up(x), skip], 1))
+        return self.head(x)[..., :h, :w]
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        import torch.nn.functional as F
+
+        logits = self.logits(torch.stack(images))
+        if self.training:
+            if targets is None:
+                raise ValueError("UNetWatershed needs targets in training mode")
+            y = torch.stack([self.target_maps(t, logits.shape[-2:]) for t in targets]).to(logits.device)
+            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight, reduction="none")
+            return {"loss_foreground": loss[:, 0::2].mean(), "loss_contact": loss[:, 1::2].mean()}
+        probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
+        return [self.instances(p, logits.device) for p in probs]
+
+    @staticmethod
+    def target_maps(target: dict, shape) -> torch.Tensor:
+        """Mask R-CNN targets of one image → (4, H, W) float: cell foreground, cell contacts, nucleus
+        foreground, nucleus contacts."""
+        maps = []
+        for label in (1, 2):
+            m = target["masks"][target["labels"] == label].to(torch.int64)
+            ids = (m * torch.arange(1, len(m) + 1, device=m.device).view(-1, 1, 1)).amax(0) if len(m) else None
+            if ids is None:
+                ids = torch.zeros(tuple(shape), dtype=torch.int64, device=target["masks"].device)
+            maps += [ids > 0, instance_contacts(ids[None])[0]]
+        return torch.stack(maps).float()
+
+    def instances(self, p, device=None) -> dict:
+        """(4, H, W) probabilities → one image's detections (see the class)."""
+        import numpy as np
+        from scipy import ndimage as ndi
+        from skimage.measure import label as connected
+        from skimage.segmentation import watershed
+        from torchvision.ops import masks_to_boxes
+
+        nuc_fg = p[2] >= 0.5
+        nuclei = watershed(p[3] - p[2], connected(nuc_fg & (p[3] < 0.5), connectivity=1), mask=nuc_fg)
+        cell_fg = p[0] >= 0.5
+        cells = watershed(p[1] - p[0], np.where(cell_fg, nuclei, 0), mask=cell_fg)
+        orphans = connected(cell_fg & (cells == 0), connectivity=1)
+        cells = np.where(orphans > 0, orphans + cells.max(), cells)
+        masks, scores, labels = [], [], []
+        for lab, prob, cls in ((cells, p[0], 1), (nuclei, p[2], 2)):
+            ids = np.unique(lab[lab > 0])
+            if not len(ids):
+                continue
+            area = ndi.sum_labels(np.ones_like(prob), lab, ids)
+            mean = ndi.mean(prob, lab, ids)
+            keep = (area >= self.min_area) & (mean >= self.score_thresh)
+            for k, s in zip(ids[keep], mean[keep], strict=True):
+                masks.append(lab == k)
+                scores.append(float(s))
+                labels.append(cls)
+        order = np.argsort(scores)[::-1][: self.detections_per_img]
+        h, w = p.shape[-2:]
+        if len(order):
+            m = torch.from_numpy(np.stack([masks[i] for i in order]))
+        else:
+            m = torch.zeros((0, h, w), dtype=torch.bool)
+        boxes = masks_to_boxes(m) if len(m) else torch.zeros((0, 4))
+        boxes[:, 2:] += 1  # pixel edges, as the targets' boxes
+        return {
+            "boxes": boxes.to(device),
+            "labels": torch.tensor([labels[i] for i in order], dtype=torch.int64, device=device),
+            "scores": torch.tensor([scores[i] for i in order], dtype=torch.float32, device=device),
+            "masks": m[:, None].float().to(device),
+        }
+
+
 def build_segmenter(
-    backbone_name: str = "compact_fpn",
+    backbone_name: str = "unet",
     *,
     image_size: int = 256,
     score_thresh: float = 0.05,
     detections_per_img: int = 500,
     anchors: dict | None = None,
+    min_area: int = 4,
 ) -> nn.Module:
-    """Mask R-CNN (torchvision) for cells and nuclei. Input: list of float (3, H, W) in [0, 1]; output
-    per image ``{"boxes", "labels" (1 cell, 2 nucleus), "scores", "masks" (k, 1, H, W) probabilities}``.
-    ``compact_fpn``: the compact CNN with a three-level pyramid (strides 4, 8, 16: nuclei are a few
-    pixels wide), for CPUs at 128–512 px; ``resnet50_fpn``: torchvision's ResNet-50 FPN (GPUs).
-    ``anchors`` as for :func:`build_detector` (one size list per pyramid level)."""
+    """A cell and nucleus instance segmenter. Input: list of float (3, H, W) in [0, 1]; output per
+    image ``{"boxes", "labels" (1 cell, 2 nucleus), "scores", "masks" (k, 1, H, W)}``.
+    ``unet``: :class:`UNetWatershed` (the default: measured better and four times cheaper than Mask
+    R-CNN on CPUs, README); ``compact_fpn``: Mask R-CNN (torchvision) on the compact CNN with a
+    three-level pyramid (strides 4, 8, 16: nuclei are a few pixels wide); ``resnet50_fpn``: Mask R-CNN
+    on torchvision's ResNet-50 FPN (GPUs). ``anchors`` (Mask R-CNN only) as for :func:`build_detector`
+    (one size list per pyramid level)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import MultiScaleRoIAlign
 
     if backbone_name not in SEGMENTER_BACKBONES:
         raise ValueError(f"unknown segmenter backbone {backbone_name!r}; valid: {', '.join(SEGMENTER_BACKBONES)}")
+    if backbone_name == "unet":
+        return UNetWatershed(score_thresh=score_thresh, detections_per_img=detections_per_img, min_area=min_area)
     levels = SEGMENTER_LEVELS[backbone_name]
     gen = _anchor_generator(backbone_name, levels, anchors, [8, 16, 32, 64, 128][:levels])
     heads: dict = {}
@@ -529,6 +677,7 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
         score_thresh=min(thresholds.values()) if thresholds else 0.05,
         detections_per_img=int(config.get("detections_per_img", 500)),
         anchors=config.get("anchors"),
+        min_area=int(config.get("min_area", 4)),
     )
     model.load_state_dict(state)
     return model.eval(), config

@@ -130,6 +130,8 @@ def run_search(job: PotencyJobConfig, x, y, groups, outer: list) -> list[dict]:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from .tune import fit_tuner
+
     trainable = tune.with_resources(
         tune.with_parameters(_trial, x=x, y=y, groups=groups, outer=outer, inner_folds=job.inner_folds, seed=job.seed),
         {"cpu": job.cpus_per_trial},
@@ -143,7 +145,7 @@ def run_search(job: PotencyJobConfig, x, y, groups, outer: list) -> list[dict]:
             ),
             run_config=tune.RunConfig(name="potency", storage_path=tmp, verbose=0),
         )
-        grid = tuner.fit()
+        grid = fit_tuner(tuner, quiet=True)  # the table of trials is the summary's; no console status
         rows = []
         for r in grid:
             if r.error:

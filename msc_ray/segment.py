@@ -1,4 +1,6 @@
-"""Cell and nucleus instance segmentation: torchvision Mask R-CNN trained with Ray Train (DDP).
+"""Cell and nucleus instance segmentation trained with Ray Train (DDP): a U-Net whose cell and
+nucleus maps seeded watershed splits into instances (default, :class:`msc_ray.models.UNetWatershed`),
+or torchvision's Mask R-CNN.
 
 The detector's machinery (:mod:`msc_ray.detect`) with another model and other targets: images and
 their cell and nucleus instance masks (``masks/<stack>/<stem>.png``, ``masks/<stack>/nuclei/<stem>.png``)
@@ -53,8 +55,10 @@ class SegmentJobConfig(DetectJobConfig):
 
     epochs: int = 20
     min_epochs: int = 0  # 0: half of --epochs
+    backbone: str = "unet"
     size: int = 128  # nuclei are a few pixels wide: do not shrink the images below their own size
-    batch_size: int = 2
+    batch_size: int = 8  # the U-Net's (Mask R-CNN: 2 with --lr 1e-3, measured)
+    lr: float = 3e-3
     min_area: int = 4  # instances (visible parts of cells and nuclei) below this many pixels are not targets
 
     def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:
@@ -249,7 +253,8 @@ def train_segmenter(job: SegmentJobConfig) -> dict:
     results = []
     for fold in folds:
         train_part = cache.split(fold, n_folds)[0]
-        anchors = instance_anchors(train_part, models.SEGMENTER_LEVELS[job.backbone], job.min_area)
+        levels = models.SEGMENTER_LEVELS.get(job.backbone)
+        anchors = instance_anchors(train_part, levels, job.min_area) if levels else None
         ckpt, last = _train_fold(job, fold, n_folds, cache_ref, anchors)
         log.info(
             "fold %d: %d epochs, best %d (inner mask AP@0.5 %.3f)",

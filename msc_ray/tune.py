@@ -415,7 +415,7 @@ def _run_experiment(
                 verbose=job.verbose,
             ),
         )
-    grid = _fit(tuner, quiet=job.verbose == 0)
+    grid = fit_tuner(tuner, quiet=job.verbose == 0)
     if grid.num_terminated + grid.num_errors < len(grid):
         raise ValueError(f"the {name} experiment was interrupted; finish it with --resume (same --out)")
     results = _collect(grid)
@@ -437,7 +437,7 @@ def _first_line(error) -> str:
     return f"{type(cause).__name__}: {msg}" if msg else type(cause).__name__
 
 
-def _fit(tuner, *, quiet: bool):
+def fit_tuner(tuner, *, quiet: bool):
     """``tuner.fit()``; ``quiet``: with no console output at all. Tune's default console reporter
     prints the experiment's header and paths even at verbosity 0; its legacy reporter prints nothing
     there, so a silent fit selects it for the duration of the call."""

@@ -5,10 +5,11 @@ calibrated on. Then the exported models score a corpus of new vessels (another s
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
     .venv/bin/python scripts/quality.py [--n 300] [--size 128] [--folds 5]     # CPU, about 25 min
-    .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 25 min
+    .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 20 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
-``--stages segmenter`` is the morphology/potency chain: Mask R-CNN trained on one corpus (its outer
+``--stages segmenter`` is the morphology/potency chain: the segmenter (U-Net + watershed by default,
+``--segmenter-backbone compact_fpn`` for Mask R-CNN) trained on one corpus (its outer
 folds give mask AP, counting and confluence errors), then a corpus of new vessels (another seed) is
 segmented by the exported model, measured, and LightGBM potency is fitted and scored with folds
 grouped by vessel, once on the predicted masks and once on the exact masks for comparison.
@@ -57,7 +58,9 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     """Segmenter on corpus A (outer folds), then potency on new vessels from its predicted masks."""
     from msc_ray import corpus, morphology, potency, segment, synth
 
-    n, size = args.seg_n or (1000 if gpu else 300), args.seg_size or (256 if gpu else 128)
+    n, size = args.seg_n or (1000 if gpu else 600), args.seg_size or (256 if gpu else 128)
+    backbone = args.segmenter_backbone
+    mask_rcnn = backbone != "unet"  # Mask R-CNN's measured recipe: batch 2, lr 1e-3
     synth.synthesize(out / "seg-corpus", synth.SynthConfig(n=n, size=size, stack="sstack", seed=7, workers=2))
     table, _ = corpus.index_corpus(str(out / "seg-corpus"), folds=args.folds, seed=0)
     manifest = corpus.write_manifest(table, str(out / "seg-corpus" / "manifest.parquet"))
@@ -70,8 +73,10 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
             epochs=args.segmenter_epochs,
             workers=2 if not gpu else 1,
             gpu=gpu,
-            backbone="resnet50_fpn" if gpu else "compact_fpn",
+            backbone=backbone,
             size=size,
+            batch_size=2 if mask_rcnn else 8,
+            lr=1e-3 if mask_rcnn else 3e-3,
         )
     )
     minutes = (time.perf_counter() - t0) / 60
@@ -94,7 +99,7 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
             f"{m['spearman']:.3f}, MAE {m['mae']:.2f} on held-out vessels ({res[f'potency_{tag}']['minutes']:.1f} min)"
         )
     print(
-        f"settings: segmenter on {n} images at {size}px, outer folds "
+        f"settings: segmenter {backbone} on {n} images at {size}px, outer folds "
         f"{args.segmenter_folds or ('all' if gpu else '0')}, "
         f"up to {args.segmenter_epochs} epochs; potency on {pot_n} images of new vessels, {args.folds} folds by vessel"
     )
@@ -122,9 +127,12 @@ def main() -> None:
     ap.add_argument("--heldout-n", type=int, default=100)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--stages", default="classifier,detector", help="classifier, detector, segmenter (comma-separated)")
-    ap.add_argument("--seg-n", type=int, default=None, help="segmenter corpus images (CPU 300, GPU 1000)")
+    ap.add_argument("--seg-n", type=int, default=None, help="segmenter corpus images (CPU 600, GPU 1000)")
+    ap.add_argument(
+        "--segmenter-backbone", default="unet", help="unet, or Mask R-CNN: compact_fpn (CPUs), resnet50_fpn (GPUs)"
+    )
     ap.add_argument("--seg-size", type=int, default=None, help="segmenter image side (CPU 128, GPU 256)")
-    ap.add_argument("--segmenter-epochs", type=int, default=16)
+    ap.add_argument("--segmenter-epochs", type=int, default=40)
     ap.add_argument("--segmenter-folds", default=None, help="outer folds of the segmentation table (CPU 0; GPU all)")
     ap.add_argument("--potency-n", type=int, default=None, help="new-vessel images for potency (CPU 600, GPU 2000)")
     args = ap.parse_args()
