@@ -355,8 +355,8 @@ def train_segmenter(
     backbone: Annotated[
         str,
         typer.Option(
-            help="unet (U-Net + seeded watershed; default) or Mask R-CNN: compact_fpn (CPUs), resnet50_fpn "
-            "(GPUs); Mask R-CNN trains best with --batch-size 2 --lr 1e-3."
+            help="unet (U-Net + seeded watershed; default), unet_wide (twice the channels, GPUs) or Mask "
+            "R-CNN: compact_fpn (CPUs), resnet50_fpn (GPUs); Mask R-CNN trains best with --batch-size 2 --lr 1e-3."
         ),
     ] = "unet",
     size: Annotated[

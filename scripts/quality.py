@@ -59,8 +59,8 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     from msc_ray import corpus, morphology, potency, segment, synth
 
     n, size = args.seg_n or (1000 if gpu else 600), args.seg_size or (256 if gpu else 128)
-    backbone = args.segmenter_backbone
-    mask_rcnn = backbone != "unet"  # Mask R-CNN's measured recipe: batch 2, lr 1e-3
+    backbone = args.segmenter_backbone or ("unet_wide" if gpu else "unet")
+    mask_rcnn = not backbone.startswith("unet")  # Mask R-CNN's measured recipe: batch 2, lr 1e-3
     synth.synthesize(out / "seg-corpus", synth.SynthConfig(n=n, size=size, stack="sstack", seed=7, workers=2))
     table, _ = corpus.index_corpus(str(out / "seg-corpus"), folds=args.folds, seed=0)
     manifest = corpus.write_manifest(table, str(out / "seg-corpus" / "manifest.parquet"))
@@ -129,7 +129,9 @@ def main() -> None:
     ap.add_argument("--stages", default="classifier,detector", help="classifier, detector, segmenter (comma-separated)")
     ap.add_argument("--seg-n", type=int, default=None, help="segmenter corpus images (CPU 600, GPU 1000)")
     ap.add_argument(
-        "--segmenter-backbone", default="unet", help="unet, or Mask R-CNN: compact_fpn (CPUs), resnet50_fpn (GPUs)"
+        "--segmenter-backbone",
+        default=None,
+        help="unet (CPU default), unet_wide (GPU default), or Mask R-CNN: compact_fpn (CPUs), resnet50_fpn (GPUs)",
     )
     ap.add_argument("--seg-size", type=int, default=None, help="segmenter image side (CPU 128, GPU 256)")
     ap.add_argument("--segmenter-epochs", type=int, default=40)

@@ -132,9 +132,11 @@ def test_unet_watershed_turns_perfect_maps_into_the_exact_instances():
     assert one["scores"].item() == pytest.approx(0.9)
 
 
-def test_unet_watershed_trains_like_a_torchvision_detection_model():
+@pytest.mark.parametrize("backbone", ["unet", "unet_wide"])
+def test_unet_watershed_trains_like_a_torchvision_detection_model(backbone):
     t, _ = _truth_probabilities()
-    net = models.build_segmenter("unet").train()
+    net = models.build_segmenter(backbone).train()
+    assert net.head.in_channels == models.UNET_WIDTHS[backbone][0]
     x = torch.rand(3, 40, 40)
     losses = net([x, x], [t, t])
     assert set(losses) == {"loss_foreground", "loss_contact"}
