@@ -538,22 +538,21 @@ class UNetWatershed(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("UNetWatershed needs targets in training mode")
-            y = torch.stack([self.target_maps(t, logits.shape[-2:]) for t in targets]).to(logits.device)
+            y = torch.stack([self.target_maps(t) for t in targets]).to(logits.device)
             loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight, reduction="none")
             return {"loss_foreground": loss[:, 0::2].mean(), "loss_contact": loss[:, 1::2].mean()}
         probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
         return [self.instances(p, logits.device) for p in probs]
 
     @staticmethod
-    def target_maps(target: dict, shape) -> torch.Tensor:
+    def target_maps(target: dict) -> torch.Tensor:
         """Mask R-CNN targets of one image → (4, H, W) float: cell foreground, cell contacts, nucleus
         foreground, nucleus contacts."""
         maps = []
         for label in (1, 2):
             m = target["masks"][target["labels"] == label].to(torch.int64)
-            ids = (m * torch.arange(1, len(m) + 1, device=m.device).view(-1, 1, 1)).amax(0) if len(m) else None
-            if ids is None:
-                ids = torch.zeros(tuple(shape), dtype=torch.int64, device=target["masks"].device)
+            # one class's instances are disjoint: the weighted sum is its id map (all zeros when it has none)
+            ids = (m * torch.arange(1, len(m) + 1, device=m.device).view(-1, 1, 1)).sum(0)
             maps += [ids > 0, instance_contacts(ids[None])[0]]
         return torch.stack(maps).float()
 

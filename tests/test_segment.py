@@ -107,7 +107,7 @@ def _truth_probabilities() -> tuple[dict, np.ndarray]:
     m[0, 20:30, 5:15] = 3  # a cell whose nucleus is hidden
     m[0, 38:40, 38:39] = 4  # a 2-pixel sliver: not an instance at min_area 4
     t = engine.instance_targets(m)
-    return t, models.UNetWatershed.target_maps(t, (40, 40)).numpy()
+    return t, models.UNetWatershed.target_maps(t).numpy()
 
 
 def test_unet_watershed_turns_perfect_maps_into_the_exact_instances():
