@@ -2,8 +2,10 @@
 
 Training recipe, after decoding to float (C, H, W) in [0, 1] and resizing to the model's input:
 
-1. random rotation: a random quarter turn plus a small angle, then the largest centred crop that holds
-   no fill, resized back (fill would read as empty flask and bias confluence);
+1. random rotation: a random quarter turn (exact), and in half the samples a small angle too, then the
+   largest centred crop that holds no fill, resized back (fill would read as empty flask and bias
+   confluence). The small angle resamples the pixels: applied to every sample it made every training
+   image smoother than any image the model is scored on (see :class:`RotateCrop`);
 2. horizontal flip, 3. vertical flip;
 4. colour jitter: brightness and contrast (all a grayscale image has);
 5. Gaussian blur;
@@ -36,17 +38,29 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
 
 
 class RotateCrop(v2.Transform):
-    """Rotate by ``k·90° + U(-degrees, degrees)``, crop the largest centred square free of fill, resize
-        back. A box becomes the box of the ellipse it inscribes, rotated (cells are round-ish: the box
-    around the rotated corners would be too big), clipped to the crop."""
+    """Rotate by ``k·90°`` (exact), and with probability ``p_small`` by ``U(-degrees, degrees)`` more;
+    after a small angle, crop the largest centred square free of fill and resize back. A box becomes
+    the box of the ellipse it inscribes, rotated (cells are round-ish: the box around the rotated
+    corners would be too big), clipped to the crop.
 
-    def __init__(self, degrees: float = 15.0):
+    A small angle interpolates every pixel (bilinear rotation, then the crop's upscaling): a low-pass
+    filter. With ``p_small=1`` no training image kept its own sharpness, while validation and scoring
+    images are never resampled, and multi-stack images — whose cells are faint one-pixel edges — read
+    differently to the model at evaluation: trained on the rotation alone (no photometric steps), a
+    compact CNN put plain images in one band (its own training images 0.23, validation 0.20) and
+    classified the validation images at 0.55–0.66 once they were rotated too. ``p_small=0.5`` keeps
+    half the samples pixel-exact: outer-fold multi-stack accuracy 0.762 / 0.800 against 0.575 / 0.706
+    (two folds, 400 images, 30 epochs)."""
+
+    def __init__(self, degrees: float = 15.0, p_small: float = 0.5):
         super().__init__()
         self.degrees = float(degrees)
+        self.p_small = float(p_small)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         quarter = int(torch.randint(0, 4, ()).item())
-        small = float(torch.empty(()).uniform_(-self.degrees, self.degrees).item()) if self.degrees else 0.0
+        tilt = float(torch.rand(()).item()) < self.p_small
+        small = float(torch.empty(()).uniform_(-self.degrees, self.degrees).item()) if tilt and self.degrees else 0.0
         return {"angle": 90.0 * quarter + small, "small": small}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

@@ -670,7 +670,7 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for every output of the run.")] = Path("quickstart-out"),
     n: Annotated[int, typer.Option("--n", help="Synthetic single-stack training images.")] = 480,
     size: Annotated[int, typer.Option(help="Synthetic image side in pixels.")] = 128,
-    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 20,
+    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 18,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic corpus, folds and search.")] = 0,
 ) -> None:
     """Run the main job end to end on embedded defaults and print where the outputs are."""

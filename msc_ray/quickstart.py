@@ -30,8 +30,8 @@ class QuickstartConfig:
     input_size: int = 64  # classifier input side: confluence is a low-frequency property
     backbones: tuple[str, ...] = ("compact_cnn", "mobilenet_v3_small")
     folds: int = 5
-    max_epochs: int = 20
-    patience: int = 5
+    max_epochs: int = 18
+    patience: int = 4
     lr: float = 2e-3
     detector_folds: tuple[int, ...] = (0,)  # outer folds the detector's Table 2 covers (~3 min each)
     detector_epochs: int = 12

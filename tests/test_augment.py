@@ -49,6 +49,21 @@ def test_rotation_really_rotates_and_flips_really_flip():
     assert len(moved) > 6
 
 
+def test_rotation_keeps_half_the_samples_pixel_exact():
+    """A small angle resamples (smooths) the image; scored images never are. Half the samples must be
+    exact quarter turns, so the model also trains on images as sharp as those it scores."""
+    img = tv_tensors.Image(torch.rand(1, 32, 32))
+    turns = [torch.rot90(img, k, dims=(-2, -1)) for k in range(4)]
+    exact = 0
+    for seed in range(200):
+        out = augment.apply(v2.Compose([augment.RotateCrop(15.0)]), {"image": img}, seed)["image"]
+        exact += any(torch.equal(out.as_subclass(torch.Tensor), t.as_subclass(torch.Tensor)) for t in turns)
+    assert 70 <= exact <= 130  # binomial(200, 0.5): outside this in fewer than 1e-4 of seeds sets
+    # and the resampled ones are smoother, which is why they cannot be all of them
+    tilted = augment.apply(v2.Compose([augment.RotateCrop(15.0, p_small=1.0)]), {"image": img}, 0)["image"]
+    assert tilted.diff(dim=-1).abs().mean() < 0.8 * img.diff(dim=-1).abs().mean()
+
+
 def test_full_recipe_is_reproducible_per_seed_epoch_image():
     cfg = DataConfig(size=48, channels=1)
     tf = augment.build(cfg, train=True, boxes=True)
