@@ -125,8 +125,8 @@ class EdgeSharpen(v2.Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
-def geometric(cfg: DataConfig) -> list[v2.Transform]:
-    return [RotateCrop(cfg.rotation), v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]
+def geometric(cfg: DataConfig, p_small: float = 0.5) -> list[v2.Transform]:
+    return [RotateCrop(cfg.rotation, p_small), v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]
 
 
 def photometric() -> list[v2.Transform]:
