@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from . import storage
+from .quickstart import QuickstartConfig
 from .storage import StorageError
 
 app = typer.Typer(
@@ -668,13 +669,13 @@ def report_cmd(
 @_one_line_errors
 def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for every output of the run.")] = Path("quickstart-out"),
-    n: Annotated[int, typer.Option("--n", help="Synthetic single-stack training images.")] = 480,
-    size: Annotated[int, typer.Option(help="Synthetic image side in pixels.")] = 128,
-    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = 18,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic corpus, folds and search.")] = 0,
+    n: Annotated[int, typer.Option("--n", help="Synthetic single-stack training images.")] = QuickstartConfig.n,
+    size: Annotated[int, typer.Option(help="Synthetic image side in pixels.")] = QuickstartConfig.size,
+    max_epochs: Annotated[int, typer.Option(help="Epochs per classifier trial at most.")] = QuickstartConfig.max_epochs,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic corpus, folds and search.")] = QuickstartConfig.seed,
 ) -> None:
     """Run the main job end to end on embedded defaults and print where the outputs are."""
-    from .quickstart import QuickstartConfig, run
+    from .quickstart import run
 
     outputs = run(QuickstartConfig(out=str(out), n=n, size=size, max_epochs=max_epochs, seed=seed))
     from .quickstart import heldout_lines
