@@ -50,7 +50,8 @@ class RotateCrop(v2.Transform):
     compact CNN put plain images in one band (its own training images 0.23, validation 0.20) and
     classified the validation images at 0.55–0.66 once they were rotated too. ``p_small=0.5`` keeps
     half the samples pixel-exact: outer-fold multi-stack accuracy 0.762 / 0.800 against 0.575 / 0.706
-    (two folds, 400 images, 30 epochs)."""
+    (two folds, 400 images, 30 epochs). The share is ``DataConfig.tilt_share``, a per-model setting: the
+    classifier and the detector use 0.5, the segmenter 1.0."""
 
     def __init__(self, degrees: float = 15.0, p_small: float = 0.5):
         super().__init__()
@@ -125,8 +126,8 @@ class EdgeSharpen(v2.Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
-def geometric(cfg: DataConfig, p_small: float = 0.5) -> list[v2.Transform]:
-    return [RotateCrop(cfg.rotation, p_small), v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]
+def geometric(cfg: DataConfig) -> list[v2.Transform]:
+    return [RotateCrop(cfg.rotation, cfg.tilt_share), v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]
 
 
 def photometric() -> list[v2.Transform]:

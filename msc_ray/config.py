@@ -29,6 +29,7 @@ class DataConfig:
     std: tuple[float, ...] = ()
     equalize: bool = False  # histogram equalisation: on for multi-stack images
     rotation: float = 15.0  # degrees of the random small rotation, on top of a random quarter turn
+    tilt_share: float = 0.5  # share of training samples that get the small rotation (see augment.RotateCrop)
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     endpoint_url: str | None = None
@@ -39,6 +40,8 @@ class DataConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.size < 16:
             raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+        if not 0.0 <= self.tilt_share <= 1.0:
+            raise ValueError(f"tilt_share must lie in [0, 1], got {self.tilt_share}")
 
     @property
     def norm_mean(self) -> tuple[float, ...]:

@@ -65,6 +65,7 @@ class DetectJobConfig:
     lr: float = 1e-3
     grad_clip: float = 10.0  # gradient-norm cap
     weight_decay: float = 1e-4
+    tilt_share: float = 0.5  # share of training samples rotated by a small angle too (augment.RotateCrop)
     seed: int = 0
     max_failures: int = 2
     fail_at_epoch: int = 0  # fault injection for tests: the last rank dies once mid-way through the
@@ -94,6 +95,7 @@ class DetectJobConfig:
             channels=3,
             mean=(0.0, 0.0, 0.0),
             std=(1.0, 1.0, 1.0),
+            tilt_share=self.tilt_share,
             seed=self.seed,
             endpoint_url=self.endpoint_url,
             decode_batch=min(16, max(self.batch_size, 4)),

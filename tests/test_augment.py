@@ -64,6 +64,25 @@ def test_rotation_keeps_half_the_samples_pixel_exact():
     assert tilted.diff(dim=-1).abs().mean() < 0.8 * img.diff(dim=-1).abs().mean()
 
 
+@pytest.mark.parametrize(
+    "job, share",
+    [
+        ("detect.DetectJobConfig", 0.5),  # the detector: half the samples stay sharp, like the classifier
+        ("segment.SegmentJobConfig", 1.0),  # the segmenter: the small angle in every sample
+    ],
+)
+def test_each_model_trains_with_its_own_share_of_small_angles(job, share):
+    import importlib
+
+    module, name = job.split(".")
+    cfg = getattr(importlib.import_module(f"msc_ray.{module}"), name)(manifest="m.parquet", out="o").data_config()
+    assert cfg.tilt_share == share
+    rotate = augment.geometric(cfg)[0]
+    assert isinstance(rotate, augment.RotateCrop) and rotate.p_small == share
+    with pytest.raises(ValueError, match="tilt_share"):
+        DataConfig(tilt_share=1.5)
+
+
 def test_full_recipe_is_reproducible_per_seed_epoch_image():
     cfg = DataConfig(size=48, channels=1)
     tf = augment.build(cfg, train=True, boxes=True)
