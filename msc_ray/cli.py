@@ -218,6 +218,10 @@ def tune(
     patience: Annotated[
         int, typer.Option(help="Epochs without a better inner-validation ROC-AUC before a trial stops.")
     ] = 6,
+    min_epochs: Annotated[
+        int,
+        typer.Option(help="Epochs before a best epoch is kept and a trial can stop early (0: half of --max-epochs)."),
+    ] = 0,
     samples: Annotated[int, typer.Option(help="Learning-rate/weight-decay samples per (backbone, fold).")] = 1,
     lr: Annotated[
         str, typer.Option(help="Learning rate, or a range LO:HI sampled log-uniformly per trial.")
@@ -258,6 +262,7 @@ def tune(
         backbones=names,
         max_epochs=max_epochs,
         patience=patience,
+        min_epochs=min_epochs,
         samples=samples,
         lr_min=lr_min,
         lr_max=lr_max,

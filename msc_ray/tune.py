@@ -56,6 +56,11 @@ class TuneJobConfig:
     backbones: tuple[str, ...] = ("compact_cnn", "resnet18")
     max_epochs: int = 25
     patience: int = 6
+    # no best epoch is kept and no trial stops before this epoch (0: half of max_epochs): mid-schedule, at
+    # the peak learning rate, inner-validation accuracy swings from epoch to epoch (one fold: 0.71 0.88 0.86
+    # 0.47 0.71), so a best epoch picked there is a lucky draw and patience ends the trial on a dip long
+    # before the cosine decay settles the weights (see README, "Why these defaults")
+    min_epochs: int = 0
     warmup_epochs: int = 2
     confluence_head: bool = True  # a regression output where the corpus carries measured confluence
     samples: int = 2  # hyper-parameter samples per (backbone, fold)
@@ -197,7 +202,8 @@ class ClassifierRun:
         else:
             m = engine.evaluate(self.predict(self.val), self.val, self.classes)
             report.update({METRIC: m["roc_auc"], "val_acc": m["accuracy"], "val_pr_auc": m["pr_auc"]})
-            self.stopper.update(m["roc_auc"], epoch + 1, self.model)
+            if epoch + 1 >= (self.job.min_epochs or self.epochs // 2) or last:
+                self.stopper.update(m["roc_auc"], epoch + 1, self.model)
             done = "patience" if self.stopper.stop else "max_epochs" if last else ""
             report["best_val_auc"] = self.stopper.best
         extra = {}

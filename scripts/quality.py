@@ -109,7 +109,9 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="the study's scale: 1000 images per stack, 224 px, GPUs")
-    ap.add_argument("--n", type=int, default=None, help="images per stack (CPU 300, GPU 1000)")
+    ap.add_argument("--n", type=int, default=None, help="single-stack classifier corpus (CPU 800, GPU 1000 images)")
+    ap.add_argument("--mstack-n", type=int, default=None, help="multi-stack classifier corpus (CPU 300, GPU 1000)")
+    ap.add_argument("--detector-n", type=int, default=None, help="detector corpus, single-stack (CPU 300, GPU 1000)")
     ap.add_argument("--size", type=int, default=None, help="stored image side (CPU 128, GPU 512)")
     ap.add_argument("--input-size", type=int, default=None, help="single-stack classifier input (CPU 64, GPU 224)")
     ap.add_argument(
@@ -139,7 +141,7 @@ def main() -> None:
     ap.add_argument("--backbones", default=None, help="CPU compact_cnn; GPU inception_v3,resnet50,vit_b_16")
     ap.add_argument("--detector-epochs", type=int, default=24)
     ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1; GPU all)")
-    ap.add_argument("--heldout-n", type=int, default=100)
+    ap.add_argument("--heldout-n", type=int, default=200, help="held-out images per stack (new vessels)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--stages", default="classifier,detector", help="classifier, detector, segmenter (comma-separated)")
     ap.add_argument("--seg-n", type=int, default=None, help="segmenter corpus images (CPU 600, GPU 1000)")
@@ -158,7 +160,11 @@ def main() -> None:
     if bad:
         ap.error(f"--stacks {args.stacks}: unknown stack {', '.join(bad)} (sstack, mstack)")
     gpu = args.gpu
-    n = args.n or (1000 if gpu else 300)
+    n = {
+        "sstack": args.n or (1000 if gpu else 800),
+        "mstack": args.mstack_n or (1000 if gpu else 300),
+        "detector": args.detector_n or (1000 if gpu else 300),
+    }
     size = args.size or (512 if gpu else 128)
     input_size = {
         "sstack": args.input_size or (224 if gpu else 64),
@@ -178,14 +184,22 @@ def main() -> None:
     if "segmenter" in stages:
         report["segmenter"] = segmenter_stage(out, args, gpu)
     if stages & {"classifier", "detector"}:
-        synth.synthesize(out / "corpus", synth.SynthConfig(n=n, size=size, seed=7, workers=2))
         synth.synthesize(out / "heldout", synth.SynthConfig(n=args.heldout_n, size=size, seed=7007, workers=2))
-        table, _ = corpus.index_corpus(str(out / "corpus"), folds=args.folds, seed=0)
-        manifest = corpus.write_manifest(table, str(out / "corpus" / "manifest.parquet"))
+    manifests: dict[tuple[str, int], str] = {}
+
+    def manifest_for(stack: str, images: int) -> str:
+        """One corpus per (stack, size of corpus), seed 7, indexed into folds grouped by vessel."""
+        if (stack, images) not in manifests:
+            root = out / f"corpus-{stack}-{images}"
+            synth.synthesize(root, synth.SynthConfig(n=images, size=size, stack=stack, seed=7, workers=2))
+            table, _ = corpus.index_corpus(str(root), folds=args.folds, seed=0)
+            manifests[stack, images] = corpus.write_manifest(table, str(root / "manifest.parquet"))
+        return manifests[stack, images]
+
     for stack in args.stacks.split(",") if "classifier" in stages else ():
         t0 = time.perf_counter()
         job = mt.TuneJobConfig(
-            manifest=manifest,
+            manifest=manifest_for(stack, n[stack]),
             out=str(out / f"run-{stack}"),
             stack=stack,
             backbones=backbones,
@@ -218,10 +232,11 @@ def main() -> None:
             f"{held['accuracy']:.3f}, ECE {held['ece']:.3f}, confluence MAE {held['confluence_mae']:.1f} points"
         )
     if "detector" in stages:
-        report["detector"] = detector_stage(manifest, out, args, gpu, size)
+        report["detector"] = detector_stage(manifest_for("sstack", n["detector"]), out, args, gpu, size)
     if stages & {"classifier", "detector"}:
         print(
-            f"settings: {n} images per stack at {size}px (classifier input {input_size['sstack']}px single-stack, "
+            f"settings: {n['sstack']} single-stack, {n['mstack']} multi-stack and {n['detector']} detector "
+            f"images at {size}px (classifier input {input_size['sstack']}px single-stack, "
             f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
             f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
             f"{args.patience}; multi-stack {args.mstack_max_epochs}, patience {args.mstack_patience}), "

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -95,6 +97,49 @@ def test_winner_and_table_use_inner_validation_and_mark_cut_backbones():
     assert rows["a"]["acc_mean"] == pytest.approx(0.6) and rows["a"]["status"] == "complete"
     assert "cut" in rows["b"]["status"] and np.isnan(rows["b"]["acc_mean"])  # no flattering partial mean
     assert rows["b"]["folds_complete"] == "1/2"
+
+
+def test_no_best_epoch_nor_early_stop_before_min_epochs(ray_session, sstack_manifest, tmp_path, monkeypatch):
+    """Mid-schedule inner-validation figures swing: a trial keeps no best epoch and cannot stop before
+    min_epochs. With a falling validation ROC-AUC and patience 1, it would otherwise stop at epoch 2
+    with epoch 1's weights."""
+    manifest, table = sstack_manifest
+    job = mt.TuneJobConfig(
+        manifest=manifest,
+        out=str(tmp_path),
+        backbones=("compact_cnn",),
+        max_epochs=6,
+        min_epochs=4,
+        patience=1,
+        size=64,
+        batch_size=16,
+        pretrained="none",
+    )
+    caches = mt.build_caches(job, table)
+    falling = itertools.chain([0.9, 0.8, 0.7, 0.6, 0.5], itertools.repeat(0.0))  # then the outer fold's
+    evaluate = engine.evaluate
+
+    def falling_auc(out, part, classes, *args):
+        return {**evaluate(out, part, classes, *args), "roc_auc": next(falling)}
+
+    monkeypatch.setattr(mt.engine, "evaluate", falling_auc)
+    config = {
+        "job": dataclasses.asdict(job),
+        "phase": "search",
+        "backbone": "compact_cnn",
+        "fold": 0,
+        "folds": 3,
+        "classes": corpus.manifest_info(table)["classes"]["sstack"],
+        "lr": 2e-3,
+        "weight_decay": 1e-5,
+    }
+    run = mt.ClassifierRun(config, caches)
+    reasons = [run.run_epoch(e)[2] for e in range(4)]
+    assert reasons == ["", "", "", ""]
+    assert run.stopper.best_epoch == 4 and run.stopper.best == pytest.approx(0.6)
+    report, extra, done = run.run_epoch(4)
+    assert done == "patience" and report["best_epoch"] == 4
+    assert extra["test_outputs"].shape[0] == len(run.test)  # the outer fold scored once, with epoch 4's weights
 
 
 def test_asha_compares_trials_only_within_their_fold():
