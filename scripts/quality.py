@@ -4,7 +4,7 @@ corpus, with nested folds: every figure is on outer folds that nothing trained, 
 calibrated on. Then the exported models score a corpus of new vessels (another seed) against its
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
-    .venv/bin/python scripts/quality.py [--n 300] [--size 128] [--folds 5]     # CPU, about 25 min
+    .venv/bin/python scripts/quality.py [--n 800] [--mstack-n 300] [--folds 5]  # CPU, about 30 min
     .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 20 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
@@ -49,6 +49,7 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
         "confusion": m["confusion"],
         "roc_auc": m["roc_auc"],
         "ece": m["ece"],
+        "ece_floor": m["ece_floor"],
         "confluence_mae": float(np.mean(np.abs(pct - 100 * conf))),
         "per_class": m["per_class"],
     }
@@ -229,7 +230,8 @@ def main() -> None:
         print(Path(outcome.outputs["table_md"]).read_text())
         print(
             f"exported model on {held['images']} held-out images (new vessels, seed 7007): accuracy "
-            f"{held['accuracy']:.3f}, ECE {held['ece']:.3f}, confluence MAE {held['confluence_mae']:.1f} points"
+            f"{held['accuracy']:.3f}, ECE {held['ece']:.3f} (floor {held['ece_floor']:.3f}), "
+            f"confluence MAE {held['confluence_mae']:.1f} points"
         )
     if "detector" in stages:
         report["detector"] = detector_stage(manifest_for("sstack", n["detector"]), out, args, gpu, size)

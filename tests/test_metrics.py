@@ -32,6 +32,23 @@ def test_temperature_scaling_fixes_overconfidence():
     assert after < before / 2
 
 
+def test_ece_floor_is_what_a_calibrated_model_shows_on_that_many_images():
+    """Labels drawn from the model's own probabilities: calibrated by construction, yet ECE on 120
+    images is far from 0; on 20,000 it nearly is. The floor predicts the small-set figure."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2.0, (20000, 4))
+    probs = metrics.calibrated(logits)
+    y = (rng.random((20000, 1)) > np.cumsum(probs, 1)).sum(1)
+    small = [metrics.expected_calibration_error(y[i : i + 120], probs[i : i + 120]) for i in range(0, 12000, 120)]
+    floor = metrics.ece_floor(probs[:120])
+    assert 0.04 < np.mean(small) < 0.12 and floor == pytest.approx(np.mean(small), rel=0.3)
+    assert metrics.expected_calibration_error(y, probs) < 0.015 and metrics.ece_floor(probs[:5000], draws=20) < 0.02
+    # an overconfident model's ECE stands well above its floor
+    over = metrics.calibrated(logits[:120] * 4)
+    assert metrics.expected_calibration_error(y[:120], over) > 2 * metrics.ece_floor(over)
+    assert np.isnan(metrics.ece_floor(np.zeros((0, 4))))
+
+
 def test_box_iou():
     a = np.array([[0, 0, 10, 10]])
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])

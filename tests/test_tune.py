@@ -61,6 +61,9 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     assert winner_rows[0]["acc_mean"] == pytest.approx(np.mean([t.test_acc for t in outcome.final]))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["calibration"]["fitted_on"] == "inner validation folds"
+    # ECE read against what a calibrated model would show on the same number of images
+    assert "ECE floor" in table and 0 < winner_rows[0]["ece_floor_mean"] < 1
+    assert 0 < summary["calibration"]["ece_floor"] < 1
     assert len(summary["outer_folds"]["per_class"]) == 4
 
     model, cfg = models.load_classifier(out / "artifact")
