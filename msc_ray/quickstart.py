@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class QuickstartConfig:
     out: str = "quickstart-out"
-    n: int = 480  # synthetic single-stack training images: 32 vessels × 3 days × 5 positions
+    n: int = 480  # synthetic single-stack training images: 16 vessels × up to 6 days × 5 positions
     heldout_n: int = 200  # images of new vessels (another seed) in the archive that is scored
     size: int = 128  # stored image side (the detector's input)
     input_size: int = 64  # classifier input side: confluence is a low-frequency property
