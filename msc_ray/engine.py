@@ -318,7 +318,6 @@ def evaluate(outputs: np.ndarray, cache: Cache, classes: list[str], temperature:
     m = metrics.classification_metrics(cache.labels, probs)
     m["per_class"] = metrics.per_class_metrics(cache.labels, probs, classes)
     m["ece"] = metrics.expected_calibration_error(cache.labels, probs)
-    m["ece_floor"] = metrics.ece_floor(probs)  # what a calibrated model would show on this many images
     if outputs.shape[1] > k and has_confluence(cache):
         pct = confluence_from_outputs(outputs, classes, temperature)
         m["confluence_mae"] = float(np.mean(np.abs(pct - 100 * cache.confluence)))

@@ -30,7 +30,7 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from msc_ray import corpus, data, engine, models
+    from msc_ray import corpus, data, engine, metrics, models
     from msc_ray.config import DataConfig, from_dict
 
     model, cfg = models.load_classifier(artifact)
@@ -49,7 +49,7 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
         "confusion": m["confusion"],
         "roc_auc": m["roc_auc"],
         "ece": m["ece"],
-        "ece_floor": m["ece_floor"],
+        "ece_floor": metrics.ece_floor(metrics.calibrated(out[:, : len(cfg["classes"])], cfg["temperature"])),
         "confluence_mae": float(np.mean(np.abs(pct - 100 * conf))),
         "per_class": m["per_class"],
     }
