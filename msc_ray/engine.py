@@ -288,7 +288,8 @@ def train_one_epoch(
     total, n = 0.0, 0
     amp = device.type == "cuda"
     for x, y, conf in classification_batches(cache, aug, batch_size, epoch=epoch, shuffle=True):
-        x, y, conf = x.to(device, non_blocking=True), y.to(device), conf.to(device)
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)  # the models' layout
+        y, conf = y.to(device), conf.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         loss = loss_fn(out.float(), y, conf)
@@ -306,7 +307,8 @@ def train_one_epoch(
 def predict(model: nn.Module, cache: Cache, aug: Augmenter, *, batch_size: int, device: torch.device) -> np.ndarray:
     """Raw model outputs (N, K[+1]) for the cache, in eval mode, no augmentation."""
     model.eval()
-    outs = [model(x.to(device)).float().cpu() for x, _, _ in classification_batches(cache, aug, batch_size)]
+    batches = classification_batches(cache, aug, batch_size)
+    outs = [model(x.to(device, memory_format=torch.channels_last)).float().cpu() for x, _, _ in batches]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 

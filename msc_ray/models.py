@@ -96,6 +96,18 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """The model's 4-D weights in channels-last (NHWC) memory, in place; the same model numerically,
+    and its state dict loads into either layout. oneDNN's CPU convolutions and GPU tensor cores are
+    faster on it: measured on this project's CPUs with one thread, the compact CNN trains 1.35× (64 px)
+    to 1.6× (128 px) faster and scores 1.8× faster, resnet18 1.13× / 1.22×, the compact RetinaNet trains
+    1.24× faster. The classifier and detector builders return their models in this layout; ``.to(device)``
+    keeps it. The segmenters stay NCHW: the U-Net would train 1.28× faster, but its short two-worker test
+    run ended with a cell threshold that missed confluence by 15 points (7 in NCHW) — that run is too
+    small to say which is better, and the segmenter is not where the time goes."""
+    return model.to(memory_format=torch.channels_last)
+
+
 def backbone(name: str) -> Backbone:
     try:
         return BACKBONES[name]
@@ -231,7 +243,7 @@ def build_classifier(
     _set(parent, last, study_head(old.in_features, num_classes + extra_outputs, dropout))
     if in_channels != 3:
         adapt_input_channels(model, in_channels)
-    return model
+    return channels_last(model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +430,7 @@ def build_detector(
         anchor_generator=gen,
     )
     if backbone_name == "compact_fpn":
-        return RetinaNet(CompactFPN(), num_classes=num_classes, **common)
+        return channels_last(RetinaNet(CompactFPN(), num_classes=num_classes, **common))
     fpn = resnet_fpn_backbone(
         backbone_name=backbone_name.removesuffix("_fpn"),
         weights=None,
@@ -427,7 +439,7 @@ def build_detector(
         returned_layers=[2, 3, 4],
         extra_blocks=LastLevelP6P7(256, 256),
     )
-    return RetinaNet(fpn, num_classes=num_classes, **common)
+    return channels_last(RetinaNet(fpn, num_classes=num_classes, **common))
 
 
 def load_detector(src: str | os.PathLike, endpoint_url: str | None = None) -> tuple[nn.Module, dict]:
