@@ -76,3 +76,29 @@ def test_artifact_round_trip_local_and_s3(tmp_path, s3_server):
             assert torch.allclose(loaded(x), m(x))
     with pytest.raises(ValueError, match="not a model artifact"):
         models.load_classifier(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("name", ["compact_cnn", "resnet18"])
+def test_classifiers_come_in_channels_last_memory_and_compute_the_same(name):
+    """The builders' layout (``models.channels_last``): 4-D weights are NHWC, the outputs match the same
+    weights in NCHW, the state dict loads into an NCHW model, and the version hash ignores the layout."""
+    torch.manual_seed(0)
+    model = models.build_classifier(name, 4, image_size=64, extra_outputs=1).eval()
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    plain = models.build_classifier(name, 4, image_size=64, extra_outputs=1).eval()
+    plain = plain.to(memory_format=torch.contiguous_format)
+    plain.load_state_dict(model.state_dict())
+    assert all(p.is_contiguous() for p in plain.parameters())
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-4, atol=1e-4)
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(nhwc), plain(x), rtol=1e-4, atol=1e-4)
+    assert models.state_digest(model.state_dict()) == models.state_digest(plain.state_dict())
+
+
+def test_the_detector_comes_in_channels_last_memory():
+    det = models.build_detector("compact_fpn", image_size=64)
+    convs = [p for p in det.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
