@@ -82,6 +82,12 @@ class TuneJobConfig:
     seed: int = 0
     endpoint_url: str | None = None
     verbose: int = 1  # Tune's console output: 0 silent, 1 status tables
+    # a trial checkpoints when it ends and otherwise at most this often (seconds of its own time; 0: after
+    # every epoch). Every checkpoint forces a snapshot of the experiment's state: with 3-second CPU epochs
+    # checkpointed each epoch, Tune snapshotted several times in 5 s and warned so 250 times in one
+    # quality.py run, and every epoch's weights went to the run folder (S3 included). A resumed trial
+    # repeats at most this much of its work.
+    checkpoint_every_s: float = 30.0
 
     def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
         for b in self.backbones:
@@ -242,16 +248,22 @@ def classifier_trial(config: dict, caches: dict | None = None) -> None:
     For outer fold k the images of fold k are never trained on nor used to choose anything: the
     next fold is the inner validation part (early stopping, ASHA, temperature), the rest train.
     When the trial ends, its best epoch's model scores the outer fold once; those are the figures
-    of Table 1. Reports per-epoch metrics and a checkpoint holding the current and best state."""
+    of Table 1. Reports per-epoch metrics; a checkpoint holding the current and best state goes with
+    the last report and with any report ``job.checkpoint_every_s`` after the previous checkpoint."""
     from ray import tune
 
     run = ClassifierRun(config, caches)
     run.restore(tune.get_checkpoint())
+    saved = time.monotonic()
     for epoch in range(run.start, run.epochs):
         report, extra, done = run.run_epoch(epoch)
+        if not done and time.monotonic() - saved < run.job.checkpoint_every_s:
+            tune.report(report)
+            continue
         with tempfile.TemporaryDirectory() as d:
             run.save(d, epoch, extra)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+        saved = time.monotonic()
         if done:
             break
 

@@ -76,6 +76,15 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
         assert model(x).shape == (4, 5)  # four band logits and the confluence output
 
 
+def test_a_trial_faster_than_the_checkpoint_interval_checkpoints_once_when_it_ends(tiny_search):
+    """2-epoch trials of a few seconds (``checkpoint_every_s`` 30): one checkpoint each, with the last
+    report; checkpointing after every epoch would have left each trial's second one."""
+    job, outcome = tiny_search
+    assert job.checkpoint_every_s == 30
+    for t in outcome.final:
+        assert t.epochs_run == 2 and t.checkpoint and Path(t.checkpoint).name == "checkpoint_000000", t
+
+
 def test_outer_folds_are_never_trained_on(tiny_search, sstack_manifest):
     _, outcome = tiny_search
     _, table = sstack_manifest
