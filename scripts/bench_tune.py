@@ -91,6 +91,7 @@ def main() -> None:
         pretrained="none",
         seed=0,
         verbose=0,
+        checkpoint_every_s=0,  # a checkpoint after every epoch: the most a trial pays (default: every 30 s)
     )
     classes = corpus.manifest_info(table)["classes"]["sstack"]
     caches = mt.build_caches(base, table)
