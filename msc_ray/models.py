@@ -97,14 +97,10 @@ BACKBONES: dict[str, Backbone] = {
 
 
 def channels_last(model: nn.Module) -> nn.Module:
-    """The model's 4-D weights in channels-last (NHWC) memory, in place; the same model numerically,
-    and its state dict loads into either layout. oneDNN's CPU convolutions and GPU tensor cores are
-    faster on it: measured on this project's CPUs with one thread, the compact CNN trains 1.35× (64 px)
-    to 1.6× (128 px) faster and scores 1.8× faster, resnet18 1.13× / 1.22×, the compact RetinaNet trains
-    1.24× faster. The classifier and detector builders return their models in this layout; ``.to(device)``
-    keeps it. The segmenters stay NCHW: the U-Net would train 1.28× faster, but its short two-worker test
-    run ended with a cell threshold that missed confluence by 15 points (7 in NCHW) — that run is too
-    small to say which is better, and the segmenter is not where the time goes."""
+    """The model's 4-D weights in channels-last (NHWC) memory, in place: the same model numerically, its
+    state dict loads into either layout, ``.to(device)`` keeps it. oneDNN's CPU convolutions and GPU tensor
+    cores are faster on it (measured speed-ups, and why the segmenters stay NCHW: README, "Memory
+    layout"). The classifier and detector builders return their models in this layout."""
     return model.to(memory_format=torch.channels_last)
 
 
