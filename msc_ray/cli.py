@@ -439,6 +439,13 @@ def score(
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
     concurrency: Annotated[int, typer.Option(help="Model actors (each loads the models once).")] = 1,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
+    preprocess_on: Annotated[
+        str,
+        typer.Option(
+            help="Where decoded images are equalised and resized to the models' inputs: tasks (the CPU decode "
+            "tasks), actor (the model actor, on its GPU) or auto (actor when it has a GPU)."
+        ),
+    ] = "auto",
     chunk_size: Annotated[int, typer.Option(help="Objects per committed report part.")] = 2000,
     window: Annotated[
         int, typer.Option(help="Objects listed, planned and scored at a time (bounds the driver's memory).")
@@ -476,6 +483,7 @@ def score(
         batch_size=batch_size,
         concurrency=concurrency,
         gpus_per_actor=gpus_per_actor,
+        preprocess_on=preprocess_on,
         chunk_size=chunk_size,
         window=window,
         run_id=run_id,

@@ -2,8 +2,10 @@
 outputs that archive scoring (:mod:`msc_ray.score`) and the online service (:mod:`msc_ray.serve`)
 share, so a row of the report and a reply of the page are the same computation.
 
-* :func:`classifier_input` / :func:`detector_input` — a decoded image (float32 ``(C, H, W)`` in
-  [0, 1], :func:`msc_ray.images.decode`) → the model's input; CPU only, no weights needed.
+* :func:`fit_u8` / :class:`ScoringInput` — decoded uint8 images → the model's input, in two steps
+  (channels, equalisation and resize in uint8 — the training cache's own steps —, then normalisation),
+  on the CPU or on the model's device; :func:`classifier_input` / :func:`detector_input` — the same for
+  one image (uint8, or float in [0, 1] from :func:`msc_ray.images.decode`).
 * :class:`Classifier` / :class:`Detector` — an artifact loaded once onto a device; a batch of inputs
   → calibrated probabilities (+ regressed confluence) / boxes in the original image's pixels. On a
   GPU the forward pass runs under bfloat16 autocast.
@@ -16,39 +18,114 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import BAND_EDGES, BAND_NAMES, images, metrics
+from . import BAND_EDGES, BAND_NAMES, metrics
 
 BAND_LABELS = {name: f"{100 * BAND_EDGES[i]:.0f}-{100 * BAND_EDGES[i + 1]:.0f}%" for i, name in enumerate(BAND_NAMES)}
 
 
-def classifier_transform(data_cfg: dict):
-    """The evaluation transform of a classifier artifact's ``data`` config (size, channels, equalise,
-    normalisation): the same steps its validation images went through."""
-    from . import augment
+def classifier_config(data_cfg: dict):
+    """A classifier artifact's ``data`` config (size, channels, equalise, normalisation) as a
+    :class:`msc_ray.config.DataConfig`."""
     from .config import DataConfig, from_dict
 
-    cfg = from_dict(DataConfig, data_cfg)
-    return cfg, augment.build(cfg, train=False)
+    return from_dict(DataConfig, data_cfg)
 
 
-def classifier_input(img: np.ndarray, cfg, transform) -> np.ndarray:
-    """Decoded image → the classifier's input ``(channels, size, size)`` float32."""
+def as_u8(img: np.ndarray) -> np.ndarray:
+    """A decoded image: uint8 as it is; float in [0, 1] (:func:`msc_ray.images.decode`) → the nearest
+    of 256 levels (exactly the stored values for an 8-bit image)."""
+    if img.dtype == np.uint8:
+        return img
+    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def classifier_input(img: np.ndarray, cfg) -> np.ndarray:
+    """One decoded image (uint8, or float in [0, 1]) → the classifier's input ``(channels, size,
+    size)`` float32: the steps archive scoring takes (:func:`fit_u8`, :class:`ScoringInput`)."""
     import torch
-    from torchvision import tv_tensors
 
-    x = tv_tensors.Image(torch.from_numpy(images.to_channels(img, cfg.channels)))
-    return transform({"image": x})["image"].numpy()
+    x = ScoringInput(cfg, torch.device("cpu"))(as_u8(img)[None])[0]
+    return np.ascontiguousarray(x.numpy())
 
 
 def detector_input(img: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded image → (the detector's input ``(3, size, size)``, the scale back to original pixels
-    ``(sx, sy)``)."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
+    """One decoded image → (the detector's or segmenter's input ``(3, size, size)`` in [0, 1], the scale
+    back to original pixels ``(sx, sy)``)."""
     h, w = img.shape[-2:]
-    d = F.resize(torch.from_numpy(images.to_channels(img, 3)), [size, size], antialias=True)
-    return d.numpy(), np.array([w / size, h / size], np.float32)
+    return classifier_input(img, box_model_config(size)), np.array([w / size, h / size], np.float32)
+
+
+def box_model_config(size: int):
+    """How the detector's and the segmenter's inputs are made: 3 channels at ``size``, in [0, 1] (the
+    torchvision models normalise inside their own transform)."""
+    from .config import DataConfig
+
+    return DataConfig(size=size, channels=3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def fit_u8(x, cfg):
+    """Decoded uint8 images ``(N, C, H, W)`` (a torch tensor on any device) → uint8 ``(N, cfg.channels,
+    S, S)``: the model's channels, histogram-equalised if ``cfg.equalize``, resized with antialiasing
+    — the steps, and the rounding back to uint8, of the training cache (:func:`msc_ray.data.build_cache`),
+    so a scored image reaches the model exactly as a validation image did. Archive scoring runs this in
+    its CPU decode tasks, or on the model actor's GPU (:class:`ScoringInput`)."""
+    import torch
+    from torchvision.transforms import v2
+
+    from . import augment
+
+    f = x.float().div_(255.0)
+    if f.shape[1] != cfg.channels:
+        f = f.expand(-1, 3, -1, -1) if cfg.channels == 3 else f.mean(1, keepdim=True)
+    f = v2.Compose(augment.preprocess(cfg))(f)
+    return (f.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+
+
+class ScoringInput:
+    """Prepared uint8 batches → what a model takes, on the model's device: ``(N, C, S, S)`` float,
+    normalised with ``cfg``'s mean and std (identity for a detector's [0, 1] config), in channels-last
+    memory. Batches that arrive at full size (the GPU path: decode tasks ship decoded images as they
+    are) are first fitted here with :func:`fit_u8`, grouped by size."""
+
+    def __init__(self, cfg, device):
+        import torch
+
+        self.cfg, self.device = cfg, device
+        self.mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def to_device(self, arr: np.ndarray):
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def fitted(self, images_u8) -> object:
+        """uint8 images, one ``(N, C, H, W)`` array or a sequence of ``(C, H, W)`` arrays of any sizes
+        → uint8 ``(N, channels, S, S)`` on the device."""
+        import torch
+
+        s, c = self.cfg.size, self.cfg.channels
+        if isinstance(images_u8, np.ndarray) and images_u8.dtype == np.uint8 and images_u8.ndim == 4:
+            x = self.to_device(images_u8)
+            return x if tuple(x.shape[1:]) == (c, s, s) else fit_u8(x, self.cfg)
+        items = list(images_u8)
+        out = torch.empty((len(items), c, s, s), dtype=torch.uint8, device=self.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(items):
+            groups.setdefault(tuple(a.shape), []).append(i)
+        for shape, idx in groups.items():
+            x = self.to_device(np.stack([items[i] for i in idx]))
+            out[torch.as_tensor(idx, device=self.device)] = x if shape == (c, s, s) else fit_u8(x, self.cfg)
+        return out
+
+    def __call__(self, images_u8):
+        import torch
+
+        x = self.fitted(images_u8).float().div_(255.0)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
 def default_device():
@@ -59,7 +136,7 @@ def default_device():
 
 class Classifier:
     """A classifier artifact on a device. ``classes``, ``temperature``, ``version`` and ``config`` come
-    from the artifact; :meth:`prepare` is :func:`classifier_input` with its transform."""
+    from the artifact; :meth:`prepare` is :func:`classifier_input` with its config."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None, device=None):
         from . import models
@@ -71,7 +148,8 @@ class Classifier:
         self.classes = list(self.config["classes"])
         self.temperature = float(self.config.get("temperature", 1.0))
         self.version = self.config.get("version", "")
-        self.data_cfg, self.transform = classifier_transform(self.config["data"])
+        self.data_cfg = classifier_config(self.config["data"])
+        self.weights_dtype = next(self.model.parameters()).dtype
 
     @property
     def is_bands(self) -> bool:
@@ -79,20 +157,31 @@ class Classifier:
         return self.classes == list(BAND_NAMES)
 
     def prepare(self, img: np.ndarray) -> np.ndarray:
-        return classifier_input(img, self.data_cfg, self.transform)
+        return classifier_input(img, self.data_cfg)
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, C, S, S)`` inputs → (calibrated probabilities ``(N, K)``, regressed confluence ``(N,)``
-        as a fraction, NaN where the model has no such output)."""
+    def __call__(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, C, S, S)`` inputs (numpy, or a tensor already on the device) → (calibrated
+        probabilities ``(N, K)``, regressed confluence ``(N,)`` as a fraction, NaN where the model has
+        no such output). On a GPU the forward pass runs under bfloat16 autocast, or with the weights
+        themselves in bfloat16 after :meth:`to_bfloat16`; the softmax is taken in float32."""
         import torch
 
         k = len(self.classes)
-        amp = self.device.type == "cuda"
+        amp = self.device.type == "cuda" and self.weights_dtype == torch.float32
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float()
+            out = self.model(_as_tensor(x, self.device).to(self.weights_dtype)).float()
             probs = torch.softmax(out[:, :k] / self.temperature, 1).cpu().numpy()
             conf = torch.sigmoid(out[:, k]).cpu().numpy() if out.shape[1] > k else np.full(len(x), np.nan)
         return probs.astype(np.float32), conf.astype(np.float32)
+
+    def to_bfloat16(self) -> Classifier:
+        """Weights (and inputs) in bfloat16, channels-last kept: on an H100, ResNet-50 at 300 px ran
+        7,074 images/s against 4,720 under autocast with float32 weights."""
+        import torch
+
+        self.model.to(dtype=torch.bfloat16)
+        self.weights_dtype = torch.bfloat16
+        return self
 
     def cam_layer(self):
         """The layer Grad-CAM reads: the last module with a spatial (more than 1×1) 4-D output, found
@@ -139,14 +228,23 @@ class Classifier:
         return (cam / hi if hi > 0 else cam).astype(np.float32)
 
 
-def _forward(model, inputs: list[np.ndarray], device) -> list[dict]:
-    """A torchvision detection model on a list of ``(3, S, S)`` inputs, under inference mode
-    (bfloat16 autocast on a GPU)."""
+def _as_tensor(x, device):
+    """A numpy array → a tensor on ``device``; a tensor → itself on ``device``."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
+def _forward(model, inputs, device) -> list[dict]:
+    """A torchvision detection model on ``(3, S, S)`` inputs (a list of arrays, or an ``(N, 3, S, S)``
+    tensor), under inference mode (bfloat16 autocast on a GPU)."""
     import torch
 
     amp = device.type == "cuda"
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return model([torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in inputs])
+        return model([_as_tensor(x, device) for x in inputs])
 
 
 class Detector:
@@ -168,7 +266,7 @@ class Detector:
     def __call__(self, inputs: list[np.ndarray], scales: list[np.ndarray]) -> list[list[list[float]]]:
         """Detector inputs and their scales → per image ``[[x1, y1, x2, y2, score], ...]`` in the
         original image's pixels."""
-        if not inputs:
+        if len(inputs) == 0:
             return []
         res = _forward(self.model, inputs, self.device)
         out = []
@@ -209,7 +307,7 @@ class Segmenter:
         import torch
         from torchvision.transforms.v2 import functional as F
 
-        if not inputs:
+        if len(inputs) == 0:
             return []
         res = _forward(self.model, inputs, self.device)
         out = []

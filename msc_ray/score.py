@@ -2,8 +2,8 @@
 
 Pipeline, per chunk of the archive (Ray Data, streamed)::
 
-    list (boto3 paginator / local walk) → read bytes → decode → preprocess   [CPU tasks]
-        → model actors: classifier (+ detector), loaded once per actor         [actor pool, GPUs optional]
+    list (boto3 paginator / local walk) → read bytes → decode to uint8 (→ resize)   [CPU tasks]
+        → model actors: (resize →) normalise → classifier (+ detector, segmenter)     [actor pool, GPUs optional]
         → report rows → one Parquet part per chunk, published atomically
 
 Report layout (a local folder or an ``s3://`` prefix)::
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 KEY_PATTERN = re.compile(r"(?P<vessel>[A-Za-z0-9]+)_d(?P<day>\d+)(?:_(?P<position>[A-Za-z0-9]+))?")
 STACK_CHOICES = ("auto", "sstack", "mstack")
+PREPROCESS_CHOICES = ("auto", "tasks", "actor")
 
 BOX_TYPE = pa.struct(
     [
@@ -151,6 +152,9 @@ class ScoreConfig:
     decode_batch: int = 32  # images per decode task
     concurrency: int = 1  # model actors
     gpus_per_actor: float = 0.0
+    # where decoded images are equalised and resized to each model's input: "tasks" (the CPU decode
+    # tasks), "actor" (the model actor, on its device) or "auto" (the actor when it has a GPU)
+    preprocess_on: str = "auto"
     chunk_size: int = 2000  # objects per committed part
     window: int = 50_000  # objects listed, planned and scored at a time (the driver's memory bound)
     run_id: str = ""
@@ -171,6 +175,10 @@ class ScoreConfig:
             _compile_key_pattern(self.key_pattern)
         if self.potency and not self.segmenter:
             raise ValueError("--potency: the potency model reads morphology, so it needs --segmenter")
+        if self.preprocess_on not in PREPROCESS_CHOICES:
+            raise ValueError(
+                f"--preprocess-on must be one of {', '.join(PREPROCESS_CHOICES)}, got {self.preprocess_on!r}"
+            )
         if self.stack not in STACK_CHOICES:
             raise ValueError(f"--stack must be one of {', '.join(STACK_CHOICES)}, got {self.stack!r}")
         for name in ("batch_size", "decode_batch", "concurrency", "chunk_size", "read_attempts", "window"):
@@ -180,6 +188,10 @@ class ScoreConfig:
 
     def entries(self) -> list[tuple[str | None, str]]:
         return classifier_entries(self.classifier)
+
+    @property
+    def fits_on_actor(self) -> bool:
+        return self.preprocess_on == "actor" or (self.preprocess_on == "auto" and self.gpus_per_actor > 0)
 
 
 def classifier_entries(spec: str | tuple[str, ...] | list[str]) -> list[tuple[str | None, str]]:
@@ -732,54 +744,77 @@ def _preprocess(
     seg_size: int | None = None,
     read_attempts: int = 4,
     retry_delay: float = 1.0,
+    on_actor: bool = False,
 ) -> dict:
-    """CPU task: read, decode and preprocess a block of objects; a bad object becomes an error row.
+    """CPU task: read and decode a block of objects to uint8; a bad object becomes an error row.
+
+    Out: ``row``, ``ok``, ``error``, ``transient``, ``shape`` (each image's original (H, W)) and the
+    images, uint8 throughout (no float copy on the CPU): fitted to each model's input here
+    (:func:`msc_ray.inference.fit_u8` — channels, equalisation, resize; ``image`` for the classifier,
+    ``det_image``, ``seg_image``), or, with ``on_actor`` (a GPU actor: the resize is cheaper there), as
+    decoded in ``image``: one ``(N, C, H, W)`` array when the block's images share a size, else one
+    ``(C, H, W)`` array per row.
 
     A store error (throttling, 5xx, timeout, connection) is retried ``read_attempts`` times with
     exponential backoff and then becomes a *transient* error row, scored again by the next run; once
     one object of the block has used up its retries, the rest get one try each (the store is down: no
     retry storm). A corrupt or unsupported image, or an object that is gone, is *permanent*."""
-    cfg, tf = inference.classifier_transform(cls_cfg)
     n = len(batch["uri"])
-    x = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.float32)
-    det = np.zeros((n, 3, det_size, det_size), np.float32) if det_size else None
-    ok = np.zeros(n, bool)
-    use_det = np.zeros(n, bool)
-    scale = np.ones((n, 2), np.float32)  # detector input → original pixels (x, y)
-    seg = np.zeros((n, 3, seg_size, seg_size), np.float32) if seg_size else None
-    shape = np.zeros((n, 2), np.int32)  # the original (H, W): where the segmenter's masks are measured
-    err = np.empty(n, dtype=object)
+    decoded: list[np.ndarray | None] = [None] * n
+    err = np.full(n, "", dtype=object)
     transient = np.zeros(n, bool)
     attempts = read_attempts
     for i in range(n):
         uri, key = str(batch["uri"][i]), str(batch["key"][i])
         try:
-            raw = _read_retrying(uri, endpoint_url, attempts, retry_delay)
-            img = images.decode(raw, key, max_pixels)
+            decoded[i] = images.decode_u8(_read_retrying(uri, endpoint_url, attempts, retry_delay), key, max_pixels)
         except images.ImageError as exc:
             err[i] = str(exc)
-            continue
         except Exception as exc:
             if _permanent(exc):  # deleted since it was listed, a dangling link or a link loop, a folder
                 err[i] = f"{key}: cannot read ({exc.strerror or storage.describe_error(exc)})"
             else:  # the store failed for this object, after retries
                 err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
                 transient[i], attempts = True, 1
-            continue
-        x[i] = inference.classifier_input(img, cfg, tf)
-        ok[i] = True
-        err[i] = ""
-        if det is not None:  # det_size is given only for a stack the detector serves
-            det[i], scale[i] = inference.detector_input(img, det_size)
-            use_det[i] = True
-        if seg is not None:
-            seg[i] = inference.detector_input(img, seg_size)[0]
-            shape[i] = img.shape[-2:]
-    out = {"row": batch["row"], "image": x, "ok": ok, "error": err.astype(str), "transient": transient}
-    if det is not None:
-        out.update(det_image=det, use_det=use_det, det_scale=scale)
-    if seg is not None:
-        out.update(seg_image=seg, seg_shape=shape)
+    ok = np.array([d is not None for d in decoded], bool)
+    shape = np.array([d.shape[-2:] if d is not None else (0, 0) for d in decoded], np.int32).reshape(n, 2)
+    out = {"row": batch["row"], "ok": ok, "error": err.astype(str), "transient": transient, "shape": shape}
+    if on_actor:
+        out["image"] = _as_block(decoded)
+        return out
+    import torch
+
+    fits = {"image": inference.classifier_config(cls_cfg)}
+    if det_size:  # given only for a stack the detector serves
+        fits["det_image"] = inference.box_model_config(det_size)
+    if seg_size:
+        fits["seg_image"] = inference.box_model_config(seg_size)
+    for col, cfg in fits.items():
+        arr = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.uint8)
+        for i in np.flatnonzero(ok):
+            arr[i] = inference.fit_u8(torch.from_numpy(decoded[i])[None], cfg)[0].numpy()
+        out[col] = arr
+    return out
+
+
+def _as_block(decoded: list[np.ndarray | None]) -> np.ndarray:
+    """Decoded uint8 images (None for an error row) → one ``(N, C, H, W)`` array when they share a
+    size, else an object array of ``(C, H, W)`` arrays; gray images get 3 channels when the block
+    holds colour ones, error rows are zeros."""
+    good = [d for d in decoded if d is not None]
+    c = max((d.shape[0] for d in good), default=1)
+    imgs = [None if d is None else (np.repeat(d, c, axis=0) if d.shape[0] < c else d) for d in decoded]
+    shapes = {d.shape for d in imgs if d is not None}
+    if len(shapes) <= 1:
+        shp = shapes.pop() if shapes else (c, 1, 1)
+        block = np.zeros((len(imgs), *shp), np.uint8)
+        for i, d in enumerate(imgs):
+            if d is not None:
+                block[i] = d
+        return block
+    out = np.empty(len(imgs), dtype=object)
+    for i, d in enumerate(imgs):
+        out[i] = d if d is not None else np.zeros((c, 1, 1), np.uint8)
     return out
 
 
@@ -809,36 +844,52 @@ def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: flo
 
 class ModelActor:
     """Holds the classifier (and detector, segmenter) for the life of the actor
-    (:mod:`msc_ray.inference`); turns image batches into predictions. On a GPU, inference runs under
-    autocast (bfloat16)."""
+    (:mod:`msc_ray.inference`); turns uint8 image batches into predictions. The last preparation steps
+    run here, on the actor's device (:class:`msc_ray.inference.ScoringInput`): to float, normalise,
+    channels-last, and — for full-size images (``on_actor``) — channels, equalisation and resize. On a
+    GPU the batch moves there as uint8 from pinned memory, the classifier's weights are bfloat16 and
+    the detector and segmenter run under bfloat16 autocast."""
 
     def __init__(self, classifier: str, detector: str | None, endpoint_url: str | None, segmenter: str | None = None):
         self.clf = inference.Classifier(classifier, endpoint_url)
-        self.det = inference.Detector(detector, endpoint_url, self.clf.device) if detector else None
-        self.seg = inference.Segmenter(segmenter, endpoint_url, self.clf.device) if segmenter else None
+        if self.clf.device.type == "cuda":
+            self.clf.to_bfloat16()
+        dev = self.clf.device
+        self.det = inference.Detector(detector, endpoint_url, dev) if detector else None
+        self.seg = inference.Segmenter(segmenter, endpoint_url, dev) if segmenter else None
+        self.clf_in = inference.ScoringInput(self.clf.data_cfg, dev)
+        self.det_in = inference.ScoringInput(inference.box_model_config(self.det.size), dev) if self.det else None
+        self.seg_in = inference.ScoringInput(inference.box_model_config(self.seg.size), dev) if self.seg else None
 
     def __call__(self, batch: dict) -> dict:
-        """Batch in: ``row``, ``ok``, ``error``, ``image`` (N, C, S, S) [+ ``det_image``, ``use_det``,
-        ``det_scale``] [+ ``seg_image``, ``seg_shape``]. Batch out: ``row``, ``ok``, ``error``, ``probs``
-        (N, K) calibrated, ``boxes`` (JSON text per row: ``[[x1, y1, x2, y2, score], ...]`` in the
-        original image's pixels), ``morph`` and ``cells`` (JSON text per row: the image's morphology
-        and its cells, :func:`msc_ray.morphology.features` of the predicted masks)."""
+        """Batch in (:func:`_preprocess`): ``row``, ``ok``, ``error``, ``transient``, ``shape``,
+        ``image`` [+ ``det_image``] [+ ``seg_image``]; the detector and segmenter take
+        ``image`` too when theirs are absent (full-size images). Batch out: ``row``, ``ok``, ``error``,
+        ``probs`` (N, K) calibrated, ``boxes`` (JSON text per row: ``[[x1, y1, x2, y2, score], ...]``
+        in the original image's pixels), ``morph`` and ``cells`` (JSON text per row: the image's
+        morphology and its cells, :func:`msc_ray.morphology.features` of the predicted masks)."""
         n = len(batch["row"])
         ok = np.asarray(batch["ok"], bool)
+        shape = np.asarray(batch["shape"]).reshape(n, 2)
         probs = np.zeros((n, len(self.clf.classes)), np.float32)
         conf = np.full(n, np.nan, np.float32)  # the confluence output (a fraction), when the model has one
         boxes = ["[]"] * n
         idx = np.flatnonzero(ok)
+
+        def rows(col: str, at: np.ndarray):
+            arr = batch[col] if col in batch else batch["image"]
+            return arr[at]
+
         if len(idx):
-            probs[idx], conf[idx] = self.clf(batch["image"][idx])
-        if self.det is not None:
-            didx = np.flatnonzero(ok & np.asarray(batch["use_det"], bool))
-            found = self.det([batch["det_image"][i] for i in didx], [batch["det_scale"][i] for i in didx])
-            for i, bx in zip(didx, found, strict=True):
+            probs[idx], conf[idx] = self.clf(self.clf_in(rows("image", idx)))
+        if self.det is not None and len(idx):  # an actor has a detector only for a stack it serves
+            x = self.det_in(rows("det_image", idx))
+            scales = [np.array([w / self.det.size, h / self.det.size], np.float32) for h, w in shape[idx]]
+            for i, bx in zip(idx, self.det(x, scales), strict=True):
                 boxes[i] = json.dumps(bx)
         morph, cells = ["{}"] * n, ["[]"] * n
         if self.seg is not None and len(idx):
-            maps = self.seg([batch["seg_image"][i] for i in idx], [batch["seg_shape"][i] for i in idx])
+            maps = self.seg(self.seg_in(rows("seg_image", idx)), list(shape[idx]))
             for i, (cm, nm) in zip(idx, maps, strict=True):
                 found, img = morphology.features(cm.astype(np.int64), nm.astype(np.int64))
                 morph[i], cells[i] = json.dumps(img), json.dumps(found)
@@ -1066,6 +1117,12 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         batch_size=cfg.decode_batch,
         batch_format="numpy",
         num_cpus=1,
+        # 0: a decode worker is reused without limit (Ray's default for tasks), said explicitly so that the
+        # decode tasks and a CPU model actor differ in their remote arguments: Ray Data fuses stages whose
+        # arguments match, and the one model actor then decoded every block itself, one after another,
+        # while the other cores idled (steady state 0.84 of the bare forward pass → 0.98; the plan is
+        # checked by tests/test_score.py)
+        max_calls=0,
         fn_kwargs={
             "cls_cfg": {**clf_cfg["data"], "endpoint_url": None},
             "det_size": det_size,
@@ -1074,6 +1131,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
             "max_pixels": cfg.max_pixels,
             "read_attempts": cfg.read_attempts,
             "retry_delay": cfg.retry_delay,
+            "on_actor": cfg.fits_on_actor,
         },
     )
     return ds.map_batches(

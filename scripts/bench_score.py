@@ -3,7 +3,9 @@
 
 (a) end-to-end images/s of `msc-ray score` (list → read → decode → preprocess → model actor →
     report) against the bare model forward pass on preprocessed tensors: same model, batch size and
-    torch threads (one, as a model actor gets). Aim: at least 0.9.
+    torch threads (one, as a model actor gets). Aim: at least 0.9. End-to-end is the steady state:
+    the 1x and the 10x archive are both scored, and the extra images over the extra time cancel the
+    start-up (printed on its own, with the plain wall-time rates).
 (b) end-to-end images/s against a plain script: torch DataLoader (decode + preprocess in one worker
     process) → model → CSV. Aim: at least 1.0.
 (c) peak memory (resident set of the whole process tree, sampled) scoring a 10x larger archive
@@ -167,14 +169,20 @@ def main() -> None:
     plain = len(files) / (time.perf_counter() - t0)
 
     secs, scored, peak1 = _run_scoring(str(small), str(clf), str(tmp / "r1"))
-    e2e1 = scored / secs
     secs10, scored10, peak10 = _run_scoring(str(big), str(clf), str(tmp / "r10"))
-    e2e = scored10 / secs10  # steady state: start-up (Ray Data, actor, model load) spread over 10x the images
+    # steady state: the 9x extra images over the extra time; the start-up (listing, model checks, the
+    # actor's process, imports and model load, the first block) is the same in both runs and cancels
+    e2e = (scored10 - scored) / (secs10 - secs)
+    startup = secs - scored / e2e
     print(f"model {args.backbone} at {args.size}px, batch {args.batch}, {args.src}px PNG, 2 CPUs")
     print(f"bare forward: {bare:.1f} img/s; plain DataLoader->CSV: {plain:.1f} img/s ({len(files)} images)")
-    print(f"end-to-end: {e2e1:.1f} img/s on {scored} images, {e2e:.1f} img/s on {scored10} images (used below)")
-    print(f"(a) end-to-end / bare forward: {e2e / bare:.2f} (aim >= 0.9)")
-    print(f"(b) end-to-end / plain script: {e2e / plain:.2f} (aim >= 1.0)")
+    print(
+        f"scoring wall time: {scored} images {secs:.1f}s ({scored / secs:.1f} img/s), {scored10} images "
+        f"{secs10:.1f}s ({scored10 / secs10:.1f} img/s); steady state {e2e:.1f} img/s, start-up {startup:.1f}s"
+    )
+    print(f"(a) end-to-end (steady state) / bare forward: {e2e / bare:.2f} (aim >= 0.9)")
+    print(f"(b) end-to-end (steady state) / plain script: {e2e / plain:.2f} (aim >= 1.0)")
+    print(f"    with start-up, {scored10} images: {scored10 / secs10 / bare:.2f} / {scored10 / secs10 / plain:.2f}")
     print(
         f"(c) peak memory {scored10} vs {scored} images: {peak10 / 2**20:.0f} MiB / {peak1 / 2**20:.0f} MiB = "
         f"{peak10 / peak1:.2f} (aim <= 1.2)"

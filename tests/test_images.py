@@ -54,6 +54,34 @@ def test_decode_gives_one_representation(data, channels):
     assert images.image_size(data, "x") == (48, 40)
 
 
+@pytest.mark.parametrize(
+    "data, channels, lossless",
+    [
+        (_png(GRAY8), 1, True),
+        (_png(np.stack([GRAY8] * 4, -1)), 3, True),
+        (_enc(GRAY8, "jpeg"), 1, False),
+        (_tif(GRAY8), 1, True),
+    ],
+    ids=["png8", "rgba", "jpeg", "tif8"],
+)
+def test_uint8_decoding_is_the_stored_values(data, channels, lossless):
+    """Archive scoring decodes to uint8: for an 8-bit image exactly what ``decode`` gives, times 255."""
+    u8 = images.decode_u8(data, "x")
+    assert u8.dtype == np.uint8 and u8.shape == (channels, 40, 48) and u8.flags.c_contiguous
+    assert np.array_equal(u8, np.rint(images.decode(data, "x") * 255.0).astype(np.uint8))
+    if lossless:
+        assert all(np.array_equal(u8[c], GRAY8) for c in range(channels))
+
+
+def test_uint8_decoding_rounds_sixteen_bits_to_the_nearest_level():
+    arr = (np.arange(64, dtype=np.uint16) * 1031).reshape(8, 8)
+    for data in (_png(arr), _tif(arr)):
+        u8 = images.decode_u8(data, "x")
+        assert u8.dtype == np.uint8 and np.abs(u8[0] / 255.0 - arr / 65535.0).max() <= 0.5 / 255 + 1e-7
+    with pytest.raises(images.TruncatedImageError, match="^bad.png: "):
+        images.decode_u8(_png(GRAY8)[:100], "bad.png")
+
+
 def test_sixteen_bit_keeps_its_precision():
     arr = np.full((8, 8), 1000, np.uint16)
     for data in (_png(arr), _tif(arr)):

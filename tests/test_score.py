@@ -309,6 +309,108 @@ def test_killed_between_manifest_and_part_no_reader_sees_the_part(
     assert score.read_report(str(out)).num_rows == n_images
 
 
+def _odd_images(folder) -> list[str]:
+    """Two images unlike the corpus: a colour one and one of another size (so a block holds mixed sizes)."""
+    from PIL import Image
+
+    src = sorted(folder.rglob("S0*.png"))[0]
+    gray = np.asarray(Image.open(src))
+    rgb = np.stack([gray, (gray * 0.8).astype(np.uint8), np.flipud(gray)], -1)
+    out = [folder / "sstack" / "1" / "S500_d02_c.png", folder / "sstack" / "1" / "S501_d02_c.png"]
+    Image.fromarray(rgb).save(out[0])
+    Image.fromarray(gray[3:, : gray.shape[1] - 9]).save(out[1])
+    return [str(p) for p in out]
+
+
+def test_scored_images_reach_the_model_as_its_validation_images_did(small_corpus, tmp_path):
+    """Scoring decodes to uint8 and fits each image to a model's input — channels, equalisation,
+    resize — with the training cache's own steps: in a decode task, or on the model actor for
+    full-size images of mixed sizes, the result is the cached image, value for value, and the
+    normalised input is what the evaluation augmenter makes of the cached one."""
+    from msc_ray import data, engine, inference
+    from msc_ray.config import DataConfig, to_dict
+
+    src, rows = small_corpus
+    folder = tmp_path / "imgs"
+    shutil.copytree(src / "sstack", folder / "sstack")
+    uris = [str(src / r["image"]) for r in rows if r["stack"] == "mstack"][:3] + sorted(
+        str(p) for p in (folder / "sstack").rglob("*.png")
+    )[:3]
+    uris += _odd_images(folder)
+    n = len(uris)
+    batch = {
+        "uri": np.array(uris),
+        "key": np.array(uris),
+        "path": np.array(uris),
+        "row": np.arange(n),
+        "stack": np.array(["sstack"] * n),
+    }
+    cpu = torch.device("cpu")
+    for cfg in (
+        DataConfig(size=48, channels=3),
+        DataConfig(size=32, channels=3, equalize=True),
+        DataConfig(size=40, channels=1, equalize=True),  # the colour image averaged to one channel
+    ):
+        cache = data._cache_batch(batch, cfg=cfg, detection=False)
+        assert cache["ok"].all()
+        kw = {"cls_cfg": to_dict(cfg), "det_size": None, "endpoint_url": None, "max_pixels": 10**8}
+        in_tasks = score._preprocess(batch, **kw)
+        assert in_tasks["image"].dtype == np.uint8 and np.array_equal(in_tasks["image"], cache["image"])
+        full = score._preprocess(batch, **kw, on_actor=True)
+        assert full["image"].dtype == object and {a.shape[0] for a in full["image"]} == {3}  # mixed sizes
+        assert full["shape"].tolist()[-1] == [64 - 3, 64 - 9] and full["shape"].tolist()[0] == [64, 64]
+        prep = inference.ScoringInput(cfg, cpu)
+        assert torch.equal(prep.fitted(full["image"]), torch.from_numpy(cache["image"]))
+        x = prep(in_tasks["image"])
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        aug = engine.Augmenter(cfg, train=False)
+        want = torch.stack([aug.one(img, "k", 0) for img in cache["image"]])
+        assert torch.allclose(x, want, atol=1e-6)
+        # one image on the online page's path: the same input
+        one = inference.classifier_input(data.load_image(uris[-2], "x", DataConfig(channels=3)), cfg)
+        assert np.allclose(one, want[-2].numpy(), atol=1e-6)
+
+
+def test_images_fitted_on_the_actor_score_as_fitted_in_the_decode_tasks(ray_session, archive, artifacts, tmp_path):
+    """``--preprocess-on actor`` (the GPU path: decode tasks ship full-size uint8 images; resize and
+    equalisation happen on the model's device) gives the report that ``tasks`` gives, colour images,
+    mixed sizes and broken files included. The decode tasks stay a Ray Data stage of their own (fused
+    into the one model actor, they decoded serially while the other cores idled)."""
+    root, n_images = archive
+    _odd_images(root)
+    clf, det = artifacts
+    reports = {}
+    for where in ("tasks", "actor"):
+        cfg = score.ScoreConfig(
+            archive=str(root), classifier=clf, detector=str(det), out=str(tmp_path / where), preprocess_on=where
+        )
+        s = score.score_archive(cfg)
+        assert (s.scored, s.errors) == (n_images + 2, 2)
+        reports[where] = {r["key"]: r for r in score.read_report(cfg.out).to_pylist()}
+    tasks, actor = reports["tasks"], reports["actor"]
+    assert tasks.keys() == actor.keys()
+    for key, r in tasks.items():
+        a = actor[key]
+        assert (a["status"], a["error"]) == (r["status"], r["error"])
+        if r["status"] == "ok":
+            assert np.allclose(a["probabilities"], r["probabilities"], atol=1e-5), key
+            assert a["n_abnormal"] == r["n_abnormal"], key
+            if r["abnormal_boxes"]:
+                got = [[b[k] for k in ("x1", "y1", "x2", "y2", "score")] for b in a["abnormal_boxes"]]
+                want = [[b[k] for k in ("x1", "y1", "x2", "y2", "score")] for b in r["abnormal_boxes"]]
+                assert np.allclose(got, want, atol=0.02), key
+    odd = tasks["sstack/1/S501_d02_c.png"]["abnormal_boxes"]
+    assert odd and max(b["x2"] for b in odd) <= 64 - 9 + 0.5  # boxes in the image's own pixels
+    # the plan: decode tasks, then the actor pool, as two operators
+    cfg = score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "plan"))
+    sm = score._check_models(cfg)
+    todo = [o for o in score.list_archive(str(root)) if o.key.startswith("sstack/")][:8]
+    ds = score._pipeline(cfg, todo, list(range(len(todo))), "sstack", sm)
+    assert len(ds.take_all()) == len(todo)
+    stats = ds.stats()
+    assert "MapBatches(_preprocess):" in stats and "MapBatches(ModelActor):" in stats, stats
+
+
 def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifacts, archive, monkeypatch):
     """The read/decode task on its own: a store error is retried with backoff; one that persists is a
     transient row (and the rest of the block gets one try: no retry storm); a corrupt image or a
