@@ -436,8 +436,14 @@ def score(
     detect_all_stacks: Annotated[
         bool, typer.Option(help="Run the detector and segmenter on multi-stack images too.")
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
-    concurrency: Annotated[int, typer.Option(help="Model actors (each loads the models once).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per model call (0: 256 on a GPU, 32 on a CPU).")] = 0,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            help="Model actors, each loading the models once (0: from the cluster: one per GPU share, or "
+            "one per CPU less a quarter of the CPUs for decoding)."
+        ),
+    ] = 0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
     preprocess_on: Annotated[
         str,

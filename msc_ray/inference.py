@@ -8,7 +8,8 @@ share, so a row of the report and a reply of the page are the same computation.
   one image (uint8, or float in [0, 1] from :func:`msc_ray.images.decode`).
 * :class:`Classifier` / :class:`Detector` — an artifact loaded once onto a device; a batch of inputs
   → calibrated probabilities (+ regressed confluence) / boxes in the original image's pixels. On a
-  GPU the forward pass runs under bfloat16 autocast.
+  GPU the classifier can run in bfloat16 (:meth:`Classifier.to_bfloat16`), the detector and segmenter
+  under bfloat16 autocast with box coordinates kept in float32 (:func:`float32_boxes`).
 * :func:`interpret` — probabilities → predicted class, band and confluence % (inside the band).
 * :meth:`Classifier.grad_cam` — which regions drove the predicted class (captum's ``LayerGradCam``).
 * :class:`Segmenter` — a segmenter artifact: an image → cell and nucleus instance maps.
@@ -237,12 +238,38 @@ def _as_tensor(x, device):
     return torch.from_numpy(np.ascontiguousarray(x)).to(device)
 
 
-def _forward(model, inputs, device) -> list[dict]:
-    """A torchvision detection model on ``(3, S, S)`` inputs (a list of arrays, or an ``(N, 3, S, S)``
-    tensor), under inference mode (bfloat16 autocast on a GPU)."""
+def _cast_float32(_module, _inputs, output):
     import torch
 
-    amp = device.type == "cuda"
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, dict):
+        return type(output)((k, _cast_float32(None, None, v)) for k, v in output.items())
+    if isinstance(output, list | tuple):
+        return type(output)(_cast_float32(None, None, v) for v in output)
+    return output
+
+
+def float32_boxes(model):
+    """Under bfloat16 autocast a torchvision detector makes its anchors in the dtype of its feature
+    maps and decodes boxes in that of its heads' outputs: box coordinates in bfloat16, 2-pixel steps
+    at 256–512 px. Hooks hand the feature maps and the heads' outputs on as float32, so the
+    convolutions run in bfloat16 and anchors, box decoding, NMS and masks in float32. Returns the model."""
+    for name in ("backbone", "head", "rpn.head", "roi_heads.box_predictor", "roi_heads.mask_predictor"):
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError:
+            continue
+        sub.register_forward_hook(_cast_float32)
+    return model
+
+
+def _forward(model, inputs, device, amp: bool | None = None) -> list[dict]:
+    """A torchvision detection model on ``(3, S, S)`` inputs (a list of arrays, or an ``(N, 3, S, S)``
+    tensor), under inference mode; ``amp`` (default: on a GPU) runs it under bfloat16 autocast."""
+    import torch
+
+    amp = device.type == "cuda" if amp is None else amp
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         return model([_as_tensor(x, device) for x in inputs])
 
@@ -256,7 +283,7 @@ class Detector:
         self.uri = uri
         self.device = device or default_device()
         self.model, self.config = models.load_detector(uri, endpoint_url)
-        self.model.to(self.device)
+        float32_boxes(self.model).to(self.device)
         self.size = int(self.config["image_size"])
         self.version = self.config.get("version", "")
 
@@ -287,7 +314,7 @@ class Segmenter:
         self.uri = uri
         self.device = device or default_device()
         self.model, self.config = models.load_segmenter(uri, endpoint_url)
-        self.model.to(self.device)
+        float32_boxes(self.model).to(self.device)
         self.size = int(self.config["image_size"])
         self.thresholds = self.config["score_thresholds"]
         self.version = self.config.get("version", "")
