@@ -76,10 +76,13 @@ def fit_u8(x, cfg):
     from . import augment
 
     f = x.float().div_(255.0)
-    if f.shape[1] != cfg.channels:
-        f = f.expand(-1, 3, -1, -1) if cfg.channels == 3 else f.mean(1, keepdim=True)
+    if f.shape[1] == 3 and cfg.channels == 1:
+        f = f.mean(1, keepdim=True)
+    # a gray image is equalised and resized as one channel and then repeated: the same values as
+    # repeating it first (each step works per channel), a third of the work
     f = v2.Compose(augment.preprocess(cfg))(f)
-    return (f.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+    out = (f.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+    return out.expand(-1, cfg.channels, -1, -1).contiguous() if out.shape[1] != cfg.channels else out
 
 
 class ScoringInput:

@@ -67,7 +67,7 @@ def test_decode_gives_one_representation(data, channels):
 def test_uint8_decoding_is_the_stored_values(data, channels, lossless):
     """Archive scoring decodes to uint8: for an 8-bit image exactly what ``decode`` gives, times 255."""
     u8 = images.decode_u8(data, "x")
-    assert u8.dtype == np.uint8 and u8.shape == (channels, 40, 48) and u8.flags.c_contiguous
+    assert u8.dtype == np.uint8 and u8.shape == (channels, 40, 48) and u8.flags.c_contiguous and u8.flags.writeable
     assert np.array_equal(u8, np.rint(images.decode(data, "x") * 255.0).astype(np.uint8))
     if lossless:
         assert all(np.array_equal(u8[c], GRAY8) for c in range(channels))
