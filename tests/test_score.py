@@ -381,8 +381,16 @@ def test_images_fitted_on_the_actor_score_as_fitted_in_the_decode_tasks(ray_sess
     clf, det = artifacts
     reports = {}
     for where in ("tasks", "actor"):
+        # small decode blocks, larger model batches: a model batch joins blocks of different shapes
+        # (gray, gray made colour beside a colour image, one array per row for mixed sizes)
         cfg = score.ScoreConfig(
-            archive=str(root), classifier=clf, detector=str(det), out=str(tmp_path / where), preprocess_on=where
+            archive=str(root),
+            classifier=clf,
+            detector=str(det),
+            out=str(tmp_path / where),
+            preprocess_on=where,
+            decode_batch=4,
+            batch_size=16,
         )
         s = score.score_archive(cfg)
         assert (s.scored, s.errors) == (n_images + 2, 2)
