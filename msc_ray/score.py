@@ -1,6 +1,6 @@
 """Batch scoring of archived production images into a Parquet report, exactly once.
 
-Pipeline, per chunk of the archive (Ray Data, streamed)::
+Pipeline, one streaming Ray Data execution per window of the archive, every stack in it::
 
     list (boto3 paginator / local walk) → read bytes → decode to uint8 (→ resize)   [CPU tasks]
         → model actors: (resize →) normalise → classifier (+ detector, segmenter)     [actor pool, GPUs optional]
@@ -757,23 +757,28 @@ def stack_of(key: str, default: str | None) -> str | None:
 def _preprocess(
     batch: dict,
     *,
-    cls_cfg: dict,
-    det_size: int | None,
+    cls_cfgs: dict[str, dict],
     endpoint_url: str | None,
     max_pixels: int,
+    det_size: int | None = None,
+    det_stacks: tuple[str, ...] = (),
     seg_size: int | None = None,
+    seg_stacks: tuple[str, ...] = (),
     read_attempts: int = 4,
     retry_delay: float = 1.0,
     on_actor: bool = False,
 ) -> dict:
-    """CPU task: read and decode a block of objects to uint8; a bad object becomes an error row.
+    """CPU task: read and decode a block of objects (``row``, ``uri``, ``key``, ``stack``) to uint8; a bad
+    object becomes an error row. ``cls_cfgs``: each stack's classifier ``data`` config; the detector
+    (``det_size``) serves the rows of ``det_stacks``, the segmenter those of ``seg_stacks``.
 
-    Out: ``row``, ``ok``, ``error``, ``transient``, ``shape`` (each image's original (H, W)) and the
-    images, uint8 throughout (no float copy on the CPU): fitted to each model's input here
-    (:func:`msc_ray.inference.fit_u8` — channels, equalisation, resize; ``image`` for the classifier,
-    ``det_image``, ``seg_image``), or, with ``on_actor`` (a GPU actor: the resize is cheaper there), as
-    decoded in ``image``: one ``(N, C, H, W)`` array when the block's images share a size, else one
-    ``(C, H, W)`` array per row.
+    Out: ``row``, ``stack``, ``ok``, ``error``, ``transient``, ``shape`` (each image's original (H, W)),
+    ``use_det``, ``use_seg`` and the images, uint8 throughout (no float copy on the CPU): fitted to each
+    model's input here (:func:`msc_ray.inference.fit_u8` — channels, equalisation, resize;
+    ``image_<stack>`` per stack's classifier, ``det_image``, ``seg_image``; zeros in the rows a model
+    does not take), or, with ``on_actor`` (a GPU actor: the resize is cheaper there), as decoded in
+    ``image``: one ``(N, C, H, W)`` array when the block's images share a size, else one ``(C, H, W)``
+    array per row.
 
     A store error (throttling, 5xx, timeout, connection) is retried ``read_attempts`` times with
     exponential backoff and then becomes a *transient* error row, scored again by the next run; once
@@ -798,20 +803,32 @@ def _preprocess(
                 transient[i], attempts = True, 1
     ok = np.array([d is not None for d in decoded], bool)
     shape = np.array([d.shape[-2:] if d is not None else (0, 0) for d in decoded], np.int32).reshape(n, 2)
-    out = {"row": batch["row"], "ok": ok, "error": err.astype(str), "transient": transient, "shape": shape}
+    stack = np.asarray(batch["stack"]).astype(str)
+    use_det = ok & np.isin(stack, list(det_stacks)) if det_size else np.zeros(n, bool)
+    use_seg = ok & np.isin(stack, list(seg_stacks)) if seg_size else np.zeros(n, bool)
+    out = {
+        "row": batch["row"],
+        "stack": stack,
+        "ok": ok,
+        "error": err.astype(str),
+        "transient": transient,
+        "shape": shape,
+        "use_det": use_det,
+        "use_seg": use_seg,
+    }
     if on_actor:
         out["image"] = _as_block(decoded)
         return out
     import torch
 
-    fits = {"image": inference.classifier_config(cls_cfg)}
-    if det_size:  # given only for a stack the detector serves
-        fits["det_image"] = inference.box_model_config(det_size)
+    fits = [(f"image_{st}", inference.classifier_config(c), ok & (stack == st)) for st, c in cls_cfgs.items()]
+    if det_size:
+        fits.append(("det_image", inference.box_model_config(det_size), use_det))
     if seg_size:
-        fits["seg_image"] = inference.box_model_config(seg_size)
-    for col, cfg in fits.items():
+        fits.append(("seg_image", inference.box_model_config(seg_size), use_seg))
+    for col, cfg, take in fits:
         arr = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.uint8)
-        for i in np.flatnonzero(ok):
+        for i in np.flatnonzero(take):
             arr[i] = inference.fit_u8(torch.from_numpy(decoded[i])[None], cfg)[0].numpy()
         out[col] = arr
     return out
@@ -863,54 +880,68 @@ def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: flo
 
 
 class ModelActor:
-    """Holds the classifier (and detector, segmenter) for the life of the actor
+    """Holds each stack's classifier (and the detector, the segmenter) for the life of the actor
     (:mod:`msc_ray.inference`); turns uint8 image batches into predictions. The last preparation steps
     run here, on the actor's device (:class:`msc_ray.inference.ScoringInput`): to float, normalise,
     channels-last, and — for full-size images (``on_actor``) — channels, equalisation and resize. On a
-    GPU the batch moves there as uint8 from pinned memory, the classifier's weights are bfloat16 and
+    GPU the batch moves there as uint8 from pinned memory, the classifiers' weights are bfloat16 and
     the detector and segmenter run under bfloat16 autocast."""
 
-    def __init__(self, classifier: str, detector: str | None, endpoint_url: str | None, segmenter: str | None = None):
-        self.clf = inference.Classifier(classifier, endpoint_url)
-        if self.clf.device.type == "cuda":
-            self.clf.to_bfloat16()
-        dev = self.clf.device
+    def __init__(
+        self,
+        classifiers: dict[str, str],
+        detector: str | None,
+        endpoint_url: str | None,
+        segmenter: str | None = None,
+    ):
+        dev = inference.default_device()
+        self.clfs = {st: inference.Classifier(uri, endpoint_url, dev) for st, uri in classifiers.items()}
+        if dev.type == "cuda":
+            for clf in self.clfs.values():
+                clf.to_bfloat16()
+        self.clf_in = {st: inference.ScoringInput(clf.data_cfg, dev) for st, clf in self.clfs.items()}
+        self.width = max(len(clf.classes) for clf in self.clfs.values())
         self.det = inference.Detector(detector, endpoint_url, dev) if detector else None
         self.seg = inference.Segmenter(segmenter, endpoint_url, dev) if segmenter else None
-        self.clf_in = inference.ScoringInput(self.clf.data_cfg, dev)
         self.det_in = inference.ScoringInput(inference.box_model_config(self.det.size), dev) if self.det else None
         self.seg_in = inference.ScoringInput(inference.box_model_config(self.seg.size), dev) if self.seg else None
 
     def __call__(self, batch: dict) -> dict:
-        """Batch in (:func:`_preprocess`): ``row``, ``ok``, ``error``, ``transient``, ``shape``,
-        ``image`` [+ ``det_image``] [+ ``seg_image``]; the detector and segmenter take
-        ``image`` too when theirs are absent (full-size images). Batch out: ``row``, ``ok``, ``error``,
-        ``probs`` (N, K) calibrated, ``boxes`` (JSON text per row: ``[[x1, y1, x2, y2, score], ...]``
-        in the original image's pixels), ``morph`` and ``cells`` (JSON text per row: the image's
-        morphology and its cells, :func:`msc_ray.morphology.features` of the predicted masks)."""
+        """Batch in (:func:`_preprocess`): ``row``, ``stack``, ``ok``, ``error``, ``transient``,
+        ``shape``, ``use_det``, ``use_seg``, and ``image_<stack>`` [+ ``det_image``] [+ ``seg_image``]
+        or full-size ``image`` for all. Batch out: ``row``, ``ok``, ``error``, ``probs`` (N, K)
+        calibrated (K: the widest classifier's classes; a row uses its own classifier's first ones),
+        ``boxes`` (JSON text per row: ``[[x1, y1, x2, y2, score], ...]`` in the original image's
+        pixels), ``morph`` and ``cells`` (JSON text per row: the image's morphology and its cells,
+        :func:`msc_ray.morphology.features` of the predicted masks)."""
         n = len(batch["row"])
         ok = np.asarray(batch["ok"], bool)
+        stack = np.asarray(batch["stack"]).astype(str)
         shape = np.asarray(batch["shape"]).reshape(n, 2)
-        probs = np.zeros((n, len(self.clf.classes)), np.float32)
+        probs = np.zeros((n, self.width), np.float32)
         conf = np.full(n, np.nan, np.float32)  # the confluence output (a fraction), when the model has one
         boxes = ["[]"] * n
-        idx = np.flatnonzero(ok)
 
         def rows(col: str, at: np.ndarray):
             arr = batch[col] if col in batch else batch["image"]
             return arr[at]
 
-        if len(idx):
-            probs[idx], conf[idx] = self.clf(self.clf_in(rows("image", idx)))
-        if self.det is not None and len(idx):  # an actor has a detector only for a stack it serves
-            x = self.det_in(rows("det_image", idx))
-            scales = [np.array([w / self.det.size, h / self.det.size], np.float32) for h, w in shape[idx]]
-            for i, bx in zip(idx, self.det(x, scales), strict=True):
+        for st, clf in self.clfs.items():
+            idx = np.flatnonzero(ok & (stack == st))
+            if len(idx):
+                p, conf[idx] = clf(self.clf_in[st](rows(f"image_{st}", idx)))
+                probs[idx, : p.shape[1]] = p
+        didx = np.flatnonzero(np.asarray(batch["use_det"], bool))
+        if self.det is not None and len(didx):
+            x = self.det_in(rows("det_image", didx))
+            scales = [np.array([w / self.det.size, h / self.det.size], np.float32) for h, w in shape[didx]]
+            for i, bx in zip(didx, self.det(x, scales), strict=True):
                 boxes[i] = json.dumps(bx)
         morph, cells = ["{}"] * n, ["[]"] * n
-        if self.seg is not None and len(idx):
-            maps = self.seg(self.seg_in(rows("seg_image", idx)), list(shape[idx]))
-            for i, (cm, nm) in zip(idx, maps, strict=True):
+        sidx = np.flatnonzero(np.asarray(batch["use_seg"], bool))
+        if self.seg is not None and len(sidx):
+            maps = self.seg(self.seg_in(rows("seg_image", sidx)), list(shape[sidx]))
+            for i, (cm, nm) in zip(sidx, maps, strict=True):
                 found, img = morphology.features(cm.astype(np.int64), nm.astype(np.int64))
                 morph[i], cells[i] = json.dumps(img), json.dumps(found)
         return {
@@ -997,6 +1028,7 @@ def _rows_for_chunk(
         )
         if ok:
             classes = list(models.classifiers[stacks[i]][1]["classes"])
+            p = p[: len(classes)]  # a run's probabilities are as wide as its widest classifier
             row.update(
                 status="ok",
                 error=None,
@@ -1111,21 +1143,24 @@ def _plan_windows(
         log.info("ignored %d objects whose names are not images", summary.ignored)
 
 
-def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stack: str, sm: StackModels):
-    """One streaming Ray Data execution for one stack: read + decode + preprocess tasks (that stack's
-    input size, channels, equalisation) → the actor pool holding that stack's classifier."""
+def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stacks: list[str], sm: StackModels):
+    """One streaming Ray Data execution for every row with a classifier, whatever its stack: read +
+    decode (+ fit to each model: the row's stack's input size, channels, equalisation) tasks → the
+    actor pool holding every stack's classifier, the detector and the segmenter (one actor start-up per
+    run, not one per stack)."""
     import ray
 
-    uri, clf_cfg = sm.classifiers[stack]
-    _, det_version, seg_version = sm.versions(stack)
-    det_size = int(sm.detector["image_size"]) if det_version else None
-    seg_size = int(sm.segmenter["image_size"]) if seg_version else None
+    here = sorted(set(stacks))
+    det_stacks = tuple(st for st in here if sm.versions(st)[1])
+    seg_stacks = tuple(st for st in here if sm.versions(st)[2])
+    det_size = int(sm.detector["image_size"]) if det_stacks else None
+    seg_size = int(sm.segmenter["image_size"]) if seg_stacks else None
     table = pa.table(
         {
             "row": pa.array(rows, pa.int64()),
             "uri": [o.uri for o in todo],
             "key": [o.key for o in todo],
-            "stack": [stack] * len(todo),
+            "stack": stacks,
         }
     )
     blocks = [table.slice(i, cfg.decode_batch) for i in range(0, table.num_rows, cfg.decode_batch)]
@@ -1144,9 +1179,11 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         # checked by tests/test_score.py)
         max_calls=0,
         fn_kwargs={
-            "cls_cfg": {**clf_cfg["data"], "endpoint_url": None},
+            "cls_cfgs": {st: {**sm.classifiers[st][1]["data"], "endpoint_url": None} for st in here},
             "det_size": det_size,
+            "det_stacks": det_stacks,
             "seg_size": seg_size,
+            "seg_stacks": seg_stacks,
             "endpoint_url": cfg.endpoint_url,
             "max_pixels": cfg.max_pixels,
             "read_attempts": cfg.read_attempts,
@@ -1155,11 +1192,11 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         },
     )
     actors, batch = cfg.actor_plan(ray.cluster_resources())
-    log.info("%s: %d model actor(s), %d images per model call", stack, actors, batch)
+    log.info("%s: %d model actor(s), %d images per model call", "+".join(here), actors, batch)
     return ds.map_batches(
         ModelActor,
         fn_constructor_kwargs={
-            "classifier": uri,
+            "classifiers": {st: sm.classifiers[st][0] for st in here},
             "detector": cfg.detector if det_size else None,
             "segmenter": cfg.segmenter if seg_size else None,
             "endpoint_url": cfg.endpoint_url,
@@ -1179,13 +1216,12 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
 
 
 def _scored(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str | None], sm: StackModels):
-    """Result batches of every stack in turn (one pipeline per stack with a classifier), then one
-    batch of error rows for the objects whose stack has none."""
-    for stack in sm.classifiers:
-        rows = [i for i, s in enumerate(stacks) if s == stack]
-        if rows:
-            ds = _pipeline(cfg, [todo[i] for i in rows], rows, stack, sm)
-            yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    """Result batches of every object whose stack has a classifier (one pipeline for all of them), then
+    one batch of error rows for the objects whose stack has none."""
+    rows = [i for i, s in enumerate(stacks) if s in sm.classifiers]
+    if rows:
+        ds = _pipeline(cfg, [todo[i] for i in rows], rows, [str(stacks[i]) for i in rows], sm)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     missing = [i for i, s in enumerate(stacks) if s not in sm.classifiers]
     if missing:
         n = len(missing)

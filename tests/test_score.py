@@ -353,15 +353,16 @@ def test_scored_images_reach_the_model_as_its_validation_images_did(small_corpus
     ):
         cache = data._cache_batch(batch, cfg=cfg, detection=False)
         assert cache["ok"].all()
-        kw = {"cls_cfg": to_dict(cfg), "det_size": None, "endpoint_url": None, "max_pixels": 10**8}
+        kw = {"cls_cfgs": {"sstack": to_dict(cfg)}, "endpoint_url": None, "max_pixels": 10**8}
         in_tasks = score._preprocess(batch, **kw)
-        assert in_tasks["image"].dtype == np.uint8 and np.array_equal(in_tasks["image"], cache["image"])
+        fitted = in_tasks["image_sstack"]
+        assert fitted.dtype == np.uint8 and np.array_equal(fitted, cache["image"])
         full = score._preprocess(batch, **kw, on_actor=True)
         assert full["image"].dtype == object and {a.shape[0] for a in full["image"]} == {3}  # mixed sizes
         assert full["shape"].tolist()[-1] == [64 - 3, 64 - 9] and full["shape"].tolist()[0] == [64, 64]
         prep = inference.ScoringInput(cfg, cpu)
         assert torch.equal(prep.fitted(full["image"]), torch.from_numpy(cache["image"]))
-        x = prep(in_tasks["image"])
+        x = prep(fitted)
         assert x.is_contiguous(memory_format=torch.channels_last)
         aug = engine.Augmenter(cfg, train=False)
         want = torch.stack([aug.one(img, "k", 0) for img in cache["image"]])
@@ -409,14 +410,17 @@ def test_images_fitted_on_the_actor_score_as_fitted_in_the_decode_tasks(ray_sess
                 assert np.allclose(got, want, atol=0.02), key
     odd = tasks["sstack/1/S501_d02_c.png"]["abnormal_boxes"]
     assert odd and max(b["x2"] for b in odd) <= 64 - 9 + 0.5  # boxes in the image's own pixels
-    # the plan: decode tasks, then the actor pool, as two operators
+    # the plan: decode tasks, then the actor pool, as two operators — one execution for both stacks
     cfg = score.ScoreConfig(archive=str(root), classifier=clf, out=str(tmp_path / "plan"))
     sm = score._check_models(cfg)
-    todo = [o for o in score.list_archive(str(root)) if o.key.startswith("sstack/")][:8]
-    ds = score._pipeline(cfg, todo, list(range(len(todo))), "sstack", sm)
-    assert len(ds.take_all()) == len(todo)
+    listed = [o for o in score.list_archive(str(root)) if o.key.endswith(".png") and "99" not in o.key]
+    todo = [o for st in ("sstack/", "mstack/") for o in [o for o in listed if o.key.startswith(st)][:4]]
+    stacks = [o.key.split("/")[0] for o in todo]
+    ds = score._pipeline(cfg, todo, list(range(len(todo))), stacks, sm)
+    out = ds.take_all()
+    assert sorted(r["row"] for r in out) == list(range(8)) and all(r["ok"] for r in out)
     stats = ds.stats()
-    assert "MapBatches(_preprocess):" in stats and "MapBatches(ModelActor):" in stats, stats
+    assert "MapBatches(_preprocess):" in stats and stats.count("MapBatches(ModelActor):") == 1, stats
 
 
 def test_the_gpu_number_formats_keep_probabilities_and_box_coordinates(small_corpus, tmp_path):
@@ -531,8 +535,7 @@ def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifa
     }
     out = score._preprocess(
         batch,
-        cls_cfg={"size": 64, "channels": 3},
-        det_size=None,
+        cls_cfgs={"sstack": {"size": 64, "channels": 3}},
         endpoint_url=None,
         max_pixels=10**8,
         read_attempts=3,
