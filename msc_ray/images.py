@@ -137,7 +137,7 @@ def decode_u8(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     the nearest of 256 levels (at most half a level, 0.002 on the [0, 1] scale, from ``decode``)."""
     arr = _to_hwc(_decode_array(data, name, max_pixels), name)
     if arr.dtype != np.uint8:
-        arr = np.rint(np.moveaxis(_to_chw(arr, name), 0, -1) * 255.0).astype(np.uint8)
+        return np.rint(_to_chw(arr, name) * 255.0).astype(np.uint8)
     return np.require(np.moveaxis(arr, -1, 0), requirements=["C", "W"])  # a decoder's buffer can be read-only
 
 
