@@ -487,23 +487,43 @@ def instance_contacts(ids: torch.Tensor) -> torch.Tensor:
     return (ids > 0) & ((hi != f) | ((lo != f) & torch.isfinite(lo)))
 
 
-class UNetWatershed(nn.Module):
-    """Cells and nuclei as a U-Net's pixel maps, split into instances by seeded watershed (the
-    foreground-and-contour approach of nucleus segmentation; cellpose's idea of pixel maps that a
-    post-processing step turns into instances, with contours in place of flows).
+OFFSET_SCALE = 16.0  # pixels per unit of the U-Net's offset maps (a cell's pixels lie within ~30 px of its nucleus)
 
-    Four output maps: cell foreground, cell contacts (pixels where a cell touches another), nucleus
-    foreground, nucleus contacts. Nuclei: watershed (scikit-image) of ``contact − foreground`` from
-    the connected cores (foreground without contacts). Cells: the same relief, flooded from the nuclei
-    (an MSC has one nucleus), so touching and overlapping spindles split where their contacts are;
-    cell foreground that no nucleus reaches becomes cells of its own. An instance's score is its mean
-    foreground probability. Smaller than ``min_area`` pixels: dropped.
+
+def _centroids(masks: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) binary masks → (K, 2) float centroids (y, x) in pixels (pixel centres)."""
+    h, w = masks.shape[-2:]
+    m = masks.float()
+    area = m.sum((1, 2)).clamp(min=1)
+    ys = torch.arange(h, dtype=torch.float32, device=m.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=torch.float32, device=m.device).view(1, 1, w)
+    return torch.stack([(m * ys).sum((1, 2)) / area, (m * xs).sum((1, 2)) / area], 1)
+
+
+class UNetWatershed(nn.Module):
+    """Cells and nuclei as a U-Net's pixel maps, turned into instances by seeded watershed and by
+    votes for each cell pixel's nucleus (the foreground-and-contour approach of nucleus segmentation,
+    with the pixel-to-centre offsets of bottom-up instance segmentation).
+
+    Six output maps: cell foreground, cell contacts (pixels where a cell touches another), nucleus
+    foreground, nucleus contacts, and the offset (y, x; in units of :data:`OFFSET_SCALE` px) from each
+    cell pixel to the centre of its own cell's nucleus (of the cell itself where no nucleus shows).
+    Nuclei: watershed (scikit-image) of ``contact − foreground`` from the connected cores (foreground
+    without contacts). Cells: each foreground pixel goes to the nucleus its offset points into (grown
+    by ``vote_radius`` px); an MSC has one nucleus, and a spindle that a later cell crosses keeps both
+    visible parts, which no region growing can join (about half the visible cells of a dense synthetic
+    culture are in parts). Foreground that votes for no nucleus is flooded from the voted cells over
+    the relief ``contacts − foreground`` where it touches them, and becomes cells of its own where it
+    does not. An instance's score is its mean foreground probability. Smaller than ``min_area``
+    pixels: dropped. ``offsets=False``: the four-map model of earlier artifacts (cells flooded from
+    the nuclei over that relief).
 
     The interface of torchvision's detection models, so training, evaluation and scoring treat it like
     Mask R-CNN: input a list of float (3, H, W) in [0, 1] (standardised per image here); in training
     mode with targets (``masks`` (K, H, W), ``labels`` 1 cell / 2 nucleus) → ``{"loss_foreground",
-    "loss_contact"}`` (binary cross-entropy; contacts weighted ``contact_weight``, they are rare); in
-    eval mode → per image ``{"boxes", "labels", "scores", "masks" (K, 1, H, W)}``."""
+    "loss_contact", "loss_dice", "loss_offset"}`` (binary cross-entropy, contacts weighted
+    ``contact_weight`` as they are rare; soft Dice of the four binary maps; smooth L1 of the offsets
+    over cell pixels); in eval mode → per image ``{"boxes", "labels", "scores", "masks" (K, 1, H, W)}``."""
 
     def __init__(
         self,
@@ -513,19 +533,23 @@ class UNetWatershed(nn.Module):
         detections_per_img: int = 500,
         min_area: int = 4,
         contact_weight: float = 4.0,
+        offsets: bool = True,
+        vote_radius: float = 2.0,
     ):
         super().__init__()
         self.score_thresh, self.detections_per_img, self.min_area = score_thresh, detections_per_img, min_area
+        self.offsets, self.vote_radius = offsets, vote_radius
         self.register_buffer("pos_weight", torch.tensor([1.0, contact_weight, 1.0, contact_weight]).view(1, 4, 1, 1))
         self.norm = nn.InstanceNorm2d(3, affine=False)
         self.down = nn.ModuleList(_double_conv(3 if i == 0 else widths[i - 1], w) for i, w in enumerate(widths))
         rev = list(range(len(widths) - 1, 0, -1))
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i], widths[i - 1], 2, stride=2) for i in rev)
         self.dec = nn.ModuleList(_double_conv(2 * widths[i - 1], widths[i - 1]) for i in rev)
-        self.head = nn.Conv2d(widths[0], 4, 1)
+        self.head = nn.Conv2d(widths[0], 6 if offsets else 4, 1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) → (N, 4, H, W) logits (padded inside to a multiple of the deepest stride)."""
+        """(N, 3, H, W) → (N, 6 or 4, H, W) outputs (padded inside to a multiple of the deepest stride):
+        four logits, then the two offset maps."""
         import torch.nn.functional as F
 
         h, w = x.shape[-2:]
@@ -540,32 +564,65 @@ class UNetWatershed(nn.Module):
         return self.head(x)[..., :h, :w]
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
-        import torch.nn.functional as F
-
-        logits = self.logits(torch.stack(images))
+        out = self.logits(torch.stack(images))
         if self.training:
             if targets is None:
                 raise ValueError("UNetWatershed needs targets in training mode")
-            y = torch.stack([self.target_maps(t) for t in targets]).to(logits.device)
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight, reduction="none")
-            return {"loss_foreground": loss[:, 0::2].mean(), "loss_contact": loss[:, 1::2].mean()}
-        probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
-        return [self.instances(p, logits.device) for p in probs]
+            y = torch.stack([self.target_maps(t, self.offsets) for t in targets]).to(out.device)
+            return self.losses(out, y)
+        maps = out.detach().float()
+        maps[:, :4] = torch.sigmoid(maps[:, :4])
+        return [self.instances(p, out.device) for p in maps.cpu().numpy()]
+
+    def losses(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch.nn.functional as F
+
+        logits, maps = out[:, :4], y[:, :4]
+        bce = F.binary_cross_entropy_with_logits(logits, maps, pos_weight=self.pos_weight, reduction="none")
+        p = torch.sigmoid(logits)
+        dice = 1 - (2 * (p * maps).sum((0, 2, 3)) + 1) / ((p + maps).sum((0, 2, 3)) + 1)
+        losses = {"loss_foreground": bce[:, 0::2].mean(), "loss_contact": bce[:, 1::2].mean(), "loss_dice": dice.mean()}
+        if self.offsets:
+            cell = maps[:, :1]
+            err = F.smooth_l1_loss(out[:, 4:6], y[:, 4:6], reduction="none", beta=0.1) * cell
+            losses["loss_offset"] = err.sum() / (2 * cell.sum()).clamp(min=1)
+        return losses
 
     @staticmethod
-    def target_maps(target: dict) -> torch.Tensor:
-        """Mask R-CNN targets of one image → (4, H, W) float: cell foreground, cell contacts, nucleus
-        foreground, nucleus contacts."""
-        maps = []
+    def target_maps(target: dict, offsets: bool = True) -> torch.Tensor:
+        """Mask R-CNN targets of one image → (6, H, W) float (``offsets=False``: the first four): cell
+        foreground, cell contacts, nucleus foreground, nucleus contacts, and per cell pixel the offset
+        (y, x) ÷ :data:`OFFSET_SCALE` to the centre of the nucleus that lies in that cell (of the cell's
+        visible pixels where it shows none), 0 elsewhere."""
+        maps, ids = [], []
         for label in (1, 2):
             m = target["masks"][target["labels"] == label].to(torch.int64)
             # one class's instances are disjoint: the weighted sum is its id map (all zeros when it has none)
-            ids = (m * torch.arange(1, len(m) + 1, device=m.device).view(-1, 1, 1)).sum(0)
-            maps += [ids > 0, instance_contacts(ids[None])[0]]
-        return torch.stack(maps).float()
+            ids.append((m * torch.arange(1, len(m) + 1, device=m.device).view(-1, 1, 1)).sum(0))
+            maps += [ids[-1] > 0, instance_contacts(ids[-1][None])[0]]
+        maps = [m.float() for m in maps]
+        if offsets:
+            maps += list(UNetWatershed._offset_targets(target, ids[0]))
+        return torch.stack(maps)
+
+    @staticmethod
+    def _offset_targets(target: dict, cell_ids: torch.Tensor) -> torch.Tensor:
+        cells = target["masks"][target["labels"] == 1].bool()
+        nuclei = target["masks"][target["labels"] == 2].bool()
+        h, w = cell_ids.shape
+        if not len(cells):
+            return torch.zeros((2, h, w))
+        centre = _centroids(cells)
+        if len(nuclei):
+            overlap = cells.flatten(1).float() @ nuclei.flatten(1).float().T  # (cells, nuclei) shared pixels
+            best, which = overlap.max(1)
+            centre = torch.where((best > 0)[:, None], _centroids(nuclei)[which], centre)
+        anchor = torch.cat([torch.zeros(1, 2), centre])[cell_ids]  # (H, W, 2); background → 0
+        grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float()
+        return ((anchor - grid) * (cell_ids > 0)[..., None] / OFFSET_SCALE).permute(2, 0, 1)
 
     def instances(self, p, device=None) -> dict:
-        """(4, H, W) probabilities → one image's detections (see the class)."""
+        """(6 or 4, H, W) maps (probabilities, then offsets) → one image's detections (see the class)."""
         import numpy as np
         from scipy import ndimage as ndi
         from skimage.measure import label as connected
@@ -575,7 +632,11 @@ class UNetWatershed(nn.Module):
         nuc_fg = p[2] >= 0.5
         nuclei = watershed(p[3] - p[2], connected(nuc_fg & (p[3] < 0.5), connectivity=1), mask=nuc_fg)
         cell_fg = p[0] >= 0.5
-        cells = watershed(p[1] - p[0], np.where(cell_fg, nuclei, 0), mask=cell_fg)
+        if len(p) > 4:
+            cells = self._votes(p, nuclei, cell_fg)
+        else:
+            cells = np.where(cell_fg, nuclei, 0)
+        cells = watershed(p[1] - p[0], cells, mask=cell_fg)
         orphans = connected(cell_fg & (cells == 0), connectivity=1)
         cells = np.where(orphans > 0, orphans + cells.max(), cells)
         masks, scores, labels = [], [], []
@@ -605,6 +666,21 @@ class UNetWatershed(nn.Module):
             "masks": m[:, None].float().to(device),
         }
 
+    def _votes(self, p, nuclei, cell_fg):
+        """Cell ids from the offset maps: each foreground pixel takes the id of the nucleus (grown by
+        ``vote_radius`` px) its offset points into, 0 where it points into none."""
+        import numpy as np
+        from skimage.segmentation import expand_labels
+
+        h, w = cell_fg.shape
+        target = expand_labels(nuclei, distance=self.vote_radius)
+        ys, xs = np.nonzero(cell_fg)
+        vy = np.clip(np.rint(ys + p[4, ys, xs] * OFFSET_SCALE), 0, h - 1).astype(np.int64)
+        vx = np.clip(np.rint(xs + p[5, ys, xs] * OFFSET_SCALE), 0, w - 1).astype(np.int64)
+        cells = np.zeros((h, w), np.int64)
+        cells[ys, xs] = target[vy, vx]
+        return cells
+
 
 def build_segmenter(
     backbone_name: str = "unet",
@@ -614,6 +690,7 @@ def build_segmenter(
     detections_per_img: int = 500,
     anchors: dict | None = None,
     min_area: int = 4,
+    offsets: bool = True,
 ) -> nn.Module:
     """A cell and nucleus instance segmenter. Input: list of float (3, H, W) in [0, 1]; output per
     image ``{"boxes", "labels" (1 cell, 2 nucleus), "scores", "masks" (k, 1, H, W)}``.
@@ -634,6 +711,7 @@ def build_segmenter(
             score_thresh=score_thresh,
             detections_per_img=detections_per_img,
             min_area=min_area,
+            offsets=offsets,
         )
     levels = SEGMENTER_LEVELS[backbone_name]
     gen = _anchor_generator(backbone_name, levels, anchors, [8, 16, 32, 64, 128][:levels])
@@ -693,6 +771,7 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
         detections_per_img=int(config.get("detections_per_img", 500)),
         anchors=config.get("anchors"),
         min_area=int(config.get("min_area", 4)),
+        offsets="head.weight" not in state or state["head.weight"].shape[0] == 6,  # U-Nets saved before offsets: 4
     )
     model.load_state_dict(state)
     return model.eval(), config

@@ -97,8 +97,7 @@ def test_contacts_mark_both_sides_where_cells_touch_and_nothing_else():
     assert torch.equal(c, want)
 
 
-def _truth_probabilities() -> tuple[dict, np.ndarray]:
-    """Instance targets of hand-made maps and the U-Net's four maps as a perfect model would give them."""
+def _truth_maps() -> torch.Tensor:
     m = torch.zeros(2, 40, 40, dtype=torch.int64)
     m[0, 2:12, 2:20] = 1  # two cells that touch, each with its nucleus
     m[0, 2:12, 20:36] = 2
@@ -106,26 +105,59 @@ def _truth_probabilities() -> tuple[dict, np.ndarray]:
     m[1, 5:8, 26:30] = 2
     m[0, 20:30, 5:15] = 3  # a cell whose nucleus is hidden
     m[0, 38:40, 38:39] = 4  # a 2-pixel sliver: not an instance at min_area 4
-    t = engine.instance_targets(m)
+    m[0, 14:17, 2:38] = 5  # a spindle that cell 6 crosses: its visible part is in two pieces
+    m[1, 14:17, 6:10] = 5
+    m[0, 12:20, 18:22] = 6
+    m[1, 15:18, 19:21] = 6
+    return m
+
+
+def _truth_probabilities() -> tuple[dict, np.ndarray]:
+    """Instance targets of hand-made maps and the U-Net's six maps as a perfect model would give them."""
+    t = engine.instance_targets(_truth_maps())
     return t, models.UNetWatershed.target_maps(t).numpy()
+
+
+def _instances(r: dict) -> list[tuple]:
+    return sorted(
+        (int(lab), tuple(int(v) for v in b), int(m.sum()))
+        for lab, b, m in zip(r["labels"], r["boxes"], r["masks"], strict=True)
+    )
+
+
+def test_offset_targets_point_at_the_cells_own_nucleus_or_its_centre():
+    t, p = _truth_probabilities()
+    assert p.shape == (6, 40, 40)
+    off = p[4:] * models.OFFSET_SCALE
+    # cell 1's nucleus covers rows 5-7, columns 8-11: centre (6, 9.5); from pixel (2, 2): (+4, +7.5)
+    assert off[:, 2, 2] == pytest.approx([4.0, 7.5])
+    # both pieces of the crossed spindle point at its nucleus, centre (15, 7.5)
+    assert off[:, 14, 2] == pytest.approx([1.0, 5.5]) and off[:, 16, 37] == pytest.approx([-1.0, -29.5])
+    # the cell with no visible nucleus points at its own centre (24.5, 9.5)
+    assert off[:, 20, 5] == pytest.approx([4.5, 4.5])
+    assert (off[:, 35, 0] == 0).all() and (off[:, p[0] == 0] == 0).all()  # nothing off the cells
 
 
 def test_unet_watershed_turns_perfect_maps_into_the_exact_instances():
     t, p = _truth_probabilities()
-    assert p.shape == (4, 40, 40) and p[1].sum() == 2 * 10  # both sides of the shared edge
+    assert p[1][2:12, 19:21].all() and p[1][p[0] == 0].sum() == 0  # both sides of a shared edge, only on cells
     net = models.build_segmenter("unet", min_area=4).eval()
     r = net.instances(p)
-    assert sorted(r["labels"].tolist()) == [1, 1, 1, 2, 2]
-    pred = {(int(lab), tuple(int(v) for v in b)) for lab, b in zip(r["labels"], r["boxes"], strict=True)}
-    truth = {(int(lab), tuple(int(v) for v in b)) for lab, b in zip(t["labels"], t["boxes"], strict=True)}
-    assert pred == truth  # the touching cells split at their edge, the nucleus-less cell kept
-    assert r["masks"].shape == (5, 1, 40, 40)
-    assert sorted(r["masks"].sum((1, 2, 3)).tolist()) == sorted(t["masks"].sum((1, 2)).float().tolist())
-    assert torch.allclose(r["scores"], torch.ones(5))
+    assert sorted(r["labels"].tolist()) == [1, 1, 1, 1, 1, 2, 2, 2, 2]
+    # the touching cells split at their edge, the nucleus-less cell kept, the crossed spindle one
+    # instance of two pieces (36 × 3 less the 4 columns of the cell on top), exact boxes and areas
+    assert _instances(r) == _instances(t)
+    assert (1, (2, 14, 38, 17), 96) in _instances(r)
+    assert r["masks"].shape == (9, 1, 40, 40)
+    assert torch.allclose(r["scores"], torch.ones(9))
+    # the four-map model (artifacts saved before the offsets) floods cells from their nuclei: the
+    # spindle's far piece goes to the cell that crosses it
+    old = _instances(models.build_segmenter("unet", min_area=4, offsets=False).eval().instances(p[:4]))
+    assert (1, (2, 14, 18, 17), 48) in old and (1, (2, 14, 38, 17), 96) not in old
     # no cell at all: no instance, not an error; one cell covering the whole image: one instance
-    empty = net.instances(np.zeros((4, 16, 16), np.float32))
+    empty = net.instances(np.zeros((6, 16, 16), np.float32))
     assert empty["masks"].shape == (0, 1, 16, 16) and empty["boxes"].shape == (0, 4)
-    full = np.zeros((4, 16, 16), np.float32)
+    full = np.zeros((6, 16, 16), np.float32)
     full[0] = 0.9
     one = net.instances(full)
     assert one["labels"].tolist() == [1] and one["boxes"].tolist() == [[0, 0, 16, 16]]
@@ -139,11 +171,29 @@ def test_unet_watershed_trains_like_a_torchvision_detection_model(backbone):
     assert net.head.in_channels == models.UNET_WIDTHS[backbone][0]
     x = torch.rand(3, 40, 40)
     losses = net([x, x], [t, t])
-    assert set(losses) == {"loss_foreground", "loss_contact"}
+    assert set(losses) == {"loss_foreground", "loss_contact", "loss_dice", "loss_offset"}
+    assert all(v > 0 for v in losses.values())
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     out = net.eval()([torch.rand(3, 37, 45)])  # any size: padded inside, cropped back
     assert out[0]["masks"].shape[-2:] == (37, 45)
+
+
+def test_a_segmenter_saved_before_the_offsets_still_loads(tmp_path):
+    old = models.build_segmenter("unet", offsets=False)
+    models.save_artifact(
+        tmp_path / "art",
+        old.state_dict(),
+        {"kind": "segmenter", "architecture": "unet", "image_size": 64, "score_thresholds": {"cell": 0.5}},
+    )
+    model, _ = models.load_segmenter(tmp_path / "art")
+    assert not model.offsets and model.head.out_channels == 4
+    assert model([torch.rand(3, 32, 32)])[0]["masks"].shape[-2:] == (32, 32)
+    new = models.build_segmenter("unet")
+    models.save_artifact(
+        tmp_path / "new", new.state_dict(), {"kind": "segmenter", "architecture": "unet", "image_size": 64}
+    )
+    assert models.load_segmenter(tmp_path / "new")[0].offsets
 
 
 @pytest.mark.slow
