@@ -14,13 +14,16 @@ orientation         angle of the major axis to the image rows, radians in (-π/2
 circularity         4π·area / perimeter²
 nucleus_area        nucleus pixels inside the cell (NaN without a nucleus mask)
 nucleus_ratio       nucleus_area / area
+nucleus_aspect      major / minor axis of the nucleus pixels in the cell (NaN without): a nucleus takes
+                    the shape of its spindle, and nuclei segment far better than whole cells do
 touches_border      the cell is cut by the image edge (its shape is partial)
 flattened           enlarged and not spindle-shaped: area ≥ ``FLAT_AREA`` × the image's median cell
                     area and aspect_ratio ≤ ``FLAT_ASPECT`` (the abnormal morphology of the study)
 ==================  =============================================================================
 
 Per image: cell count, density (cells per 10⁴ px²), confluence from the masks (covered fraction, %),
-median and IQR of area, aspect ratio, eccentricity, solidity, circularity and nucleus ratio (cells cut
+median and IQR of area, aspect ratio, eccentricity, solidity, circularity, nucleus area, nucleus ratio
+and nucleus aspect ratio (cells cut
 by the border left out of the shape statistics when any whole cell remains), the share of flattened
 cells, and the alignment of the cells (mean resultant length of the doubled orientation angles, 0 random
 to 1 all parallel). An image without cells gives a row with count 0, confluence 0 and NaN shapes.
@@ -32,7 +35,16 @@ import numpy as np
 
 FLAT_AREA = 2.0
 FLAT_ASPECT = 2.0
-SHAPES = ("area", "aspect_ratio", "eccentricity", "solidity", "circularity", "nucleus_ratio")
+SHAPES = (
+    "area",
+    "aspect_ratio",
+    "eccentricity",
+    "solidity",
+    "circularity",
+    "nucleus_area",
+    "nucleus_ratio",
+    "nucleus_aspect",
+)
 
 CELL_COLUMNS = (
     "cell_id",
@@ -47,6 +59,7 @@ CELL_COLUMNS = (
     "circularity",
     "nucleus_area",
     "nucleus_ratio",
+    "nucleus_aspect",
     "centroid_y",
     "centroid_x",
     "touches_border",
@@ -85,12 +98,22 @@ def cell_features(cells: np.ndarray, nuclei: np.ndarray | None = None) -> list[d
             raise ValueError(f"nucleus mask {nuclei.shape} and cell mask {cells.shape} differ in shape")
     h, w = cells.shape
     inside = None if nuclei is None else (nuclei > 0).astype(np.uint8)
+    # the nucleus pixels inside each cell (whatever ids the nucleus mask uses): their axes, per cell id
+    nuc_axes = (
+        {}
+        if nuclei is None
+        else {
+            int(n.label): (float(n.axis_major_length), float(n.axis_minor_length))
+            for n in regionprops(np.where(nuclei > 0, cells, 0))
+        }
+    )
     rows = []
     for r in regionprops(cells, intensity_image=inside):
         minr, minc, maxr, maxc = r.bbox
         major, minor = float(r.axis_major_length), float(r.axis_minor_length)
         perim = float(r.perimeter)
         nuc = float(r.image_intensity[r.image].sum()) if inside is not None else float("nan")
+        n_major, n_minor = nuc_axes.get(int(r.label), (float("nan"), float("nan")))
         rows.append(
             {
                 "cell_id": int(r.label),
@@ -105,6 +128,7 @@ def cell_features(cells: np.ndarray, nuclei: np.ndarray | None = None) -> list[d
                 "circularity": float(4 * np.pi * r.area / perim**2) if perim > 0 else float("nan"),
                 "nucleus_area": nuc,
                 "nucleus_ratio": nuc / float(r.area),
+                "nucleus_aspect": n_major / n_minor if n_minor > 0 else float("nan"),
                 "centroid_y": float(r.centroid[0]),
                 "centroid_x": float(r.centroid[1]),
                 "touches_border": bool(minr == 0 or minc == 0 or maxr == h or maxc == w),

@@ -26,12 +26,29 @@ def test_a_rectangle_and_an_ellipse_have_their_known_measures():
     assert abs(rect["orientation"]) == pytest.approx(math.pi / 2)  # long side along the columns
     assert rect["nucleus_area"] == np.count_nonzero(nuclei) == 25  # all inside the cell
     assert rect["nucleus_ratio"] == pytest.approx(25 / 400)
+    assert rect["nucleus_aspect"] == pytest.approx(1.0)  # a disc
     assert ell["area"] == pytest.approx(math.pi * 10 * 20, rel=0.03)
     assert ell["major_axis"] == pytest.approx(40, rel=0.03) and ell["minor_axis"] == pytest.approx(20, rel=0.05)
     assert ell["aspect_ratio"] == pytest.approx(2.0, rel=0.05)
     assert ell["eccentricity"] == pytest.approx(math.sqrt(1 - 0.25), abs=0.01)
-    assert ell["solidity"] > 0.97 and ell["nucleus_area"] == 0
+    assert ell["solidity"] > 0.97 and ell["nucleus_area"] == 0 and math.isnan(ell["nucleus_aspect"])
     assert not rect["touches_border"] and not ell["touches_border"]
+
+
+def test_a_nucleus_keeps_its_cells_id_and_its_own_shape():
+    cells = np.zeros((40, 60), np.uint16)
+    cells[5:15, 5:45] = 3
+    cells[20:36, 5:21] = 4
+    nuclei = np.zeros_like(cells)
+    nuclei[8:12, 10:22] = 3  # 4 rows × 12 columns
+    nuclei[25:31, 10:16] = 4  # a square
+    long, square = morphology.cell_features(cells, nuclei)
+    # second moments of an n × m block: axis ratio sqrt((n² − 1) / (m² − 1))
+    assert long["nucleus_aspect"] == pytest.approx(math.sqrt((12**2 - 1) / (4**2 - 1)))
+    assert long["nucleus_area"] == 48 and square["nucleus_aspect"] == pytest.approx(1.0)
+    img = morphology.image_features([long, square], cells.shape)
+    assert img["nucleus_aspect_median"] == pytest.approx((long["nucleus_aspect"] + 1) / 2)
+    assert img["nucleus_area_median"] == pytest.approx((48 + 36) / 2)
 
 
 def test_image_summary_counts_covers_and_finds_flattened_and_aligned_cells():
