@@ -610,16 +610,17 @@ class UNetWatershed(nn.Module):
         cells = target["masks"][target["labels"] == 1].bool()
         nuclei = target["masks"][target["labels"] == 2].bool()
         h, w = cell_ids.shape
+        dev = cell_ids.device
         if not len(cells):
-            return torch.zeros((2, h, w))
+            return torch.zeros((2, h, w), device=dev)
         centre = _centroids(cells)
         if len(nuclei):
             overlap = cells.flatten(1).float() @ nuclei.flatten(1).float().T  # (cells, nuclei) shared pixels
             best, which = overlap.max(1)
             centre = torch.where((best > 0)[:, None], _centroids(nuclei)[which], centre)
-        anchor = torch.cat([torch.zeros(1, 2), centre])[cell_ids]  # (H, W, 2); background → 0
-        grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float()
-        return ((anchor - grid) * (cell_ids > 0)[..., None] / OFFSET_SCALE).permute(2, 0, 1)
+        anchor = torch.cat([centre.new_zeros(1, 2), centre])[cell_ids]  # (H, W, 2); background → 0
+        grid = torch.stack(torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij"), -1)
+        return ((anchor - grid.float()) * (cell_ids > 0)[..., None] / OFFSET_SCALE).permute(2, 0, 1)
 
     def instances(self, p, device=None) -> dict:
         """(6 or 4, H, W) maps (probabilities, then offsets) → one image's detections (see the class)."""

@@ -23,10 +23,10 @@ flattened           enlarged and not spindle-shaped: area ≥ ``FLAT_AREA`` × t
 
 Per image: cell count, density (cells per 10⁴ px²), confluence from the masks (covered fraction, %),
 median and IQR of area, aspect ratio, eccentricity, solidity, circularity, nucleus area, nucleus ratio
-and nucleus aspect ratio (cells cut
-by the border left out of the shape statistics when any whole cell remains), the share of flattened
-cells, and the alignment of the cells (mean resultant length of the doubled orientation angles, 0 random
-to 1 all parallel). An image without cells gives a row with count 0, confluence 0 and NaN shapes.
+and nucleus aspect ratio (cells cut by the border left out of the shape statistics when any whole cell
+remains), the share of flattened cells, and the alignment of the cells (mean resultant length of the
+doubled orientation angles, 0 random to 1 all parallel). An image without cells gives a row with
+count 0, confluence 0 and NaN shapes.
 """
 
 from __future__ import annotations

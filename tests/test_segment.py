@@ -179,6 +179,18 @@ def test_unet_watershed_trains_like_a_torchvision_detection_model(backbone):
     assert out[0]["masks"].shape[-2:] == (37, 45)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_unet_builds_its_targets_and_trains_on_a_gpu():
+    t, p = _truth_probabilities()
+    dev = torch.device("cuda")
+    net = models.build_segmenter("unet").to(dev).train()
+    tc = {k: v.to(dev) for k, v in t.items()}  # as train_detector_epoch hands them over
+    assert torch.allclose(models.UNetWatershed.target_maps(tc).cpu(), torch.from_numpy(p))
+    losses = net([torch.rand(3, 40, 40, device=dev)], [tc])
+    sum(losses.values()).backward()
+    assert all(v.isfinite() for v in losses.values())
+
+
 def test_a_segmenter_saved_before_the_offsets_still_loads(tmp_path):
     old = models.build_segmenter("unet", offsets=False)
     models.save_artifact(
