@@ -97,23 +97,22 @@ def cell_features(cells: np.ndarray, nuclei: np.ndarray | None = None) -> list[d
         if nuclei.shape != cells.shape:
             raise ValueError(f"nucleus mask {nuclei.shape} and cell mask {cells.shape} differ in shape")
     h, w = cells.shape
-    inside = None if nuclei is None else (nuclei > 0).astype(np.uint8)
-    # the nucleus pixels inside each cell (whatever ids the nucleus mask uses): their axes, per cell id
-    nuc_axes = (
+    # the nucleus pixels inside each cell (whatever ids the nucleus mask uses): their area and axes, per cell id
+    nuc_props = (
         {}
         if nuclei is None
         else {
-            int(n.label): (float(n.axis_major_length), float(n.axis_minor_length))
+            int(n.label): (float(n.area), float(n.axis_major_length), float(n.axis_minor_length))
             for n in regionprops(np.where(nuclei > 0, cells, 0))
         }
     )
+    none = (float("nan"),) * 3 if nuclei is None else (0.0, float("nan"), float("nan"))
     rows = []
-    for r in regionprops(cells, intensity_image=inside):
+    for r in regionprops(cells):
         minr, minc, maxr, maxc = r.bbox
         major, minor = float(r.axis_major_length), float(r.axis_minor_length)
         perim = float(r.perimeter)
-        nuc = float(r.image_intensity[r.image].sum()) if inside is not None else float("nan")
-        n_major, n_minor = nuc_axes.get(int(r.label), (float("nan"), float("nan")))
+        nuc, n_major, n_minor = nuc_props.get(int(r.label), none)
         rows.append(
             {
                 "cell_id": int(r.label),
