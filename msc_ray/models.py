@@ -487,6 +487,8 @@ def instance_contacts(ids: torch.Tensor) -> torch.Tensor:
     return (ids > 0) & ((hi != f) | ((lo != f) & torch.isfinite(lo)))
 
 
+# vote-centre thresholds the inner validation folds choose from (votes per pixel after σ 1 px smoothing; 0: off)
+VOTE_PEAKS = (0.0, 3.0, 4.0, 6.0)
 OFFSET_SCALE = 16.0  # pixels per unit of the U-Net's offset maps (a cell's pixels lie within ~30 px of its nucleus)
 
 
@@ -514,7 +516,14 @@ class UNetWatershed(nn.Module):
     visible parts, which no region growing can join (about half the visible cells of a dense synthetic
     culture are in parts). Foreground that votes for no nucleus is flooded from the voted cells over
     the relief ``contacts − foreground`` where it touches them, and becomes cells of its own where it
-    does not. An instance's score is its mean foreground probability. Smaller than ``min_area``
+    does not. With ``vote_peak`` > 0 the votes also find nuclei the maps merge: the votes are counted per
+    pixel and smoothed (Gaussian, σ 1 px), and every local maximum of at least ``vote_peak`` votes is a
+    nucleus centre; a (grown) nucleus holding two or more centres is split between them (nearest
+    centre), and a centre outside every nucleus (a cell whose nucleus is hidden) becomes a seed of
+    ``vote_radius`` px of its own. Touching nuclei of a dense culture merge in the maps at a few pixels
+    wide; their cells' votes still point at two centres. ``vote_peak`` is chosen on the inner validation
+    folds (:data:`VOTE_PEAKS`, :func:`msc_ray.segment.choose_vote_peak`); 0 turns it off (artifacts
+    saved before it). An instance's score is its mean foreground probability. Smaller than ``min_area``
     pixels: dropped. ``offsets=False``: the four-map model of earlier artifacts (cells flooded from
     the nuclei over that relief).
 
@@ -535,10 +544,11 @@ class UNetWatershed(nn.Module):
         contact_weight: float = 4.0,
         offsets: bool = True,
         vote_radius: float = 2.0,
+        vote_peak: float = 0.0,
     ):
         super().__init__()
         self.score_thresh, self.detections_per_img, self.min_area = score_thresh, detections_per_img, min_area
-        self.offsets, self.vote_radius = offsets, vote_radius
+        self.offsets, self.vote_radius, self.vote_peak = offsets, vote_radius, float(vote_peak)
         self.register_buffer("pos_weight", torch.tensor([1.0, contact_weight, 1.0, contact_weight]).view(1, 4, 1, 1))
         self.norm = nn.InstanceNorm2d(3, affine=False)
         self.down = nn.ModuleList(_double_conv(3 if i == 0 else widths[i - 1], w) for i, w in enumerate(widths))
@@ -634,7 +644,7 @@ class UNetWatershed(nn.Module):
         nuclei = watershed(p[3] - p[2], connected(nuc_fg & (p[3] < 0.5), connectivity=1), mask=nuc_fg)
         cell_fg = p[0] >= 0.5
         if len(p) > 4:
-            cells = self._votes(p, nuclei, cell_fg)
+            cells, nuclei = self._votes(p, nuclei, cell_fg)
         else:
             cells = np.where(cell_fg, nuclei, 0)
         cells = watershed(p[1] - p[0], cells, mask=cell_fg)
@@ -669,18 +679,57 @@ class UNetWatershed(nn.Module):
 
     def _votes(self, p, nuclei, cell_fg):
         """Cell ids from the offset maps: each foreground pixel takes the id of the nucleus (grown by
-        ``vote_radius`` px) its offset points into, 0 where it points into none."""
+        ``vote_radius`` px) its offset points into, 0 where it points into none. Returns ``(cells,
+        nuclei)``: the nuclei split between the centres the votes find when ``vote_peak`` > 0."""
         import numpy as np
         from skimage.segmentation import expand_labels
 
         h, w = cell_fg.shape
-        target = expand_labels(nuclei, distance=self.vote_radius)
+        target = expand_labels(nuclei, distance=self.vote_radius).astype(np.int64)
         ys, xs = np.nonzero(cell_fg)
         vy = np.clip(np.rint(ys + p[4, ys, xs] * OFFSET_SCALE), 0, h - 1).astype(np.int64)
         vx = np.clip(np.rint(xs + p[5, ys, xs] * OFFSET_SCALE), 0, w - 1).astype(np.int64)
+        if self.vote_peak > 0 and len(ys):
+            target = self._split_by_centres(target, vy, vx)
+            nuclei = np.where(nuclei > 0, target, 0)
         cells = np.zeros((h, w), np.int64)
         cells[ys, xs] = target[vy, vx]
-        return cells
+        return cells, nuclei
+
+    def _split_by_centres(self, target, vy, vx):
+        """The grown nucleus map with each region that holds several vote centres split between them
+        (nearest centre), and a seed of ``vote_radius`` px added at every centre outside all regions."""
+        import numpy as np
+        from scipy import ndimage as ndi
+        from skimage.feature import peak_local_max
+        from skimage.segmentation import expand_labels
+
+        h, w = target.shape
+        votes = np.zeros((h, w), np.float64)
+        np.add.at(votes, (vy, vx), 1.0)
+        centres = peak_local_max(
+            ndi.gaussian_filter(votes, 1.0), min_distance=1, threshold_abs=self.vote_peak, exclude_border=False
+        )
+        if not len(centres):
+            return target
+        target = target.copy()
+        owner = target[centres[:, 0], centres[:, 1]]
+        nxt = int(target.max()) + 1
+        for k in np.unique(owner[owner > 0]):
+            mine = centres[owner == k]
+            if len(mine) < 2:
+                continue
+            ry, rx = np.nonzero(target == k)
+            near = ((ry[:, None] - mine[None, :, 0]) ** 2 + (rx[:, None] - mine[None, :, 1]) ** 2).argmin(1)
+            target[ry, rx] = np.where(near == 0, k, nxt + near - 1)
+            nxt += len(mine) - 1
+        free = centres[owner == 0]
+        if len(free):
+            seeds = np.zeros((h, w), np.int64)
+            seeds[free[:, 0], free[:, 1]] = np.arange(nxt, nxt + len(free))
+            grown = expand_labels(seeds, distance=self.vote_radius)
+            target = np.where((target == 0) & (grown > 0), grown, target)
+        return target
 
 
 def build_segmenter(
@@ -692,6 +741,7 @@ def build_segmenter(
     anchors: dict | None = None,
     min_area: int = 4,
     offsets: bool = True,
+    vote_peak: float = 0.0,
 ) -> nn.Module:
     """A cell and nucleus instance segmenter. Input: list of float (3, H, W) in [0, 1]; output per
     image ``{"boxes", "labels" (1 cell, 2 nucleus), "scores", "masks" (k, 1, H, W)}``.
@@ -713,6 +763,7 @@ def build_segmenter(
             detections_per_img=detections_per_img,
             min_area=min_area,
             offsets=offsets,
+            vote_peak=vote_peak,
         )
     levels = SEGMENTER_LEVELS[backbone_name]
     gen = _anchor_generator(backbone_name, levels, anchors, [8, 16, 32, 64, 128][:levels])
@@ -773,6 +824,7 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
         anchors=config.get("anchors"),
         min_area=int(config.get("min_area", 4)),
         offsets="head.weight" not in state or state["head.weight"].shape[0] == 6,  # U-Nets saved before offsets: 4
+        vote_peak=float(config.get("vote_peak", 0.0)),  # artifacts saved before the vote centres: off
     )
     model.load_state_dict(state)
     return model.eval(), config

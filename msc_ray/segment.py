@@ -97,17 +97,39 @@ class SegFoldResult:
     val_preds: list  # inner validation: the counting thresholds are chosen here
     preds: list  # outer fold
     ap: dict  # outer-fold mask AP per class
+    vote_peak: float = 0.0  # the U-Net's vote-centre threshold, chosen on the inner validation part
+
+
+def choose_vote_peak(model, val: engine.Cache, aug: engine.Augmenter, *, batch_size: int, device) -> tuple[float, list]:
+    """The U-Net's vote-centre threshold (:data:`msc_ray.models.VOTE_PEAKS`) with the lowest counting
+    error on the inner validation part ``val`` (cells plus nuclei, each at its own best score threshold),
+    set on ``model``; returns it and the validation predictions made with it. Other segmenters: 0."""
+    if not getattr(model, "offsets", False):
+        return 0.0, engine.predict_instances(model, val, aug, batch_size=batch_size, device=device, with_masks=False)
+    best = None
+    for peak in models.VOTE_PEAKS:
+        model.vote_peak = peak
+        preds = engine.predict_instances(model, val, aug, batch_size=batch_size, device=device, with_masks=False)
+        th = engine.choose_count_thresholds(preds)
+        err = sum(engine.count_error(preds, label, th[name]) for label, name in ((1, "cell"), (2, "nucleus")))
+        err = err if np.isfinite(err) else np.inf
+        log.info("vote centres at %.1f votes: inner counting error %.3f", peak, err)
+        if best is None or err < best[0]:
+            best = (err, peak, preds)
+    model.vote_peak = best[1]
+    return best[1], best[2]
 
 
 def predict_fold(job: SegmentJobConfig, fold: int, folds: int, ckpt_dir: str, cache: engine.Cache) -> SegFoldResult:
-    """The fold's best model on its inner validation part and, with mask AP, on its outer fold."""
+    """The fold's best model on its inner validation part (which chooses the vote-centre threshold)
+    and, with mask AP, on its outer fold."""
     _, val, test = cache.split(fold, folds)
     model, state = load_best(ckpt_dir, job)
     dev = _device(job)
     aug = engine.Augmenter(job.data_config(), train=False)
     bs = job.batch_size * 2
-    # the inner part chooses the counting thresholds: counts need no masks
-    vp = engine.predict_instances(model, val, aug, batch_size=bs, device=dev, with_masks=False)
+    # the inner part chooses the vote-centre and counting thresholds: counts need no masks
+    peak, vp = choose_vote_peak(model, val, aug, batch_size=bs, device=dev)
     metric = engine.mask_ap_metric()
     tp = engine.predict_instances(model, test, aug, batch_size=bs, device=dev, metric=metric)
     return SegFoldResult(
@@ -119,6 +141,7 @@ def predict_fold(job: SegmentJobConfig, fold: int, folds: int, ckpt_dir: str, ca
         val_preds=vp,
         preds=tp,
         ap=engine.mask_ap_summary(metric),
+        vote_peak=peak,
     )
 
 
@@ -130,6 +153,7 @@ def _table(results: list[SegFoldResult], thresholds: dict) -> tuple[list[dict], 
                 "fold": r.fold,
                 "epochs": r.epochs,
                 "best_epoch": r.best_epoch,
+                "vote_peak": r.vote_peak,
                 "images": len(r.preds),
                 "cells": int(sum(p["true_cells"] for p in r.preds)),
                 "nuclei": int(sum(p["true_nuclei"] for p in r.preds)),
@@ -159,7 +183,10 @@ def _write_table(rows: list[dict], summary: dict, thresholds: dict, job: Segment
         f"cell and nucleus parts of at least {job.min_area} px at {job.size} px. Counting error: mean "
         f"|predicted − true| / true per image, at score thresholds chosen on the inner validation folds "
         f"(cell {thresholds['cell']:.2f}, nucleus {thresholds['nucleus']:.2f}); confluence: the share of the "
-        "image under predicted cell masks at the cell threshold, against the true confluence.",
+        "image under predicted cell masks at the cell threshold, against the true confluence. U-Net vote-centre "
+        "threshold per fold (chosen on its inner validation part; 0: off): "
+        + ", ".join(f"fold {r['fold']} {r['vote_peak']:g}" for r in rows)
+        + ".",
     ]
     (out / "metrics.md").write_text("\n".join(md) + "\n")
 
@@ -183,6 +210,8 @@ def _panel(
     r = results[0]
     _, _, test = cache.split(r.fold, folds)
     model, _ = load_best(r.checkpoint, job)
+    if hasattr(model, "vote_peak"):
+        model.vote_peak = r.vote_peak
     dev = _device(job)
     aug = engine.Augmenter(job.data_config(), train=False)
     picks = np.linspace(0, len(test) - 1, min(n, len(test))).round().astype(int)
@@ -234,6 +263,7 @@ def _export(job: SegmentJobConfig, results: list[SegFoldResult], thresholds: dic
             "anchors": json.loads(saved["anchors"]),
             "stack": job.stack,
             "min_area": job.min_area,
+            "vote_peak": best.vote_peak,
             "trained_on": f"folds other than {best.fold} and its inner validation fold (best inner box AP@0.5)",
             "metrics": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in TABLE_KEYS},
             "run": {"out": job.out, "manifest": job.manifest, "epochs": best.best_epoch},

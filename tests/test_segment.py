@@ -164,6 +164,80 @@ def test_unet_watershed_turns_perfect_maps_into_the_exact_instances():
     assert one["scores"].item() == pytest.approx(0.9)
 
 
+def _touching_nuclei() -> np.ndarray:
+    """Six maps of two side-by-side cells (8 × 10 px each) whose nuclei touch, as a model that merges
+    the nuclei gives them: no contact pixel between the nuclei (nor between the cells), the offsets
+    exact (each cell's pixels point at its own nucleus centre, (3.5, 8) and (3.5, 11))."""
+    m = torch.zeros(2, 16, 24, dtype=torch.int64)
+    m[0, 0:8, 0:10], m[0, 0:8, 10:20] = 1, 2
+    m[1, 3:5, 7:10], m[1, 3:5, 10:13] = 1, 2
+    p = models.UNetWatershed.target_maps(engine.instance_targets(m)).numpy()
+    p[1] = p[3] = 0
+    return p
+
+
+def test_vote_centres_split_nuclei_that_the_maps_merge():
+    p = _touching_nuclei()
+    net = models.build_segmenter("unet", min_area=4).eval()
+    assert net.vote_peak == 0
+    # off (artifacts saved before it): one nucleus of 12 px, one cell of both
+    assert _instances(net.instances(p)) == [(1, (0, 0, 20, 8), 160), (2, (7, 3, 13, 5), 12)]
+    # on: each cell's 80 votes make a centre; the merged nucleus is split between the two centres
+    net.vote_peak = 3.0
+    assert _instances(net.instances(p)) == [
+        (1, (0, 0, 10, 8), 80),
+        (1, (10, 0, 20, 8), 80),
+        (2, (7, 3, 10, 5), 6),
+        (2, (10, 3, 13, 5), 6),
+    ]
+    # a threshold above every centre's smoothed votes finds none: as off
+    net.vote_peak = 100.0
+    assert len(net.instances(p)["labels"]) == 2
+    # on perfect maps the centres change nothing: the crossed spindle stays one instance, and the cell
+    # whose nucleus is hidden gets a seed of its own from its centre
+    t, q = _truth_probabilities()
+    net.vote_peak = 3.0
+    assert _instances(net.instances(q)) == _instances(t)
+
+
+def test_the_inner_validation_part_chooses_the_vote_centre_threshold(tmp_path):
+    """A U-Net that outputs the merged-nuclei maps for every image: off, it counts one cell and one
+    nucleus where there are two (error 0.5 each); the lowest threshold that splits them is chosen,
+    set on the model and saved in its artifact."""
+    p = _touching_nuclei()
+
+    class Fixed(models.UNetWatershed):
+        def logits(self, x):
+            maps = torch.from_numpy(p.copy())
+            maps[:4] = torch.logit(maps[:4].clamp(1e-4, 1 - 1e-4))
+            return maps.repeat(len(x), 1, 1, 1)
+
+    m = np.zeros((2, 2, 16, 24), np.uint16)
+    m[:, 0, 0:8, 0:10], m[:, 0, 0:8, 10:20] = 1, 2
+    m[:, 1, 3:5, 7:10], m[:, 1, 3:5, 10:13] = 1, 2
+    val = engine.Cache(
+        images=np.zeros((2, 3, 16, 24), np.uint8),
+        labels=np.zeros(2, np.int64),
+        rows=np.arange(2),
+        folds=np.zeros(2, np.int64),
+        keys=["a", "b"],
+        confluence=np.full(2, 160 / 384, np.float32),
+        masks=m,
+    )
+    net = Fixed().eval()
+    aug = engine.Augmenter(segment.SegmentJobConfig(manifest="m", out="o", size=16).data_config(), train=False)
+    peak, preds = segment.choose_vote_peak(net, val, aug, batch_size=2, device=torch.device("cpu"))
+    assert peak == min(v for v in models.VOTE_PEAKS if v > 0) and net.vote_peak == peak
+    assert [int((q["labels"] == 1).sum()) for q in preds] == [2, 2]
+    assert engine.count_error(preds, 1, 0.5) == 0 and engine.count_error(preds, 2, 0.5) == 0
+    models.save_artifact(
+        tmp_path / "art",
+        net.state_dict(),
+        {"kind": "segmenter", "architecture": "unet", "image_size": 16, "vote_peak": peak},
+    )
+    assert models.load_segmenter(tmp_path / "art")[0].vote_peak == peak
+
+
 @pytest.mark.parametrize("backbone", ["unet", "unet_wide"])
 def test_unet_watershed_trains_like_a_torchvision_detection_model(backbone):
     t, _ = _truth_probabilities()
@@ -206,6 +280,7 @@ def test_a_segmenter_saved_before_the_offsets_still_loads(tmp_path):
         tmp_path / "new", new.state_dict(), {"kind": "segmenter", "architecture": "unet", "image_size": 64}
     )
     assert models.load_segmenter(tmp_path / "new")[0].offsets
+    assert models.load_segmenter(tmp_path / "new")[0].vote_peak == 0  # saved before the vote centres: off
 
 
 @pytest.mark.slow
