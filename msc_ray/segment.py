@@ -277,6 +277,7 @@ def _export(job: SegmentJobConfig, results: list[SegFoldResult], thresholds: dic
             "stack": job.stack,
             "min_area": job.min_area,
             "vote_peak": best.vote_peak,
+            "contact_score": job.backbone in models.UNET_WIDTHS,
             "trained_on": f"folds other than {best.fold} and its inner validation fold (best inner box AP@0.5)",
             "metrics": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in TABLE_KEYS},
             "run": {"out": job.out, "manifest": job.manifest, "epochs": best.best_epoch},

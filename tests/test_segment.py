@@ -149,7 +149,15 @@ def test_unet_watershed_turns_perfect_maps_into_the_exact_instances():
     assert _instances(r) == _instances(t)
     assert (1, (2, 14, 38, 17), 96) in _instances(r)
     assert r["masks"].shape == (9, 1, 40, 40)
-    assert torch.allclose(r["scores"], torch.ones(9))
+    # score: mean foreground (1 here) times one minus mean contact: 1 for the cell that touches nothing
+    # (rows 20-29, 100 px) and the nuclei, less for cells that share edges
+    masks = r["masks"][:, 0].numpy() > 0
+    want = [1 - p[1 if lab == 1 else 3][m].mean() for lab, m in zip(r["labels"].tolist(), masks, strict=True)]
+    assert r["scores"].numpy() == pytest.approx(want)
+    by_box = {tuple(int(v) for v in b): float(sc) for b, sc in zip(r["boxes"], r["scores"], strict=True)}
+    assert by_box[(5, 20, 15, 30)] == 1.0 and min(by_box.values()) < 0.9
+    plain = models.build_segmenter("unet", min_area=4, contact_score=False).eval().instances(p)
+    assert torch.allclose(plain["scores"], torch.ones(9))  # artifacts saved before: mean foreground alone
     # the four-map model (artifacts saved before the offsets) floods cells from their nuclei: the
     # spindle's far piece goes to the cell that crosses it
     old = _instances(models.build_segmenter("unet", min_area=4, offsets=False).eval().instances(p[:4]))
@@ -285,6 +293,7 @@ def test_a_segmenter_saved_before_the_offsets_still_loads(tmp_path):
     )
     assert models.load_segmenter(tmp_path / "new")[0].offsets
     assert models.load_segmenter(tmp_path / "new")[0].vote_peak == 0  # saved before the vote centres: off
+    assert not models.load_segmenter(tmp_path / "new")[0].contact_score  # nor the contact score
 
 
 @pytest.mark.slow
