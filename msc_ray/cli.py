@@ -228,6 +228,13 @@ def tune(
     ] = "1e-3:3e-3",
     warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up before cosine decay.")] = 2,
     size: Annotated[int, typer.Option(help="Input side in pixels (raised to what a backbone needs).")] = 64,
+    views: Annotated[
+        int,
+        typer.Option(
+            help="Test-time views averaged for the temperature, Table 1 and the exported model: 8 (quarter turns "
+            "and mirror images), 4 (quarter turns) or 1."
+        ),
+    ] = 8,
     batch_size: Annotated[int, typer.Option(help="Images per optimisation step.")] = 32,
     channels: Annotated[
         int, typer.Option(help="3: gray repeated for ImageNet-style inputs; 1: first conv adapted.")
@@ -269,6 +276,7 @@ def tune(
         warmup_epochs=warmup_epochs,
         batch_size=batch_size,
         size=size,
+        views=views,
         channels=channels,
         pretrained=pretrained,
         asha=asha,

@@ -152,6 +152,9 @@ class Classifier:
         self.classes = list(self.config["classes"])
         self.temperature = float(self.config.get("temperature", 1.0))
         self.version = self.config.get("version", "")
+        # test-time views the temperature was fitted with (engine.view_mean); artifacts saved before
+        # them were fitted on one view
+        self.views = int(self.config.get("views", 1))
         self.data_cfg = classifier_config(self.config["data"])
         self.weights_dtype = next(self.model.parameters()).dtype
 
@@ -167,13 +170,16 @@ class Classifier:
         """``(N, C, S, S)`` inputs (numpy, or a tensor already on the device) → (calibrated
         probabilities ``(N, K)``, regressed confluence ``(N,)`` as a fraction, NaN where the model has
         no such output). On a GPU the forward pass runs under bfloat16 autocast, or with the weights
-        themselves in bfloat16 after :meth:`to_bfloat16`; the softmax is taken in float32."""
+        themselves in bfloat16 after :meth:`to_bfloat16`; the softmax is taken in float32. The outputs
+        are averaged over the artifact's test-time ``views`` (:func:`msc_ray.engine.view_mean`)."""
         import torch
+
+        from .engine import view_mean
 
         k = len(self.classes)
         amp = self.device.type == "cuda" and self.weights_dtype == torch.float32
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = self.model(_as_tensor(x, self.device).to(self.weights_dtype)).float()
+            out = view_mean(self.model, _as_tensor(x, self.device).to(self.weights_dtype), self.views)
             probs = torch.softmax(out[:, :k] / self.temperature, 1).cpu().numpy()
             conf = torch.sigmoid(out[:, k]).cpu().numpy() if out.shape[1] > k else np.full(len(x), np.nan)
         return probs.astype(np.float32), conf.astype(np.float32)

@@ -25,6 +25,7 @@ tasks while it trains, so trials only ask for their own CPUs (and GPU share) and
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -63,6 +64,10 @@ class TuneJobConfig:
     min_epochs: int = 0
     warmup_epochs: int = 2
     confluence_head: bool = True  # a regression output where the corpus carries measured confluence
+    # test-time views (engine.view_mean): the temperature, Table 1 and the exported model average the
+    # outputs over the image's quarter turns and mirror images (8), its quarter turns (4) or take it as
+    # it is (1); the per-epoch validation (early stopping, ASHA) takes one view
+    views: int = 8
     samples: int = 2  # hyper-parameter samples per (backbone, fold)
     lr_min: float = 1e-3
     lr_max: float = 3e-3
@@ -96,6 +101,8 @@ class TuneJobConfig:
             raise ValueError(f"--stack {self.stack}: the manifest has {', '.join(classes_by_stack) or 'no'} stacks")
         if self.max_epochs < 1 or self.patience < 1 or self.samples < 1:
             raise ValueError("--max-epochs, --patience and --samples must be at least 1")
+        if self.views not in engine.VIEWS:
+            raise ValueError(f"--views {self.views}: choose one of {', '.join(map(str, engine.VIEWS))}")
 
 
 def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataConfig:
@@ -174,8 +181,10 @@ class ClassifierRun:
         self.stopper.load_state_dict(saved["stopper"])
         self.start = int(saved["epoch"])
 
-    def predict(self, part: engine.Cache) -> np.ndarray:
-        return engine.predict(self.model, part, self.aug_eval, batch_size=self.job.batch_size * 2, device=self.device)
+    def predict(self, part: engine.Cache, views: int = 1) -> np.ndarray:
+        return engine.predict(
+            self.model, part, self.aug_eval, batch_size=self.job.batch_size * 2, device=self.device, views=views
+        )
 
     def run_epoch(self, epoch: int) -> tuple[dict, dict, str]:
         """Train one epoch, score the inner validation part; when the trial is done, score the outer
@@ -214,7 +223,8 @@ class ClassifierRun:
             report["best_val_auc"] = self.stopper.best
         extra = {}
         if done and len(self.test):
-            extra = _outer_figures(self.model, self.stopper.best_state, self.predict, self.val, self.test, self.classes)
+            predict = functools.partial(self.predict, views=self.job.views)
+            extra = _outer_figures(self.model, self.stopper.best_state, predict, self.val, self.test, self.classes)
             report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
         report.update(best_epoch=self.stopper.best_epoch, done_reason=done, epoch_seconds=time.perf_counter() - t0)
         return report, extra, done
@@ -765,6 +775,7 @@ def _export_artifact(job, export: TrialResult, winner, classes, calib, oof_metri
             "normalisation": {"mean": list(dcfg.norm_mean), "std": list(dcfg.norm_std)},
             "temperature": calib["temperature"],
             "confluence_output": bool(regress),
+            "views": job.views,
             "calibration": calib,
             "trained_on": "all images",
             "epochs": epochs,

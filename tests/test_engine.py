@@ -67,6 +67,31 @@ def test_a_short_training_beats_chance_on_held_out_vessels(cache):
     assert len(m["per_class"]) == 4 and all("f1" in r for r in m["per_class"])
 
 
+def test_test_time_views_average_the_turned_and_mirrored_image():
+    """A "model" that reads two pixels: the top-left corner and its right-hand neighbour. Over the four
+    quarter turns the corner reads each of the four corners once and the neighbour the pixel beside each
+    corner on one side (the four set here); the mirror images read the corners again and the pixels on
+    the other side (zero here). Known values, by hand."""
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 0, 0], x[0, 0, 0, 3], x[0, 0, 3, 3], x[0, 0, 3, 0] = 1.0, 2.0, 4.0, 8.0  # corners
+    x[0, 0, 0, 1], x[0, 0, 1, 3], x[0, 0, 3, 2], x[0, 0, 2, 0] = 16.0, 32.0, 64.0, 128.0  # one neighbour each
+    seen = []
+
+    def two_pixels(t):
+        seen.append(t.clone())
+        return torch.stack([t[:, 0, 0, 0], t[:, 0, 0, 1]], 1)
+
+    assert engine.view_mean(two_pixels, x, 1).tolist() == [[1.0, 16.0]]
+    assert engine.view_mean(two_pixels, x, 4).tolist() == [[15 / 4, (16 + 32 + 64 + 128) / 4]]
+    assert engine.view_mean(two_pixels, x, 8).tolist() == [[15 / 4, (16 + 32 + 64 + 128) / 8]]
+    # the views are the exact pixel moves of the group: every one a permutation of the image's pixels
+    views = seen[-8:]
+    assert all(torch.equal(v.flatten().sort().values, x.flatten().sort().values) for v in views)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    with pytest.raises(ValueError, match="views=3"):
+        engine.view_mean(two_pixels, x, 3)
+
+
 def test_augmenter_is_seeded_per_image_and_epoch(cache):
     c, _ = cache
     aug = engine.Augmenter(DataConfig(size=64, seed=0), train=True)

@@ -446,6 +446,7 @@ def test_the_gpu_number_formats_keep_probabilities_and_box_coordinates(small_cor
         },
     )
     clf = inference.Classifier(str(tmp_path / "r18"), device=torch.device("cpu"))
+    assert clf.views == 1  # an artifact without test-time views: the image as it is, as it was fitted
     imgs = [data.load_image(str(src / r["image"]), r["image"], DataConfig(channels=1)) for r in rows[:16]]
     x = np.stack([clf.prepare(i) for i in imgs])
     p32, _ = clf(x)

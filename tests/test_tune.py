@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from msc_ray import corpus, data, engine, models, synth
+from msc_ray import corpus, data, engine, inference, models, synth
 from msc_ray import tune as mt
 from msc_ray.config import DataConfig, from_dict
 
@@ -74,6 +74,17 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     x, _, _ = next(data.torch_batches(data.make_dataset(data.select(mf, stack="sstack"), dcfg, train=False), 4))
     with torch.no_grad():
         assert model(x).shape == (4, 5)  # four band logits and the confluence output
+    # the scoring side averages the views the temperature was fitted with: the model's outputs over the
+    # eight turned and mirrored images, not the image as it is
+    assert cfg["views"] == job.views == 8
+    clf = inference.Classifier(str(out / "artifact"), device=torch.device("cpu"))
+    probs, conf = clf(x.numpy())
+    with torch.no_grad():
+        mean = torch.stack([model(engine.dihedral_view(x, i)) for i in range(8)]).mean(0)
+        one = model(x)
+    assert np.allclose(probs, torch.softmax(mean[:, :4] / cfg["temperature"], 1).numpy(), atol=1e-5)
+    assert np.allclose(conf, torch.sigmoid(mean[:, 4]).numpy(), atol=1e-5)
+    assert not np.allclose(probs, torch.softmax(one[:, :4] / cfg["temperature"], 1).numpy(), atol=1e-5)
 
 
 def test_a_trial_faster_than_the_checkpoint_interval_checkpoints_once_when_it_ends(tiny_search):
