@@ -97,9 +97,10 @@ def _read_sample(batch: dict, i: int, cfg: DataConfig, detection: bool, masks: b
 
 
 def _transform_batch(
-    batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, epoch: int, max_boxes: int
+    batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, max_boxes: int
 ) -> dict[str, np.ndarray]:
-    """Ray Data task: a block of manifest rows → model-ready tensors (one error record per bad row)."""
+    """Ray Data task: a block of manifest rows → model-ready tensors (one error record per bad row),
+    each row augmented with the draws of its own ``epoch``."""
     detection = max_boxes > 0
     tf = augment.build(cfg, train=train, boxes=detection)
     n = len(batch["uri"])
@@ -113,7 +114,7 @@ def _transform_batch(
             continue
         if detection:
             sample["labels"] = torch.ones(len(sample["boxes"]), dtype=torch.int64)
-        seed = augment.sample_seed(cfg.seed, epoch, str(batch["path"][i]))
+        seed = augment.sample_seed(cfg.seed, int(batch["epoch"][i]), str(batch["path"][i]))
         res = augment.apply(tf, sample, seed)
         out_img[i] = res["image"].numpy()
         ok[i] = True
@@ -126,6 +127,7 @@ def _transform_batch(
         "label": batch["label"].astype(np.int64),
         "ok": ok,
         "row": batch["row"].astype(np.int64),
+        "epoch": batch["epoch"].astype(np.int64),
     }
     if detection:
         out["boxes"] = out_boxes
@@ -157,19 +159,27 @@ def make_dataset(
     *,
     train: bool,
     epoch: int = 0,
+    epochs: int = 1,
     detection: bool = False,
     max_boxes: int = 0,
 ):
-    """A Ray Dataset over ``rows`` (from :func:`select`). Training order is shuffled per (seed, epoch)."""
+    """A Ray Dataset over ``rows`` (from :func:`select`) for ``epochs`` consecutive epochs from
+    ``epoch``, in one streaming execution: each epoch's rows in their own order (training: shuffled per
+    (seed, epoch)) with their own augmentation draws, the same as a dataset built for that epoch alone;
+    a row carries its ``epoch`` (:func:`torch_batches` with ``by_epoch``). The next epoch's first blocks
+    are decoded while the consumer takes the last ones of this epoch, instead of a new execution
+    starting cold each epoch (on 2 cores: about 0.3 s before the first block of every epoch)."""
     import ray
 
-    if train:
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(rows.num_rows)
-        rows = rows.take(pa.array(perm))
     keep = ["uri", "path", "label", "row"] + (["boxes"] if detection else [])
-    rows = rows.select(keep)
     step = cfg.decode_batch
-    blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)]
+    blocks = []
+    for e in range(epoch, epoch + epochs):
+        part = rows
+        if train:
+            part = rows.take(pa.array(np.random.default_rng([cfg.seed, e]).permutation(rows.num_rows)))
+        part = part.select(keep).append_column("epoch", pa.array(np.full(part.num_rows, e, np.int64)))
+        blocks += [part.slice(i, step) for i in range(0, part.num_rows, step)]
     ds = ray.data.from_arrow(blocks)
     # Settings on this dataset's own context, not the process-wide one:
     # - the same (seed, epoch) gives the same batches in the same order;
@@ -179,12 +189,7 @@ def make_dataset(
     ds.context.op_resource_reservation_enabled = False
     return ds.map_batches(
         _transform_batch,
-        fn_kwargs={
-            "cfg": cfg,
-            "train": train,
-            "epoch": epoch,
-            "max_boxes": max(max_boxes, 1) if detection else 0,
-        },
+        fn_kwargs={"cfg": cfg, "train": train, "max_boxes": max(max_boxes, 1) if detection else 0},
         batch_size=step,
         batch_format="numpy",
         num_cpus=1,
@@ -200,6 +205,15 @@ class BatchStats:
     error_rows: list[int] = field(default_factory=list)
 
 
+def _epoch_parts(batch: dict) -> Iterator[dict]:
+    """A batch cut where its rows' ``epoch`` changes (a batch can hold the end of one epoch and the
+    start of the next)."""
+    ep = batch["epoch"]
+    cuts = [0, *((ep[1:] != ep[:-1]).nonzero().flatten() + 1).tolist(), len(ep)]
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        yield batch if (a, b) == (0, len(ep)) else {k: v[a:b] for k, v in batch.items()}
+
+
 def torch_batches(
     source,
     batch_size: int,
@@ -210,45 +224,48 @@ def torch_batches(
     drop_last: bool = False,
     prefetch_batches: int = 2,
     keep_empty: bool = False,
+    by_epoch: bool = False,
 ) -> Iterator:
     """Iterate a Ray Dataset or a Ray Train shard (``DataIterator``) as torch batches, dropping
     error records and counting them in ``stats``. With ``keep_empty`` a batch of nothing but error
     records is yielded empty instead of skipped.
 
     Classification yields ``(images (N, C, S, S), labels (N,), rows (N,))``; detection yields
-    ``(list of images (C, S, S), list of {"boxes": (k, 4), "labels": (k,)}, rows)``."""
+    ``(list of images (C, S, S), list of {"boxes": (k, 4), "labels": (k,)}, rows)``. With ``by_epoch``
+    (a dataset over several epochs, :func:`make_dataset`) each is preceded by its epoch, ``(epoch,
+    ...)``, and no batch holds two epochs."""
     stats = stats if stats is not None else BatchStats()
-    for batch in source.iter_torch_batches(
+    for whole in source.iter_torch_batches(
         batch_size=batch_size, device=device, drop_last=drop_last, prefetch_batches=prefetch_batches
     ):
-        ok = batch["ok"].bool()
-        bad = (~ok).nonzero().flatten()
-        if len(bad):
-            stats.errors += len(bad)
-            stats.error_rows.extend(batch["row"][bad].tolist())
-        if not ok.any():
-            if keep_empty:  # e.g. DDP: every rank must take the same number of steps
-                empty = batch["image"][:0]
-                yield (
-                    (list(empty), [], batch["row"][:0]) if detection else (empty, batch["label"][:0], batch["row"][:0])
-                )
-            continue
-        stats.images += int(ok.sum())
-        if len(bad):
-            batch = {k: v[ok] for k, v in batch.items()}
-        imgs, labels, rows = batch["image"], batch["label"], batch["row"]
-        if not detection:
-            yield imgs, labels, rows
-            continue
-        boxes, counts = batch["boxes"], batch["n_boxes"]
-        targets = [
-            {
-                "boxes": boxes[i, : int(counts[i])],
-                "labels": torch.ones(int(counts[i]), dtype=torch.int64, device=boxes.device),
-            }
-            for i in range(len(imgs))
-        ]
-        yield list(imgs), targets, rows
+        for batch in _epoch_parts(whole) if by_epoch else (whole,):
+            head = (int(batch["epoch"][0]),) if by_epoch else ()
+            ok = batch["ok"].bool()
+            bad = (~ok).nonzero().flatten()
+            if len(bad):
+                stats.errors += len(bad)
+                stats.error_rows.extend(batch["row"][bad].tolist())
+            if not ok.any():
+                if keep_empty:  # e.g. DDP: every rank must take the same number of steps
+                    empty, none = batch["image"][:0], batch["row"][:0]
+                    yield (*head, *((list(empty), [], none) if detection else (empty, batch["label"][:0], none)))
+                continue
+            stats.images += int(ok.sum())
+            if len(bad):
+                batch = {k: v[ok] for k, v in batch.items()}
+            imgs, labels, rows = batch["image"], batch["label"], batch["row"]
+            if not detection:
+                yield (*head, imgs, labels, rows)
+                continue
+            boxes, counts = batch["boxes"], batch["n_boxes"]
+            targets = [
+                {
+                    "boxes": boxes[i, : int(counts[i])],
+                    "labels": torch.ones(int(counts[i]), dtype=torch.int64, device=boxes.device),
+                }
+                for i in range(len(imgs))
+            ]
+            yield (*head, list(imgs), targets, rows)
 
 
 # --------------------------------------------------------------------------------------------------

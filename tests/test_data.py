@@ -59,6 +59,15 @@ def test_folds_split_train_and_validation(ray_session, small_corpus):
     assert not torch.equal(aug[0], aug[1])
     again = torch.cat([x for x, _, _ in data.torch_batches(data.make_dataset(tr, cfg, train=True, epoch=0), 8)])
     assert torch.equal(aug[0], again)  # reproducible per (seed, epoch, image)
+    # both epochs in one streaming execution: each epoch as the dataset of that epoch alone gives it, in
+    # its order, with its draws; batches of 5 are cut where the epochs meet
+    assert tr.num_rows % 5
+    both: dict[int, list] = {0: [], 1: []}
+    ds = data.make_dataset(tr, cfg, train=True, epoch=0, epochs=2)
+    for e, x, _, _ in data.torch_batches(ds, 5, by_epoch=True):
+        both[e].append(x)
+    assert torch.equal(torch.cat(both[0]), aug[0]) and torch.equal(torch.cat(both[1]), aug[1])
+    assert sum(len(x) for x in both[0]) == tr.num_rows and len(both[0][-1]) == tr.num_rows % 5
 
 
 def test_detection_split_carries_boxes(ray_session, small_corpus):
