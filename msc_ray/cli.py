@@ -453,6 +453,13 @@ def score(
         ),
     ] = 0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor (0: CPU).")] = 0.0,
+    views: Annotated[
+        int,
+        typer.Option(
+            help="Test-time views per classifier call: 0 keeps each artifact's own (8 for models trained with "
+            "the default); 1 is eight times cheaper on a CPU. Another count is recorded in classifier_version."
+        ),
+    ] = 0,
     preprocess_on: Annotated[
         str,
         typer.Option(
@@ -497,6 +504,7 @@ def score(
         batch_size=batch_size,
         concurrency=concurrency,
         gpus_per_actor=gpus_per_actor,
+        views=views,
         preprocess_on=preprocess_on,
         chunk_size=chunk_size,
         window=window,

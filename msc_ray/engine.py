@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from . import augment, metrics
+from . import VIEWS, augment, metrics
 from .config import DataConfig
 
 
@@ -301,9 +301,6 @@ def train_one_epoch(
         total += float(loss.detach()) * len(y)
         n += len(y)
     return {"loss": total / max(n, 1), "images": n}
-
-
-VIEWS = (1, 4, 8)
 
 
 def dihedral_view(x: torch.Tensor, i: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import images, inference, morphology, storage
+from . import VIEWS, images, inference, morphology, storage
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,9 @@ class ScoreConfig:
     read_attempts: int = 4  # tries per object on a store error, with exponential backoff from retry_delay
     retry_delay: float = 1.0
     key_pattern: str | None = None  # regex with named groups vessel, day, position, searched in the key
+    # test-time views of the classifiers (engine.view_mean): 0 keeps each artifact's own; another count
+    # is a different computation, so rows record it in classifier_version ("<version>+views<N>")
+    views: int = 0
     metadata: str | None = None  # CSV or Parquet table: key, and vessel / day / position columns
 
     def validate(self) -> None:
@@ -189,6 +192,8 @@ class ScoreConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, or 0 to choose from the cluster")
         if self.gpus_per_actor < 0:
             raise ValueError("--gpus-per-actor must be 0 (CPU actors) or more")
+        if self.views and self.views not in VIEWS:
+            raise ValueError(f"--views {self.views}: 0 (each classifier's own), or one of {', '.join(map(str, VIEWS))}")
         classifier_entries(self.classifier)
 
     def entries(self) -> list[tuple[str | None, str]]:
@@ -893,9 +898,12 @@ class ModelActor:
         detector: str | None,
         endpoint_url: str | None,
         segmenter: str | None = None,
+        views: dict[str, int] | None = None,
     ):
         dev = inference.default_device()
         self.clfs = {st: inference.Classifier(uri, endpoint_url, dev) for st, uri in classifiers.items()}
+        for st, n in (views or {}).items():  # the run's --views where it overrides the artifact's
+            self.clfs[st].views = n
         if dev.type == "cuda":
             for clf in self.clfs.values():
                 clf.to_bfloat16()
@@ -1052,7 +1060,9 @@ def _rows_for_chunk(
 
 
 def _check_models(cfg: ScoreConfig) -> StackModels:
-    sm = stack_models(cfg.entries(), cfg.detector, cfg.endpoint_url, cfg.detect_all_stacks, cfg.segmenter)
+    sm = stack_models(
+        cfg.entries(), cfg.detector, cfg.endpoint_url, cfg.detect_all_stacks, cfg.segmenter, views=cfg.views
+    )
     if cfg.potency:
         from . import potency
 
@@ -1072,9 +1082,11 @@ def stack_models(
     endpoint_url: str | None,
     detect_all: bool = False,
     segmenter: str | None = None,
+    views: int = 0,
 ) -> StackModels:
     """The artifacts' configs (no weights read): each must exist and be of the right kind, and one
-    classifier per stack. ``entries``: :func:`classifier_entries`."""
+    classifier per stack. ``entries``: :func:`classifier_entries`. ``views`` other than 0 and a
+    classifier's own: its config carries them, and its version says so (``<version>+views<N>``)."""
     from . import models
 
     by_stack: dict[str, tuple[str, dict]] = {}
@@ -1088,6 +1100,8 @@ def stack_models(
             raise ValueError(f"--classifier {stack}={uri}: trained on {trained} images, not {stack}")
         if stack in by_stack:
             raise ValueError(f"--classifier: two classifiers for {stack} ({by_stack[stack][0]} and {uri})")
+        if views and views != int(c.get("views", 1)):
+            c = {**c, "views": views, "version": f"{c['version']}+views{views}"}
         by_stack[stack] = (uri, c)
     det_cfg = None
     if detector:
@@ -1197,6 +1211,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         ModelActor,
         fn_constructor_kwargs={
             "classifiers": {st: sm.classifiers[st][0] for st in here},
+            "views": {st: int(sm.classifiers[st][1].get("views", 1)) for st in here},
             "detector": cfg.detector if det_size else None,
             "segmenter": cfg.segmenter if seg_size else None,
             "endpoint_url": cfg.endpoint_url,

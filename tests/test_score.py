@@ -129,6 +129,47 @@ def test_local_archive_report_exactly_once(ray_session, archive, artifacts, tmp_
     assert {r["classifier_version"] for r in new if r["stack"] == "sstack"} == {new_version}
 
 
+def test_other_test_time_views_are_a_new_computation_scored_once(ray_session, archive, artifacts, tmp_path):
+    """These artifacts were saved without views (one). ``views=1`` is theirs: nothing new to score.
+    ``views=8`` is another computation: every image again, once, its version saying so, with other
+    probabilities (an untrained network reads a turned image a little differently; its weights doubled
+    make that show)."""
+    root, n_images = archive
+    clf_s, clf_m = artifacts[0]
+    config, _ = models.read_artifact(clf_s.split("=", 1)[1])
+    keep = {k: v for k, v in config.items() if k not in ("version", "format")}
+    torch.manual_seed(0)
+    net = models.build_classifier("compact_cnn", 4, image_size=64)
+    state = {k: v * 2 if v.dim() > 1 else v for k, v in net.state_dict().items()}
+    models.save_artifact(tmp_path / "sharp", state, {**keep, "architecture": "compact_cnn", "temperature": 1.0})
+    clf = (f"sstack={tmp_path / 'sharp'}", clf_m)
+    out = str(tmp_path / "report")
+    first = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=out))
+    assert first.scored == n_images
+    same = score.score_archive(score.ScoreConfig(archive=str(root), classifier=clf, out=out, views=1))
+    assert same.scored == 0 and same.skipped == n_images
+    eight = score.ScoreConfig(archive=str(root), classifier=clf, out=out, views=8)
+    s8 = score.score_archive(eight)
+    assert s8.scored == n_images and score.score_archive(eight).scored == 0
+    rows = score.read_report(out).to_pylist()
+    versions = {e.split("=")[0]: models.read_config(e.split("=", 1)[1])["version"] for e in clf}
+    by_run = {
+        run: {r["uri"]: r for r in rows if r["run_id"] == run and r["status"] == "ok"}
+        for run in (first.run_id, s8.run_id)
+    }
+    one, many = by_run[first.run_id], by_run[s8.run_id]
+    assert one.keys() == many.keys() and len(one) == n_images - 2
+    for uri, r in many.items():
+        assert r["classifier_version"] == versions[r["stack"]] + "+views8"
+        assert one[uri]["classifier_version"] == versions[r["stack"]]
+        assert sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+    sharp = [u for u in one if one[u]["stack"] == "sstack"]
+    diff = [np.abs(np.subtract(many[u]["probabilities"], one[u]["probabilities"])).max() for u in sharp]
+    assert np.median(diff) > 1e-3, diff
+    with pytest.raises(ValueError, match="--views 3"):
+        score.ScoreConfig(archive=str(root), classifier=clf, out=out, views=3).validate()
+
+
 def _clf_args(clf) -> list[str]:
     return [a for entry in clf for a in ("--classifier", entry)]
 
