@@ -132,6 +132,12 @@ class ScoringInput:
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
+def artifact_views(config: dict) -> int:
+    """The test-time views a classifier artifact's temperature was fitted with (artifacts saved before
+    the views: one)."""
+    return int(config.get("views", 1))
+
+
 def default_device():
     import torch
 
@@ -152,9 +158,7 @@ class Classifier:
         self.classes = list(self.config["classes"])
         self.temperature = float(self.config.get("temperature", 1.0))
         self.version = self.config.get("version", "")
-        # test-time views the temperature was fitted with (engine.view_mean); artifacts saved before
-        # them were fitted on one view
-        self.views = int(self.config.get("views", 1))
+        self.views = artifact_views(self.config)  # engine.view_mean
         self.data_cfg = classifier_config(self.config["data"])
         self.weights_dtype = next(self.model.parameters()).dtype
 

@@ -1100,7 +1100,7 @@ def stack_models(
             raise ValueError(f"--classifier {stack}={uri}: trained on {trained} images, not {stack}")
         if stack in by_stack:
             raise ValueError(f"--classifier: two classifiers for {stack} ({by_stack[stack][0]} and {uri})")
-        if views and views != int(c.get("views", 1)):
+        if views and views != inference.artifact_views(c):
             c = {**c, "views": views, "version": f"{c['version']}+views{views}"}
         by_stack[stack] = (uri, c)
     det_cfg = None
@@ -1211,7 +1211,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         ModelActor,
         fn_constructor_kwargs={
             "classifiers": {st: sm.classifiers[st][0] for st in here},
-            "views": {st: int(sm.classifiers[st][1].get("views", 1)) for st in here},
+            "views": {st: inference.artifact_views(sm.classifiers[st][1]) for st in here},
             "detector": cfg.detector if det_size else None,
             "segmenter": cfg.segmenter if seg_size else None,
             "endpoint_url": cfg.endpoint_url,

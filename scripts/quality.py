@@ -30,7 +30,7 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from msc_ray import corpus, data, engine, metrics, models
+    from msc_ray import corpus, data, engine, inference, metrics, models
     from msc_ray.config import DataConfig, from_dict
 
     model, cfg = models.load_classifier(artifact)
@@ -39,7 +39,7 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
     cache = data.build_cache(data.select(table, stack=stack), dcfg)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     aug = engine.Augmenter(dcfg, train=False)
-    out = engine.predict(model.to(dev), cache, aug, batch_size=64, device=dev, views=int(cfg.get("views", 1)))
+    out = engine.predict(model.to(dev), cache, aug, batch_size=64, device=dev, views=inference.artifact_views(cfg))
     m = engine.evaluate(out, cache, cfg["classes"], cfg["temperature"])
     truth = pq.read_table(heldout / "truth.parquet").to_pandas().set_index("image")
     conf = truth.loc[[k for k in cache.keys], "confluence"].to_numpy()

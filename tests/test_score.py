@@ -136,7 +136,7 @@ def test_other_test_time_views_are_a_new_computation_scored_once(ray_session, ar
     make that show)."""
     root, n_images = archive
     clf_s, clf_m = artifacts[0]
-    config, _ = models.read_artifact(clf_s.split("=", 1)[1])
+    config = models.read_config(clf_s.split("=", 1)[1])
     keep = {k: v for k, v in config.items() if k not in ("version", "format")}
     torch.manual_seed(0)
     net = models.build_classifier("compact_cnn", 4, image_size=64)
