@@ -123,3 +123,40 @@ def test_to_channels():
     g = np.random.default_rng(0).random((1, 4, 4), dtype=np.float32)
     assert images.to_channels(g, 3).shape == (3, 4, 4)
     assert np.allclose(images.to_channels(images.to_channels(g, 3), 1), g)
+
+
+def _png_with(img, **save):
+    """PNG bytes of an array or a PIL image, saved by PIL with ``save`` options."""
+    buf = io.BytesIO()
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, format="png", **save)
+    return buf.getvalue()
+
+
+RGB8 = np.stack([GRAY8, GRAY8[::-1], 255 - GRAY8], -1)
+
+
+@pytest.mark.parametrize(
+    "data, fast",
+    [
+        (_png(GRAY8), True),
+        (_png(np.arange(65536, dtype=np.uint16).reshape(256, 256)), True),  # every 16-bit value
+        (_png(np.stack([GRAY8, GRAY8], -1), "LA"), True),
+        (_png(RGB8), True),
+        (_png(np.concatenate([RGB8, GRAY8[..., None]], -1)), True),
+        (_png_with(GRAY8, transparency=7), True),
+        (_png_with(Image.fromarray(RGB8).convert("P")), False),
+        (_png_with(Image.fromarray(GRAY8 > 100)), False),
+    ],
+    ids=["gray8", "gray16-all-values", "gray-alpha", "rgb", "rgba", "gray-trns", "palette", "one-bit"],
+)
+def test_pngs_decoded_by_torchvision_equal_the_pil_path(data, fast):
+    """Scoring decodes gray and RGB(A) PNGs of 8 and 16 bits with torchvision's decoder (faster), and
+    must give exactly the PIL path's uint8; palette and one-bit PNGs are left to PIL."""
+    got = images._png_u8(data, "x", images.DEFAULT_MAX_PIXELS)
+    assert (got is not None) == fast
+    want = images._decode_u8_pil(data, "x", images.DEFAULT_MAX_PIXELS)
+    assert np.array_equal(images.decode_u8(data, "x"), want)
+    if fast:
+        assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, want)
+    with pytest.raises(images.ImageTooLargeError, match="^big.png: "):
+        images.decode_u8(data, "big.png", max_pixels=10)
