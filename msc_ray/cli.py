@@ -235,7 +235,24 @@ def tune(
             "and mirror images), 4 (quarter turns) or 1."
         ),
     ] = 8,
+    coverage: Annotated[
+        bool,
+        typer.Option(
+            help="Coverage supervision: where the corpus has cell masks (masks/<stack>/), the compact CNN also "
+            "learns a map of the covered pixels during training (not part of the exported model)."
+        ),
+    ] = True,
+    coverage_weight: Annotated[
+        float, typer.Option(help="Weight of the coverage term beside the band and confluence losses.")
+    ] = 3.0,
     batch_size: Annotated[int, typer.Option(help="Images per optimisation step.")] = 32,
+    augment_on: Annotated[
+        str,
+        typer.Option(
+            help="Where training batches are augmented: cpu (one image at a time), device (whole batches on the "
+            "trial's device) or auto (device on a GPU, cpu otherwise)."
+        ),
+    ] = "auto",
     channels: Annotated[
         int, typer.Option(help="3: gray repeated for ImageNet-style inputs; 1: first conv adapted.")
     ] = 3,
@@ -275,8 +292,11 @@ def tune(
         lr_max=lr_max,
         warmup_epochs=warmup_epochs,
         batch_size=batch_size,
+        augment_on=augment_on,
         size=size,
         views=views,
+        coverage=coverage,
+        coverage_weight=coverage_weight,
         channels=channels,
         pretrained=pretrained,
         asha=asha,

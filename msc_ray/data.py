@@ -70,9 +70,25 @@ def load_label_map(uri: str, endpoint_url: str | None = None) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def _read_sample(batch: dict, i: int, cfg: DataConfig, detection: bool, masks: bool = False) -> tuple[dict | None, str]:
-    """Row ``i`` of a block → ``({"image", ["boxes"], ["masks"]}, "")`` as tv_tensors, or ``(None,
-    error line)``. ``masks``: the cell and nucleus instance maps as one (2, H, W) ``tv_tensors.Mask``."""
+def _covered(uri: str, path: str, stack: str, shape: tuple[int, int], endpoint_url: str | None):
+    """The pixels cells cover (uint8 (1, H, W) ``tv_tensors.Mask``, from the cell instance mask), or
+    None where the image has no readable mask of its size: coverage supervision is optional per image."""
+    try:
+        cells = load_label_map(mask_uris(uri, path, stack)[0], endpoint_url)
+    except (OSError, ValueError):
+        return None
+    if cells.shape != shape:
+        return None
+    return tv_tensors.Mask(torch.from_numpy((cells > 0).astype(np.uint8))[None])
+
+
+def _read_sample(
+    batch: dict, i: int, cfg: DataConfig, detection: bool, masks: bool = False, coverage: bool = False
+) -> tuple[dict | None, str]:
+    """Row ``i`` of a block → ``({"image", ["boxes"], ["masks"], ["covered"]}, "")`` as tv_tensors, or
+    ``(None, error line)``. ``masks``: the cell and nucleus instance maps as one (2, H, W)
+    ``tv_tensors.Mask``. ``coverage``: the covered pixels (:func:`_covered`; None where unknown — the
+    image is still read)."""
     uri, path = str(batch["uri"][i]), str(batch["path"][i])
     try:
         arr = load_image(uri, path, cfg)
@@ -89,6 +105,8 @@ def _read_sample(batch: dict, i: int, cfg: DataConfig, detection: bool, masks: b
     sample: dict = {"image": tv_tensors.Image(torch.from_numpy(arr))}
     if masks:
         sample["masks"] = tv_tensors.Mask(torch.from_numpy(label))
+    if coverage:
+        sample["covered"] = _covered(uri, path, str(batch["stack"][i]), (h, w), cfg.endpoint_url)
     if detection:
         raw = batch["boxes"][i]
         xyxy = np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in raw], np.float32).reshape(-1, 4)
@@ -274,27 +292,35 @@ def torch_batches(
 
 
 def _cache_batch(
-    batch: dict[str, np.ndarray], *, cfg: DataConfig, detection: bool, masks: bool = False
+    batch: dict[str, np.ndarray], *, cfg: DataConfig, detection: bool, masks: bool = False, coverage: bool = False
 ) -> dict[str, np.ndarray]:
     """Ray Data task: a block of manifest rows → uint8 (C, S, S) after decode, equalise and resize
-    (no augmentation, no normalisation); boxes follow the resize, instance masks too (nearest
-    neighbour, ids kept). A bad row becomes an error record."""
+    (no augmentation, no normalisation); boxes follow the resize, instance masks and covered pixels
+    too (nearest neighbour, ids kept). A bad row becomes an error record; a missing mask under
+    ``coverage`` only marks the row's coverage unknown."""
     tf = v2.Compose(augment.preprocess(cfg))
     n = len(batch["uri"])
     out_img = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.uint8)
     out_masks = np.zeros((n, 2, cfg.size, cfg.size), np.uint16) if masks else None
+    out_cov = np.zeros((n, cfg.size, cfg.size), np.uint8) if coverage else None
+    cov_ok = np.zeros(n, bool)
     ok = np.zeros(n, bool)
     err = np.full(n, "", dtype=object)
     boxes_out = np.empty(n, dtype=object)
     for i in range(n):
         boxes_out[i] = np.zeros((0, 4), np.float32)
-        sample, err[i] = _read_sample(batch, i, cfg, detection, masks)
+        sample, err[i] = _read_sample(batch, i, cfg, detection, masks, coverage)
         if sample is None:
             continue
+        if coverage and sample["covered"] is None:
+            del sample["covered"]
         res = tf(sample)
         out_img[i] = (res["image"].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
         if masks:
             out_masks[i] = res["masks"].as_subclass(torch.Tensor).numpy().astype(np.uint16)
+        if "covered" in res:
+            out_cov[i] = res["covered"].as_subclass(torch.Tensor).numpy()[0]
+            cov_ok[i] = True
         ok[i] = True
         if detection:
             boxes_out[i] = res["boxes"].as_subclass(torch.Tensor).numpy().astype(np.float32).reshape(-1, 4)
@@ -303,19 +329,25 @@ def _cache_batch(
         out["boxes_flat"] = np.array([b.ravel().tolist() for b in boxes_out] + [[]], dtype=object)[:-1]
     if masks:
         out["masks"] = out_masks
+    if coverage:
+        out["covered"], out["covered_ok"] = out_cov, cov_ok
     return out
 
 
-def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False, masks: bool = False):
+def build_cache(
+    rows: pa.Table, cfg: DataConfig, *, detection: bool = False, masks: bool = False, coverage: bool = False
+):
     """Decode, equalise (multi-stack) and resize every row once with Ray Data tasks → an
     :class:`msc_ray.engine.Cache` (uint8, in this process's memory; put it in Ray's object store to
     share it). ``masks``: with each image's cell and nucleus instance masks (:func:`mask_uris`). Rows
-    that cannot be read (image or mask) are left out and listed in ``Cache.errors``."""
+    that cannot be read (image or mask) are left out and listed in ``Cache.errors``. ``coverage``: with
+    the pixels cells cover where an image has a cell mask (``Cache.covered``; images without one stay,
+    marked unknown in ``Cache.covered_ok``; no image with one: ``covered`` is None)."""
     import ray
 
     from .engine import Cache
 
-    keep = ["uri", "path", "row"] + (["boxes"] if detection else []) + (["stack"] if masks else [])
+    keep = ["uri", "path", "row"] + (["boxes"] if detection else []) + (["stack"] if masks or coverage else [])
     src = rows.select(keep)
     step = cfg.decode_batch
     ds = ray.data.from_arrow([src.slice(i, step) for i in range(0, src.num_rows, step)] or [src])
@@ -323,16 +355,18 @@ def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False, mas
     ds.context.op_resource_reservation_enabled = False
     ds = ds.map_batches(
         _cache_batch,
-        fn_kwargs={"cfg": cfg, "detection": detection, "masks": masks},
+        fn_kwargs={"cfg": cfg, "detection": detection, "masks": masks, "coverage": coverage},
         batch_size=step,
         batch_format="numpy",
         num_cpus=1,
     )
-    imgs, oks, errs, rws, bxs, msks = [], [], [], [], [], []
+    imgs, oks, errs, rws, bxs, msks, covs, cov_oks = [], [], [], [], [], [], [], []
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         imgs.append(b["image"]), oks.append(b["ok"]), errs.append(b["error"]), rws.append(b["row"])
         if masks:
             msks.append(b["masks"])
+        if coverage:
+            covs.append(b["covered"]), cov_oks.append(b["covered_ok"])
         if detection:
             bxs.extend(np.asarray(v, np.float32).reshape(-1, 4) for v in b["boxes_flat"])
     shape = (0, cfg.channels, cfg.size, cfg.size)
@@ -346,6 +380,9 @@ def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False, mas
     conf = rows.column("confluence").to_numpy(zero_copy_only=False) if "confluence" in rows.column_names else None
     conf = np.full(rows.num_rows, np.nan) if conf is None else np.asarray(conf, np.float64)
     conf = conf.astype(np.float32)
+    cov_ok = np.concatenate(cov_oks)[good] if coverage and cov_oks else None
+    if cov_ok is not None and not cov_ok.any():
+        cov_ok = None
     return Cache(
         images=np.ascontiguousarray(image[good]),
         labels=rows.column("label").to_numpy().astype(np.int64)[pos[good]],
@@ -356,4 +393,6 @@ def build_cache(rows: pa.Table, cfg: DataConfig, *, detection: bool = False, mas
         boxes=[bxs[i] for i in good] if detection else None,
         errors=tuple(str(e) for e in error[~ok]),
         masks=np.ascontiguousarray(np.concatenate(msks)[good]) if masks and msks else None,
+        covered=np.ascontiguousarray(np.concatenate(covs)[good]) if cov_ok is not None else None,
+        covered_ok=cov_ok,
     )

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from . import VIEWS, augment, metrics
+from . import VIEWS, augment, inference, metrics
 from .config import DataConfig
 
 
@@ -34,7 +34,9 @@ class Cache:
     ``folds`` int64 (N,); ``keys`` image paths (augmentation seeds); ``confluence`` float32 (N,) in
     [0, 1] or NaN where unknown; ``boxes`` a list of float32 (k, 4) ``[x1, y1, x2, y2]`` in the cached
     frame (detection caches only); ``masks`` uint16 (N, 2, S, S) cell and nucleus instance ids in the
-    cached frame (segmentation caches only); ``errors`` one line per image that could not be read."""
+    cached frame (segmentation caches only); ``covered`` uint8 (N, S, S) 1 where a cell covers the
+    pixel and ``covered_ok`` bool (N,) whether the image had a cell mask (classification caches of
+    corpora with masks: coverage supervision); ``errors`` one line per image that could not be read."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -45,6 +47,8 @@ class Cache:
     boxes: list[np.ndarray] | None = None
     errors: tuple[str, ...] = ()
     masks: np.ndarray | None = None
+    covered: np.ndarray | None = None
+    covered_ok: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,6 +65,8 @@ class Cache:
             boxes=[self.boxes[i] for i in idx] if self.boxes is not None else None,
             errors=self.errors,
             masks=self.masks[idx] if self.masks is not None else None,
+            covered=self.covered[idx] if self.covered is not None else None,
+            covered_ok=self.covered_ok[idx] if self.covered_ok is not None else None,
         )
 
     def split(self, outer: int, folds: int) -> tuple[Cache, Cache, Cache]:
@@ -81,6 +87,11 @@ def has_confluence(cache: Cache) -> bool:
     return len(cache) > 0 and bool(np.isfinite(cache.confluence).all())
 
 
+def has_coverage(cache: Cache) -> bool:
+    """Whether any image of the cache has the covered pixels (coverage supervision can train)."""
+    return cache.covered_ok is not None and bool(cache.covered_ok.any())
+
+
 # --------------------------------------------------------------------------------------------------
 # Augmentation from the cache
 # --------------------------------------------------------------------------------------------------
@@ -90,8 +101,12 @@ class Augmenter:
     """The study's augmentations (training) or nothing (evaluation), then normalisation, applied to
     cached uint8 images. ``boxes``: detection samples (box-aware, boxes that leave the image dropped)."""
 
-    def __init__(self, cfg: DataConfig, *, train: bool, boxes: bool = False):
+    def __init__(self, cfg: DataConfig, *, train: bool, boxes: bool = False, batched: bool = False):
         self.cfg, self.train, self.with_boxes = cfg, train, boxes
+        # batched: whole batches at once on the training device (augment.BatchAugment) instead of one
+        # image at a time on the CPU; classification only
+        self.batched = bool(batched) and not boxes
+        self.batch_tf = augment.BatchAugment(cfg) if self.batched and train else None
         steps: list[v2.Transform] = []
         if train:
             steps = augment.geometric(cfg) + augment.photometric()
@@ -100,6 +115,13 @@ class Augmenter:
         self.tf = v2.Compose(steps) if steps else None
         self.mean = torch.tensor(cfg.norm_mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(cfg.norm_std, dtype=torch.float32).view(-1, 1, 1)
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def norm_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) on ``device``, moved there once rather than every batch."""
+        if device not in self._norm:
+            self._norm[device] = (self.mean.to(device), self.std.to(device))
+        return self._norm[device]
 
     def one(self, img: np.ndarray, key: str, epoch: int, boxes: np.ndarray | None = None):
         """uint8 (C, S, S) → normalised float32 (C, S, S) [, boxes (k, 4)]."""
@@ -120,13 +142,25 @@ class Augmenter:
         return x
 
 
+def augment_batch(aug: Augmenter, images_u8: np.ndarray, keys: list[str], epoch: int, device, covered=None):
+    """A batched :class:`Augmenter`'s path: uint8 (B, C, S, S) → normalised float32 (B, C, S, S) on
+    ``device`` (pinned, non-blocking copy of the uint8 pixels; augmentation and normalisation there).
+    ``covered`` uint8 (B, S, S) → float (B, 1, S, S) moved with the same geometry; None passes."""
+    x = inference.to_device(images_u8, device).float().div_(255.0)
+    cov = None if covered is None else inference.to_device(covered, device)[:, None]
+    if aug.batch_tf is not None:
+        x, cov = aug.batch_tf(x, keys, epoch, cov)
+    mean, std = aug.norm_on(device)
+    return (x - mean) / std, (None if cov is None else cov.float())
+
+
 def augment_with_masks(aug: Augmenter, img: np.ndarray, masks: np.ndarray, key: str, epoch: int):
     """uint8 (C, S, S) and uint16 (2, S, S) instance maps → normalised float32 (C, S, S) and int64
     (2, S, S), the same geometric augmentation applied to both (nearest neighbour for the ids)."""
     x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
     m = torch.from_numpy(masks.astype(np.int64))
     if aug.train:
-        tf = v2.Compose(augment.geometric(aug.cfg) + augment.photometric())
+        tf = aug.tf if not aug.with_boxes else v2.Compose(augment.geometric(aug.cfg) + augment.photometric())
         out = augment.apply(
             tf,
             {"image": tv_tensors.Image(x), "masks": tv_tensors.Mask(m)},
@@ -169,17 +203,44 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def classification_batches(
-    cache: Cache, aug: Augmenter, batch_size: int, *, epoch: int = 0, shuffle: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    cache: Cache,
+    aug: Augmenter,
+    batch_size: int,
+    *,
+    epoch: int = 0,
+    shuffle: bool = False,
+    coverage: bool = False,
+    device: torch.device | None = None,
+) -> Iterator[tuple]:
     """``(images (B, C, S, S), labels (B,), confluence (B,))`` from the cache. Training order is the
-    seeded permutation of the epoch; a last batch of one image is dropped in training (BatchNorm)."""
+    seeded permutation of the epoch; a last batch of one image is dropped in training (BatchNorm).
+    ``coverage`` (a cache with ``covered``) adds ``(covered (B, 1, S, S) float, known (B,) bool)``: the
+    covered pixels moved with the image's geometric augmentation (the same draws as without them).
+    A batched augmenter (``Augmenter(..., batched=True)``) prepares each batch on ``device``, where the
+    tensors then already are; otherwise batches are made on the CPU one image at a time."""
     order = epoch_order(len(cache), aug.cfg.seed, epoch) if shuffle else np.arange(len(cache))
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         if shuffle and len(idx) < 2:
             break
-        x = torch.stack([aug.one(cache.images[j], cache.keys[j], epoch) for j in idx])
-        yield x, torch.from_numpy(cache.labels[idx]), torch.from_numpy(cache.confluence[idx].astype(np.float32))
+        labels = torch.from_numpy(cache.labels[idx])
+        conf = torch.from_numpy(cache.confluence[idx].astype(np.float32))
+        if aug.batched:
+            keys = [cache.keys[j] for j in idx]
+            cov = cache.covered[idx] if coverage else None
+            x, covered = augment_batch(aug, cache.images[idx], keys, epoch, device or torch.device("cpu"), cov)
+            if coverage:
+                yield x, labels, conf, covered, torch.from_numpy(cache.covered_ok[idx])
+            else:
+                yield x, labels, conf
+            continue
+        if not coverage:
+            yield torch.stack([aug.one(cache.images[j], cache.keys[j], epoch) for j in idx]), labels, conf
+            continue
+        pairs = [augment_with_masks(aug, cache.images[j], cache.covered[j][None], cache.keys[j], epoch) for j in idx]
+        x = torch.stack([p[0] for p in pairs])
+        covered = torch.stack([p[1] for p in pairs]).float()
+        yield x, labels, conf, covered, torch.from_numpy(cache.covered_ok[idx])
 
 
 @dataclass
@@ -241,11 +302,14 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: in
 @dataclass
 class ClassifierLoss:
     """Class-weighted cross-entropy on the first K outputs, plus (when the model has a confluence
-    output) ``regression_weight`` × smooth L1 between sigmoid(output K) and the measured confluence."""
+    output) ``regression_weight`` × smooth L1 between sigmoid(output K) and the measured confluence,
+    plus (coverage supervision, :meth:`coverage`) ``coverage_weight`` × binary cross-entropy between a
+    coverage map and the share of each of its cells that cells cover."""
 
     class_weights: torch.Tensor
     num_classes: int
     regression_weight: float = 5.0
+    coverage_weight: float = 1.0
 
     def __call__(self, out: torch.Tensor, y: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
         loss = nn.functional.cross_entropy(out[:, : self.num_classes], y, weight=self.class_weights)
@@ -253,6 +317,15 @@ class ClassifierLoss:
             pred = torch.sigmoid(out[:, self.num_classes])
             loss = loss + self.regression_weight * nn.functional.smooth_l1_loss(pred, conf, beta=0.05)
         return loss
+
+    def coverage(self, logits: torch.Tensor, covered: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Coverage term: ``logits`` (B, 1, h, w) against the covered pixels (B, 1, S, S) averaged
+        over each of the map's cells; images whose mask is unknown count nothing."""
+        if not bool(known.any()):
+            return logits.sum() * 0.0
+        target = nn.functional.adaptive_avg_pool2d(covered, logits.shape[-2:])
+        bce = nn.functional.binary_cross_entropy_with_logits(logits[known], target[known])
+        return self.coverage_weight * bce
 
 
 def balanced_weights(labels: np.ndarray, k: int) -> torch.Tensor:
@@ -283,24 +356,31 @@ def train_one_epoch(
     device: torch.device,
 ) -> dict:
     """One pass over the (augmented) training cache; the schedule steps per batch. Returns
-    ``{"loss": mean loss, "images": count}``."""
+    ``{"loss": mean loss, "images": count}``. A model with a coverage head (compact CNN) on a cache
+    with covered pixels also learns the coverage map (:meth:`ClassifierLoss.coverage`)."""
     model.train()
     total, n = 0.0, 0
     amp = device.type == "cuda"
-    for x, y, conf in classification_batches(cache, aug, batch_size, epoch=epoch, shuffle=True):
+    coverage = getattr(model, "coverage", None) is not None and has_coverage(cache)
+    for batch in classification_batches(
+        cache, aug, batch_size, epoch=epoch, shuffle=True, coverage=coverage, device=device
+    ):
+        x, y, conf = batch[:3]
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)  # the models' layout
         y, conf = y.to(device), conf.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
+            out, cov = model.forward_with_coverage(x) if coverage else (model(x), None)
         loss = loss_fn(out.float(), y, conf)
+        if coverage:
+            loss = loss + loss_fn.coverage(cov.float(), batch[3].to(device), batch[4].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        total += float(loss.detach()) * len(y)
+        total = total + loss.detach() * len(y)  # summed on the device: no host sync per step
         n += len(y)
-    return {"loss": total / max(n, 1), "images": n}
+    return {"loss": float(total) / max(n, 1), "images": n}
 
 
 def dihedral_view(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -335,7 +415,7 @@ def predict(
     averaged over that many views of each image (:func:`view_mean`)."""
     model.eval()
     outs = []
-    for x, _, _ in classification_batches(cache, aug, batch_size):
+    for x, _, _ in classification_batches(cache, aug, batch_size, device=device):
         x = x.to(device, memory_format=torch.channels_last)
         outs.append(view_mean(model, x, views).cpu())
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)

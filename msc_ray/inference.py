@@ -99,12 +99,7 @@ class ScoringInput:
         self.std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     def to_device(self, arr: np.ndarray):
-        import torch
-
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return to_device(arr, self.device)
 
     def fitted(self, images_u8) -> object:
         """uint8 images, one ``(N, C, H, W)`` array or a sequence of ``(C, H, W)`` arrays of any sizes
@@ -130,6 +125,17 @@ class ScoringInput:
 
         x = self.fitted(images_u8).float().div_(255.0)
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+def to_device(arr: np.ndarray, device):
+    """A numpy array as a tensor on ``device``: on a GPU through pinned memory, non-blocking (the
+    scoring actor's batches and the GPU trials' training batches)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def artifact_views(config: dict) -> int:

@@ -51,9 +51,14 @@ class CompactCNN(nn.Module):
     convolutions with BatchNorm and ReLU and a 2× max-pool (widths 16, 32, 64, 128), then global
     average pooling — coverage-like properties such as confluence are averages over the image.
     The input is standardised per image and channel first (instance normalisation).
-    Fast on CPUs at 64–128 px; ``fc`` is replaced by the study's head like a torchvision model's."""
+    Fast on CPUs at 64–128 px; ``fc`` is replaced by the study's head like a torchvision model's.
 
-    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (16, 32, 64, 128)):
+    ``coverage``: a 1×1 convolution on the last feature map, a logit per position of the share of it
+    that cells cover — trained from cell masks where a corpus has them (coverage supervision:
+    :class:`msc_ray.engine.ClassifierLoss`); ``forward`` never uses it, so an exported model leaves
+    it out."""
+
+    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (16, 32, 64, 128), coverage: bool = False):
         super().__init__()
         # per-image standardisation first: brightness, contrast and min–max stretch (illumination, and
         # the study's photometric augmentations) leave the features unchanged, so BatchNorm statistics
@@ -73,9 +78,17 @@ class CompactCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, num_classes)
+        self.coverage = nn.Conv2d(c_in, 1, 1) if coverage else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+    def forward_with_coverage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs (N, K), coverage logits (N, 1, S/16, S/16))`` from one pass of the features."""
+        if self.coverage is None:
+            raise RuntimeError("this CompactCNN was built without a coverage head")
+        f = self.features(x)
+        return self.fc(torch.flatten(self.pool(f), 1)), self.coverage(f)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -203,6 +216,11 @@ def resolve_pretrained(name: str, pretrained: str) -> Path | None:
     return path
 
 
+def supports_coverage(name: str) -> bool:
+    """Whether the backbone can train a coverage map beside its heads (the compact CNN)."""
+    return backbone(name).builder is CompactCNN
+
+
 def build_classifier(
     name: str,
     num_classes: int,
@@ -212,10 +230,12 @@ def build_classifier(
     dropout: float = 0.5,
     weights_file: str | os.PathLike | None = None,
     extra_outputs: int = 0,
+    coverage_head: bool = False,
 ) -> nn.Module:
     """A registry backbone with the study's head: (N, in_channels, S, S) → (N, num_classes +
     extra_outputs); the first ``num_classes`` are logits, an extra one is the confluence output
-    (a logit of the covered fraction)."""
+    (a logit of the covered fraction). ``coverage_head``: the compact CNN's coverage map for training
+    (:meth:`CompactCNN.forward_with_coverage`); see :func:`supports_coverage`."""
     from torchvision.models import get_model
 
     if num_classes < 2:
@@ -224,6 +244,11 @@ def build_classifier(
     kwargs = dict(b.kwargs)
     if b.patch > 1:
         kwargs["image_size"] = image_size
+    if coverage_head:
+        if not supports_coverage(name):
+            able = ", ".join(n for n in BACKBONES if supports_coverage(n))
+            raise ValueError(f"{name}: no coverage head (only {able})")
+        kwargs["coverage"] = True
     model = b.builder(**kwargs) if b.builder else get_model(name, weights=None, **kwargs)
     if weights_file is not None:
         state = torch.load(weights_file, map_location="cpu", weights_only=True)

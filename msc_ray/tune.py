@@ -47,6 +47,7 @@ from .config import DataConfig, from_dict
 log = logging.getLogger(__name__)
 
 METRIC = "val_auc"
+AUGMENT_ON = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class TuneJobConfig:
     min_epochs: int = 0
     warmup_epochs: int = 2
     confluence_head: bool = True  # a regression output where the corpus carries measured confluence
+    # coverage supervision: where the corpus has cell masks (masks/<stack>/, as the synthetic corpus and
+    # segmentation exports have), backbones that support it (the compact CNN) also learn a coverage map
+    # of their last features against the covered pixels; training only — the exported model leaves it out
+    coverage: bool = True
+    coverage_weight: float = 3.0  # the coverage term's weight beside the band and confluence losses
     # test-time views (engine.view_mean): the temperature, Table 1 and the exported model average the
     # outputs over the image's quarter turns and mirror images (8), its quarter turns (4) or take it as
     # it is (1); the per-epoch validation (early stopping, ASHA) takes one view
@@ -93,14 +99,21 @@ class TuneJobConfig:
     # quality.py run, and every epoch's weights went to the run folder (S3 included). A resumed trial
     # repeats at most this much of its work.
     checkpoint_every_s: float = 30.0
+    # where each training batch is augmented: "cpu" (one image at a time, torchvision's transforms),
+    # "device" (whole batches on the trial's device, augment.BatchAugment) or "auto" (device on a GPU)
+    augment_on: str = "auto"
 
     def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
         for b in self.backbones:
             models.backbone(b)
         if self.stack not in classes_by_stack:
             raise ValueError(f"--stack {self.stack}: the manifest has {', '.join(classes_by_stack) or 'no'} stacks")
+        if self.coverage_weight < 0:
+            raise ValueError(f"--coverage-weight {self.coverage_weight}: must be at least 0")
         if self.max_epochs < 1 or self.patience < 1 or self.samples < 1:
             raise ValueError("--max-epochs, --patience and --samples must be at least 1")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
         if self.views not in engine.VIEWS:
             raise ValueError(f"--views {self.views}: choose one of {', '.join(map(str, engine.VIEWS))}")
 
@@ -124,10 +137,31 @@ def build_caches(job: TuneJobConfig, manifest) -> dict[int, engine.Cache]:
     for name in job.backbones:
         dcfg = _data_config(job, name, models.resolve_pretrained(name, job.pretrained) is not None)
         if dcfg.size not in caches:
-            caches[dcfg.size] = data.build_cache(rows, dcfg)
-            for e in caches[dcfg.size].errors:
+            coverage = _coverage_wanted(job, rows, dcfg.size)
+            caches[dcfg.size] = c = data.build_cache(rows, dcfg, coverage=coverage)
+            for e in c.errors:
                 log.warning("left out: %s", e)
+            if coverage:
+                known = int(c.covered_ok.sum()) if c.covered_ok is not None else 0
+                log.info("coverage supervision at %d px: cell masks for %d of %d images", dcfg.size, known, len(c))
     return caches
+
+
+def _coverage_wanted(job: TuneJobConfig, rows, size: int) -> bool:
+    """Read the covered pixels for a cache of ``size`` when the job asks for coverage supervision, a
+    backbone of that size can learn it, and the corpus has a cell mask for its first image (a corpus
+    without masks costs no further reads)."""
+    if not job.coverage:
+        return False
+    sizes = {
+        _data_config(job, b, models.resolve_pretrained(b, job.pretrained) is not None).size
+        for b in job.backbones
+        if models.supports_coverage(b)
+    }
+    if size not in sizes:
+        return False
+    first = rows.slice(0, 1).to_pylist()[0]
+    return storage.exists(data.mask_uris(first["uri"], first["path"], first["stack"])[0], job.endpoint_url)
 
 
 class ClassifierRun:
@@ -146,6 +180,7 @@ class ClassifierRun:
         self.device = inference.default_device()
         torch.manual_seed(job.seed + 1000 * max(self.fold, 0))
         self.regress = bool(job.confluence_head and engine.has_confluence(self.train))
+        self.coverage = bool(job.coverage and models.supports_coverage(self.name) and engine.has_coverage(self.train))
         self.model = models.build_classifier(
             self.name,
             k,
@@ -154,6 +189,7 @@ class ClassifierRun:
             dropout=job.dropout,
             weights_file=weights_file,
             extra_outputs=int(self.regress),
+            coverage_head=self.coverage,
         ).to(self.device)
         self.opt = torch.optim.Adam(
             self.model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True
@@ -164,8 +200,12 @@ class ClassifierRun:
         # an epoch on) ends with its learning rate decayed, on settled weights, rather than stopping
         # half-way down a longer schedule wherever the weights happen to be
         self.sched = engine.warmup_cosine(self.opt, self.epochs * steps, job.warmup_epochs * steps)
-        self.loss_fn = engine.ClassifierLoss(engine.balanced_weights(self.train.labels, k).to(self.device), k)
-        self.aug_train, self.aug_eval = engine.Augmenter(dcfg, train=True), engine.Augmenter(dcfg, train=False)
+        self.loss_fn = engine.ClassifierLoss(
+            engine.balanced_weights(self.train.labels, k).to(self.device), k, coverage_weight=job.coverage_weight
+        )
+        batched = job.augment_on == "device" or (job.augment_on == "auto" and self.device.type == "cuda")
+        self.aug_train = engine.Augmenter(dcfg, train=True, batched=batched)
+        self.aug_eval = engine.Augmenter(dcfg, train=False, batched=batched)
         self.stopper = engine.EarlyStopping(job.patience)
         self.start = 0
 
@@ -209,6 +249,7 @@ class ClassifierRun:
             "backbone": self.name,
             "fold": self.fold,
             "confluence_output": self.regress,
+            "coverage_supervision": self.coverage,
         }
         last = epoch + 1 == self.epochs
         if len(self.val) == 0:  # export: all images train, no early stopping
@@ -238,6 +279,7 @@ class ClassifierRun:
                 "stopper": self.stopper.state_dict(),
                 "best_model": self.stopper.best_state,
                 "confluence_output": self.regress,
+                "coverage_supervision": self.coverage,
                 "epoch": epoch + 1,
             },
             os.path.join(folder, "state.pt"),
@@ -762,9 +804,11 @@ def _export_artifact(job, export: TrialResult, winner, classes, calib, oof_metri
     weights_file = models.resolve_pretrained(winner["backbone"], job.pretrained)
     dcfg = _data_config(job, winner["backbone"], weights_file is not None)
     regress = bool(saved.get("confluence_output", False))
+    # the coverage map only trained the features: the exported model is the classifier without it
+    state = {k: v for k, v in saved["best_model"].items() if not k.startswith("coverage.")}
     return models.save_artifact(
         storage.join(job.out, "artifact"),
-        saved["best_model"],
+        state,
         {
             "kind": "classifier",
             "architecture": winner["backbone"],
@@ -775,6 +819,7 @@ def _export_artifact(job, export: TrialResult, winner, classes, calib, oof_metri
             "normalisation": {"mean": list(dcfg.norm_mean), "std": list(dcfg.norm_std)},
             "temperature": calib["temperature"],
             "confluence_output": bool(regress),
+            "coverage_supervision": bool(saved.get("coverage_supervision", False)),
             "views": job.views,
             "calibration": calib,
             "trained_on": "all images",

@@ -45,9 +45,20 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
-    """One local Ray for the whole suite, started after the S3 server so workers inherit its AWS_*."""
+def ray_session(request):
+    """One local Ray for the whole suite, started after the S3 server so workers inherit its AWS_*
+    (without SeaweedFS installed — a GPU machine running only ``-m gpu`` — Ray starts alone and the
+    tests that need the server fail on their own)."""
     import ray
+
+    from msc_ray.s3local import weed_binary
+
+    try:
+        weed_binary()
+    except FileNotFoundError:
+        pass
+    else:
+        request.getfixturevalue("s3_server")
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
     yield ray

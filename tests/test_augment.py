@@ -122,3 +122,118 @@ def test_equalize_for_multistack():
     img = tv_tensors.Image(torch.rand(1, 32, 32) * 0.2 + 0.4)  # low contrast
     out = augment.apply(augment.build(cfg, train=False), {"image": img}, 0)["image"]
     assert out.max() - out.min() > 0.8
+
+
+# --- the batched recipe (GPU trials) ----------------------------------------------------------------
+
+
+def _draws(b: int, **at) -> torch.Tensor:
+    """Draws that switch every step off (no tilt, no flip, no jitter, no blur, no enhancement), with
+    the named columns set."""
+    u = torch.full((b, augment.N_DRAWS), 0.999, dtype=torch.float64)
+    u[:, 0] = 0.1  # no quarter turn
+    names = {"quarter": 0, "tilt": 1, "angle": 2, "hflip": 3, "vflip": 4, "jitter": 5, "bright": 6, "contrast": 7}
+    names.update({"order": 8, "blur": 9, "sigma": 10, "enhance": 11, "sharpen": 12, "amount": 13})
+    for k, v in at.items():
+        u[:, names[k]] = v
+    return u
+
+
+def _smooth_image(size: int = 64, c: int = 1) -> torch.Tensor:
+    """A smooth pattern of amplitude 0.4 around 0.5, each channel its own."""
+    yy, xx = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
+    chans = [0.5 + 0.4 * torch.sin(xx / (5 + i)) * torch.cos(yy / (7 - i)) for i in range(c)]
+    return torch.stack(chans)[None]
+
+
+def test_batched_recipe_turns_and_flips_exactly_and_moves_the_covered_map_along():
+    ba = augment.BatchAugment(DataConfig(size=16))
+    x = torch.rand(8, 1, 16, 16)
+    cov = (torch.rand(8, 1, 16, 16) > 0.5).float()
+    quarter = torch.arange(8) % 4
+    hflip, vflip = (torch.arange(8) // 4) % 2 == 1, torch.arange(8) % 3 == 0
+    u = _draws(8, quarter=(quarter + 0.5) / 4, hflip=torch.where(hflip, 0.1, 0.9), vflip=torch.where(vflip, 0.1, 0.9))
+    y, ycov = ba.apply(x, u, cov)
+    for i in range(8):
+        want = v2.functional.rotate(x[i], 90.0 * int(quarter[i]))
+        want_cov = v2.functional.rotate(cov[i], 90.0 * int(quarter[i]))
+        if hflip[i]:
+            want, want_cov = torch.flip(want, (2,)), torch.flip(want_cov, (2,))
+        if vflip[i]:
+            want, want_cov = torch.flip(want, (1,)), torch.flip(want_cov, (1,))
+        assert torch.allclose(y[i], want, atol=1e-5), i  # whole pixels moved: float rounding only
+        assert torch.equal(ycov[i], want_cov), i
+
+
+def test_batched_tilt_matches_the_per_image_rotate_and_crop():
+    """A small angle with the fill-free crop: one resampling here, two (rotate, then crop and resize) on
+    the per-image path; on a smooth image they agree to a fraction of its contrast, and no corner is fill."""
+    ba = augment.BatchAugment(DataConfig(size=64))
+    x = _smooth_image()
+    for angle in (-11.0, 4.0, 14.0):
+        y, _ = ba.apply(x, _draws(1, tilt=0.0, angle=(angle / 15 + 1) / 2))
+        want = augment.RotateCrop().transform(x, {"angle": angle, "small": angle})
+        other = augment.RotateCrop().transform(x, {"angle": -angle, "small": -angle})
+        # against an amplitude of 0.4; the per-image crop's offset is rounded to whole pixels
+        assert (y - want).abs().mean() < 0.03 and (y - other).abs().mean() > 2 * (y - want).abs().mean(), angle
+        assert not torch.allclose(y, x, atol=1e-3)
+    ones, _ = ba.apply(torch.ones(1, 1, 64, 64), _draws(1, tilt=0.0, angle=0.0))  # 15°: corners stay inside
+    assert torch.allclose(ones, torch.ones_like(ones))
+
+
+def test_batched_photometric_steps_equal_torchvisions_with_the_same_parameters():
+    ba = augment.BatchAugment(DataConfig(size=64))
+    x = _smooth_image(c=3)
+    F = v2.functional
+    y, _ = ba.apply(x, _draws(1, jitter=0.0, bright=0.8, contrast=0.8, order=0.0))  # brightness 1.15, contrast 1.15
+    want = F.adjust_contrast(F.adjust_brightness(x, 1.15), 1.15)
+    assert torch.allclose(y, want, atol=1e-5)
+    y, _ = ba.apply(x, _draws(1, jitter=0.0, bright=0.0, contrast=1.0 - 1e-9, order=0.9))  # contrast first
+    assert torch.allclose(y, F.adjust_brightness(F.adjust_contrast(x, 1.25), 0.75), atol=1e-5)
+    y, _ = ba.apply(x, _draws(1, blur=0.0, sigma=0.5))  # sigma 0.8
+    assert torch.allclose(y, F.gaussian_blur(x, [5, 5], [0.8, 0.8]), atol=1e-5)
+    y, _ = ba.apply(x, _draws(1, enhance=0.0, sharpen=0.0, amount=0.25))  # EdgeSharpen, amount 0.75
+    assert torch.allclose(y, augment.EdgeSharpen().transform(x, {"amount": 0.75}), atol=1e-5)
+    y, _ = ba.apply(x * 0.5 + 0.2, _draws(1, enhance=0.0, sharpen=0.9))  # autocontrast
+    assert torch.allclose(y, F.autocontrast(x * 0.5 + 0.2), atol=1e-5)
+    assert y.amin() == 0.0 and abs(float(y.amax()) - 1.0) < 1e-6
+    off, _ = ba.apply(x, _draws(1))
+    assert torch.allclose(off, x, atol=1e-5)
+
+
+def test_batched_draws_are_per_image_and_follow_the_recipes_probabilities():
+    cfg = DataConfig(size=32, seed=5)
+    ba = augment.BatchAugment(cfg)
+    keys = [f"img{i}.png" for i in range(4000)]
+    u = ba.params(keys, epoch=2).numpy()
+    assert np.array_equal(u[7], ba.params([keys[7]], epoch=2).numpy()[0])  # whatever the batch
+    assert not np.array_equal(u[7], ba.params([keys[7]], epoch=3).numpy()[0])  # a new epoch, new draws
+    theta = ba.geometry(torch.from_numpy(u), 32)
+    turned = torch.isclose(theta[:, 0, 0].abs(), torch.tensor(0.0, dtype=torch.float64), atol=1e-9)
+    shares = {
+        "tilt": float(np.mean(u[:, 1] < cfg.tilt_share)),
+        "quarter turn by 90 or 270": float(turned.double().mean()),
+        "jitter": float(np.mean(u[:, 5] < 0.5)),
+        "blur": float(np.mean(u[:, 9] < 0.3)),
+        "sharpen": float(np.mean((u[:, 11] < 0.5) & (u[:, 12] < 0.5))),
+    }
+    want = {"tilt": 0.5, "quarter turn by 90 or 270": 0.25, "jitter": 0.5, "blur": 0.3, "sharpen": 0.25}
+    for k, v in want.items():
+        assert abs(shares[k] - v) < 0.03, (k, shares[k])
+    x = torch.rand(2, 1, 32, 32)
+    a, _ = ba(x, keys[:2], epoch=0)
+    b, _ = ba(x, keys[:2], epoch=0)
+    assert torch.equal(a, b) and not torch.allclose(a, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_recipe_on_the_gpu_equals_the_cpu():
+    ba = augment.BatchAugment(DataConfig(size=64))
+    x = torch.rand(16, 3, 64, 64)
+    keys = [f"k{i}" for i in range(16)]
+    cpu, _ = ba(x, keys, epoch=1)
+    gpu, _ = ba(x.cuda(), keys, epoch=1)
+    assert (gpu.cpu() - cpu).abs().max() < 1e-3

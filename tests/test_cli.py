@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,10 +42,12 @@ def test_every_command_with_relative_paths(tmp_path):
             "1e-3",
             "--pretrained",
             "none",
+            "--no-coverage",
         ],
         tmp_path,
     )
     assert "winner: compact_cnn" in out and (tmp_path / "run2" / "artifact" / "weights.pt").exists()
+    assert json.loads((tmp_path / "run2" / "artifact" / "config.json").read_text())["coverage_supervision"] is False
     _run(
         [
             "train-detector",

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,27 @@ def test_s3_dataset_reads_objects(ray_session, small_corpus, s3_server):
         for x, _, _ in data.torch_batches(data.make_dataset(data.select(table), cfg, train=False), 8, stats=stats)
     )
     assert n == 24 and stats.errors == 0
+
+
+def test_cache_carries_covered_pixels_where_a_cell_mask_exists(ray_session, corpus_copy):
+    """Coverage supervision reads each image's cell mask: its covered share is the image's confluence;
+    an image whose mask is gone keeps its place, marked unknown; a corpus without masks gives none."""
+    root, _ = corpus_copy
+    table, _ = corpus.index_corpus(str(root), folds=3, seed=0)
+    rows = data.select(table, stack="sstack")
+    cfg = DataConfig(size=64, channels=3)
+    plain = data.build_cache(rows, cfg)
+    c = data.build_cache(rows, cfg, coverage=True)
+    assert plain.covered is None and plain.covered_ok is None
+    assert np.array_equal(c.images, plain.images) and c.covered.shape == (24, 64, 64) and c.covered_ok.all()
+    assert np.abs(c.covered.mean((1, 2)) - c.confluence).max() < 0.01  # same size: the mask is the truth
+    assert set(np.unique(c.covered)) <= {0, 1}
+    gone = c.keys[5]
+    cell_mask = root / "masks" / "sstack" / (gone.rsplit("/", 1)[-1])
+    cell_mask.unlink()
+    c2 = data.build_cache(rows, cfg, coverage=True)
+    assert len(c2) == 24 and not c2.errors and np.array_equal(c2.images, plain.images)
+    assert c2.covered_ok.tolist() == [k != gone for k in c2.keys]
+    shutil.rmtree(root / "masks")
+    c3 = data.build_cache(rows, cfg, coverage=True)
+    assert len(c3) == 24 and c3.covered is None and c3.covered_ok is None

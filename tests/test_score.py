@@ -510,6 +510,7 @@ def test_the_gpu_number_formats_keep_probabilities_and_box_coordinates(small_cor
         assert all(len(o["boxes"]) and o["boxes"].dtype == o["scores"].dtype == torch.float32 for o in out)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_preprocessing_on_the_gpu_agrees_with_the_cpu(small_corpus):
     """The actor's GPU path (uint8 to the device, then channels, equalisation, resize, normalisation

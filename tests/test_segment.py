@@ -265,6 +265,7 @@ def test_unet_watershed_trains_like_a_torchvision_detection_model(backbone):
     assert out[0]["masks"].shape[-2:] == (37, 45)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_unet_builds_its_targets_and_trains_on_a_gpu():
     t, p = _truth_probabilities()
