@@ -4,7 +4,7 @@ corpus, with nested folds: every figure is on outer folds that nothing trained, 
 calibrated on. Then the exported models score a corpus of new vessels (another seed) against its
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
-    .venv/bin/python scripts/quality.py [--n 800] [--mstack-n 400] [--folds 5]  # CPU, about 26 min
+    .venv/bin/python scripts/quality.py [--n 800] [--mstack-n 400] [--folds 5]  # CPU, about 28 min
     .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 18 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
+
+WORKERS = os.cpu_count() or 2  # synthesis processes (the same bytes whatever the count)
 
 
 def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
@@ -63,7 +66,7 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     n, size = args.seg_n or (1000 if gpu else 600), args.seg_size or (256 if gpu else 128)
     backbone = args.segmenter_backbone or ("unet_wide" if gpu else "unet")
     mask_rcnn = not backbone.startswith("unet")  # Mask R-CNN's measured recipe: batch 2, lr 1e-3
-    synth.synthesize(out / "seg-corpus", synth.SynthConfig(n=n, size=size, stack="sstack", seed=7, workers=2))
+    synth.synthesize(out / "seg-corpus", synth.SynthConfig(n=n, size=size, stack="sstack", seed=7, workers=WORKERS))
     table, _ = corpus.index_corpus(str(out / "seg-corpus"), folds=args.folds, seed=0)
     manifest = corpus.write_manifest(table, str(out / "seg-corpus" / "manifest.parquet"))
     t0 = time.perf_counter()
@@ -85,7 +88,8 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     print(f"\n== Segmentation, cells and nuclei ({minutes:.1f} min)")
     print(Path(seg["table_md"]).read_text())
     pot_n = args.potency_n or (2000 if gpu else 1800)  # 60 vessels: LightGBM needs the vessel-days (600: R² 0.61)
-    synth.synthesize(out / "pot-corpus", synth.SynthConfig(n=pot_n, size=size, stack="sstack", seed=7007, workers=2))
+    pot_cfg = synth.SynthConfig(n=pot_n, size=size, stack="sstack", seed=7007, workers=WORKERS)
+    synth.synthesize(out / "pot-corpus", pot_cfg)
     res: dict = {"segmenter": {"minutes": minutes, "summary": seg["summary"], "thresholds": seg["thresholds"]}}
     for what, seg_art in (("predicted masks", seg["artifact"]), ("exact masks", None)):
         t0 = time.perf_counter()
@@ -140,6 +144,13 @@ def main() -> None:
         "epochs before it climbs)",
     )
     ap.add_argument("--stacks", default="sstack,mstack", help="classifier stacks (comma-separated)")
+    ap.add_argument(
+        "--coverage",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="coverage supervision from the corpus's cell masks while the compact CNN trains",
+    )
+    ap.add_argument("--coverage-weight", type=float, default=3.0, help="weight of the coverage term")
     ap.add_argument("--backbones", default=None, help="CPU compact_cnn; GPU inception_v3,resnet50,vit_b_16")
     ap.add_argument("--detector-epochs", type=int, default=24)
     ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1; GPU all)")
@@ -175,6 +186,7 @@ def main() -> None:
     backbones = tuple((args.backbones or ("inception_v3,resnet50,vit_b_16" if gpu else "compact_cnn")).split(","))
 
     import ray
+    import torch
 
     from msc_ray import corpus, synth
     from msc_ray import tune as mt
@@ -186,14 +198,14 @@ def main() -> None:
     if "segmenter" in stages:
         report["segmenter"] = segmenter_stage(out, args, gpu)
     if stages & {"classifier", "detector"}:
-        synth.synthesize(out / "heldout", synth.SynthConfig(n=args.heldout_n, size=size, seed=7007, workers=2))
+        synth.synthesize(out / "heldout", synth.SynthConfig(n=args.heldout_n, size=size, seed=7007, workers=WORKERS))
     manifests: dict[tuple[str, int], str] = {}
 
     def manifest_for(stack: str, images: int) -> str:
         """One corpus per (stack, size of corpus), seed 7, indexed into folds grouped by vessel."""
         if (stack, images) not in manifests:
             root = out / f"corpus-{stack}-{images}"
-            synth.synthesize(root, synth.SynthConfig(n=images, size=size, stack=stack, seed=7, workers=2))
+            synth.synthesize(root, synth.SynthConfig(n=images, size=size, stack=stack, seed=7, workers=WORKERS))
             table, _ = corpus.index_corpus(str(root), folds=args.folds, seed=0)
             manifests[stack, images] = corpus.write_manifest(table, str(root / "manifest.parquet"))
         return manifests[stack, images]
@@ -215,8 +227,10 @@ def main() -> None:
             size=input_size[stack],
             batch_size=32 if not gpu else 64,
             pretrained="none",
+            coverage=args.coverage,
+            coverage_weight=args.coverage_weight,
             asha=len(backbones) > 1,
-            gpus_per_trial=0.5 if gpu else 0.0,
+            gpus_per_trial=0.5 if gpu and torch.cuda.is_available() else 0.0,
             verbose=0,
         )
         outcome = mt.run_search(job)
@@ -243,6 +257,7 @@ def main() -> None:
             f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
             f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
             f"{args.patience}; multi-stack {args.mstack_max_epochs}, patience {args.mstack_patience}), "
+            f"coverage supervision {f'weight {args.coverage_weight:g}' if args.coverage else 'off'}, "
             f"detector up to {args.detector_epochs} epochs, random init, "
             f"{'GPU' if gpu else '2 CPU cores'}"
         )
