@@ -101,13 +101,28 @@ def _ellipse_extent(before: tv_tensors.BoundingBoxes, rotated: tv_tensors.Boundi
     return tv_tensors.wrap(boxes.reshape(rotated.shape), like=rotated)
 
 
+# The photometric steps' probabilities and ranges, shared by the per-image transforms and BatchAugment
+JITTER_P, JITTER = 0.5, 0.25  # brightness and contrast factors in [1 - JITTER, 1 + JITTER]
+BLUR_P, BLUR_KERNEL, BLUR_SIGMA = 0.3, 5, (0.1, 1.5)
+ENHANCE_P = 0.5  # sharpness or contrast enhancement, each chosen equally often
+SHARPEN_AMOUNT, SHARPEN_SIGMA = (0.5, 1.5), 0.8
+_LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+
+
+def _edge_map(smooth: torch.Tensor) -> torch.Tensor:
+    """The Laplacian of (N, C, H, W) images, per channel, replicate padding (EdgeSharpen's edges)."""
+    c = smooth.shape[1]
+    lap = torch.tensor(_LAPLACIAN, dtype=smooth.dtype, device=smooth.device).expand(c, 1, 3, 3)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(smooth, (1, 1, 1, 1), mode="replicate"), lap, groups=c)
+
+
 class EdgeSharpen(v2.Transform):
     """Sharpness enhancement: Gaussian-smoothed image plus ``amount`` × its edge map (negative
     Laplacian), clipped to [0, 1]. Boxes pass through."""
 
     _transformed_types = (tv_tensors.Image,)
 
-    def __init__(self, amount: tuple[float, float] = (0.5, 1.5), sigma: float = 0.8):
+    def __init__(self, amount: tuple[float, float] = SHARPEN_AMOUNT, sigma: float = SHARPEN_SIGMA):
         super().__init__()
         self.amount = amount
         self.sigma = sigma
@@ -116,13 +131,9 @@ class EdgeSharpen(v2.Transform):
         return {"amount": float(torch.empty(()).uniform_(*self.amount).item())}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        smooth = F.gaussian_blur(inpt, kernel_size=[5, 5], sigma=[self.sigma, self.sigma])
-        c = smooth.shape[-3]
-        lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=smooth.dtype)
-        kernel = lap.expand(c, 1, 3, 3)
-        x = smooth.reshape(-1, c, *smooth.shape[-2:])
-        edges = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
-        out = (x - params["amount"] * edges).clamp_(0.0, 1.0).reshape(smooth.shape)
+        smooth = F.gaussian_blur(inpt, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[self.sigma, self.sigma])
+        x = smooth.reshape(-1, *smooth.shape[-3:])
+        out = (x - params["amount"] * _edge_map(x)).clamp_(0.0, 1.0).reshape(smooth.shape)
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
@@ -132,10 +143,10 @@ def geometric(cfg: DataConfig) -> list[v2.Transform]:
 
 def photometric() -> list[v2.Transform]:
     return [
-        v2.RandomApply([v2.ColorJitter(brightness=0.25, contrast=0.25)], p=0.5),
-        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.3),
+        v2.RandomApply([v2.ColorJitter(brightness=JITTER, contrast=JITTER)], p=JITTER_P),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=BLUR_KERNEL, sigma=BLUR_SIGMA)], p=BLUR_P),
         # sharpness and contrast enhancement, each with the same probability
-        v2.RandomApply([v2.RandomChoice([EdgeSharpen(), v2.RandomAutocontrast(p=1.0)])], p=0.5),
+        v2.RandomApply([v2.RandomChoice([EdgeSharpen(), v2.RandomAutocontrast(p=1.0)])], p=ENHANCE_P),
     ]
 
 
@@ -175,7 +186,7 @@ def apply(transform: v2.Compose, sample: dict, seed: int) -> dict:
 N_DRAWS = 14  # uniform draws per sample, see BatchAugment.params
 
 
-def _gauss_kernels(sigma: torch.Tensor, size: int = 5) -> torch.Tensor:
+def _gauss_kernels(sigma: torch.Tensor, size: int = BLUR_KERNEL) -> torch.Tensor:
     """(B,) sigmas → (B, size) normalised 1-D Gaussian kernels (torchvision's gaussian_blur taps)."""
     half = (size - 1) * 0.5
     x = torch.linspace(-half, half, size, device=sigma.device, dtype=torch.float32)
@@ -265,12 +276,12 @@ class BatchAugment:
                 covered.float(), grid, mode="nearest", padding_mode="border", align_corners=False
             )
         # which steps any sample takes is read from the draws while they are on the CPU: no device sync
-        any_blur, any_enhance = bool((u[:, 9] < 0.3).any()), bool((u[:, 11] < 0.5).any())
+        any_blur, any_enhance = bool((u[:, 9] < BLUR_P).any()), bool((u[:, 11] < ENHANCE_P).any())
         u = u.to(dev, torch.float32)
         col = lambda t: t.view(b, 1, 1, 1)  # noqa: E731
-        # colour jitter (p 0.5): brightness and contrast factors in [0.75, 1.25], in a random order
-        jit = col(u[:, 5] < 0.5)
-        bright, contrast = col(0.75 + 0.5 * u[:, 6]), col(0.75 + 0.5 * u[:, 7])
+        # colour jitter: brightness and contrast factors in [1 - JITTER, 1 + JITTER], in a random order
+        jit = col(u[:, 5] < JITTER_P)
+        bright, contrast = col(1 - JITTER + 2 * JITTER * u[:, 6]), col(1 - JITTER + 2 * JITTER * u[:, 7])
 
         def adjust_contrast(t):
             gray = F.rgb_to_grayscale(t) if c == 3 else t
@@ -279,20 +290,15 @@ class BatchAugment:
         b_first = adjust_contrast((x * bright).clamp(0, 1))
         c_first = (adjust_contrast(x) * bright).clamp(0, 1)
         x = torch.where(jit, torch.where(col(u[:, 8] < 0.5), b_first, c_first), x)
-        # Gaussian blur (p 0.3), kernel 5, sigma in [0.1, 1.5]
+        # Gaussian blur, sigma in BLUR_SIGMA
         if any_blur:
-            x = torch.where(col(u[:, 9] < 0.3), _blur(x, _gauss_kernels(0.1 + 1.4 * u[:, 10])), x)
-        # enhancement (p 0.5): sharpness (EdgeSharpen, amount in [0.5, 1.5]) or autocontrast, equally often
-        enhance = u[:, 11] < 0.5
+            lo_s, hi_s = BLUR_SIGMA
+            x = torch.where(col(u[:, 9] < BLUR_P), _blur(x, _gauss_kernels(lo_s + (hi_s - lo_s) * u[:, 10])), x)
+        # enhancement: sharpness (EdgeSharpen's, amount in SHARPEN_AMOUNT) or autocontrast, equally often
         if any_enhance:
-            smooth = _blur(x, _gauss_kernels(torch.full((b,), 0.8, device=dev)))
-            lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=dev, dtype=x.dtype)
-            edges = torch.nn.functional.conv2d(
-                torch.nn.functional.pad(smooth, (1, 1, 1, 1), mode="replicate"), lap.expand(c, 1, 3, 3), groups=c
-            )
-            sharp = (smooth - col(0.5 + u[:, 13]) * edges).clamp(0, 1)
-            lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-            flat = hi == lo
-            stretched = ((x - torch.where(flat, 0.0, lo)) / torch.where(flat, 1.0, hi - lo)).clamp(0, 1)
-            x = torch.where(col(enhance), torch.where(col(u[:, 12] < 0.5), sharp, stretched), x)
+            smooth = _blur(x, _gauss_kernels(torch.full((b,), SHARPEN_SIGMA, device=dev)))
+            lo_a, hi_a = SHARPEN_AMOUNT
+            sharp = (smooth - col(lo_a + (hi_a - lo_a) * u[:, 13]) * _edge_map(smooth)).clamp(0, 1)
+            sharp_or_stretch = torch.where(col(u[:, 12] < 0.5), sharp, F.autocontrast(x))
+            x = torch.where(col(u[:, 11] < ENHANCE_P), sharp_or_stretch, x)
         return x, covered

@@ -131,35 +131,32 @@ def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataCon
 
 def build_caches(job: TuneJobConfig, manifest) -> dict[int, engine.Cache]:
     """Decode every image of the stack once per input size the backbones need (Ray Data tasks),
-    before any trial starts; trials get the caches through Ray's object store."""
+    before any trial starts; trials get the caches through Ray's object store. A size that a backbone
+    with a coverage head trains at also keeps the covered pixels (:func:`_has_cell_masks`)."""
     rows = data.select(manifest, stack=job.stack)
-    caches: dict[int, engine.Cache] = {}
+    configs: dict[int, DataConfig] = {}
+    coverage_sizes: set[int] = set()
     for name in job.backbones:
         dcfg = _data_config(job, name, models.resolve_pretrained(name, job.pretrained) is not None)
-        if dcfg.size not in caches:
-            coverage = _coverage_wanted(job, rows, dcfg.size)
-            caches[dcfg.size] = c = data.build_cache(rows, dcfg, coverage=coverage)
-            for e in c.errors:
-                log.warning("left out: %s", e)
-            if coverage:
-                known = int(c.covered_ok.sum()) if c.covered_ok is not None else 0
-                log.info("coverage supervision at %d px: cell masks for %d of %d images", dcfg.size, known, len(c))
+        configs.setdefault(dcfg.size, dcfg)
+        if job.coverage and models.supports_coverage(name):
+            coverage_sizes.add(dcfg.size)
+    if coverage_sizes and not _has_cell_masks(job, rows):
+        coverage_sizes = set()
+    caches: dict[int, engine.Cache] = {}
+    for size, dcfg in configs.items():
+        coverage = size in coverage_sizes
+        caches[size] = c = data.build_cache(rows, dcfg, coverage=coverage)
+        for e in c.errors:
+            log.warning("left out: %s", e)
+        if coverage:
+            known = int(c.covered_ok.sum()) if c.covered_ok is not None else 0
+            log.info("coverage supervision at %d px: cell masks for %d of %d images", size, known, len(c))
     return caches
 
 
-def _coverage_wanted(job: TuneJobConfig, rows, size: int) -> bool:
-    """Read the covered pixels for a cache of ``size`` when the job asks for coverage supervision, a
-    backbone of that size can learn it, and the corpus has a cell mask for its first image (a corpus
-    without masks costs no further reads)."""
-    if not job.coverage:
-        return False
-    sizes = {
-        _data_config(job, b, models.resolve_pretrained(b, job.pretrained) is not None).size
-        for b in job.backbones
-        if models.supports_coverage(b)
-    }
-    if size not in sizes:
-        return False
+def _has_cell_masks(job: TuneJobConfig, rows) -> bool:
+    """Whether the corpus has a cell mask for its first image: a corpus without masks costs one read."""
     first = rows.slice(0, 1).to_pylist()[0]
     return storage.exists(data.mask_uris(first["uri"], first["path"], first["stack"])[0], job.endpoint_url)
 
