@@ -7,5 +7,6 @@ BAND_EDGES = (0.0, 0.4, 0.6, 0.8, 1.0)
 BAND_NAMES = ("1", "2", "3", "4")
 STACKS = ("sstack", "mstack")
 ABNORMAL_LABEL = "Flatten"
-#: Test-time views a classifier's outputs can be averaged over (:func:`msc_ray.engine.view_mean`).
+#: Test-time views a classifier's outputs (:func:`msc_ray.engine.view_mean`) and a U-Net's maps
+#: (:meth:`msc_ray.models.UNetWatershed.maps`) can be averaged over.
 VIEWS = (1, 4, 8)

@@ -398,6 +398,13 @@ def train_segmenter(
     ] = 128,
     batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 8,
     lr: LrOpt = 3e-3,
+    views: Annotated[
+        int,
+        typer.Option(
+            help="U-Net: test-time views its maps are averaged over (1, 4 quarter turns, 8 with their mirror "
+            "images) for the outer folds, the inner-fold thresholds and the artifact; early stopping uses one."
+        ),
+    ] = 8,
     seed: SeedOpt = 0,
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
@@ -406,7 +413,9 @@ def train_segmenter(
     confluence errors on outer folds, a panel, a segmenter artifact. Rerunning with the same --out resumes."""
     from . import segment
 
-    job = segment.SegmentJobConfig(**_per_fold_job(corpus_or_manifest, out, folds, only_folds, locals()), stack=stack)
+    job = segment.SegmentJobConfig(
+        **_per_fold_job(corpus_or_manifest, out, folds, only_folds, locals()), stack=stack, views=views
+    )
     _run_per_fold(job, segment.train_segmenter, address)
 
 

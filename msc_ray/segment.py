@@ -30,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import data, engine, metrics, models, storage
+from . import VIEWS, data, engine, metrics, models, storage
 from .detect import DetectJobConfig, _device, _read_state, _train_fold, load_best, prepare_run
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,14 @@ class SegmentJobConfig(DetectJobConfig):
     # counting error rose from 0.47 to 0.78 (the quickstart's mask confluence MAE fell, 11.5 → 5.0 points);
     # one run each way is too little to change it on
     tilt_share: float = 1.0
+    # test-time views the U-Net's maps are averaged over for the outer folds, the thresholds chosen on
+    # the inner ones and the artifact (models.UNetWatershed.maps); early stopping looks at one view
+    views: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if self.views not in VIEWS:
+            raise ValueError(f"--views must be one of {', '.join(map(str, VIEWS))}, got {self.views}")
 
     def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:
         return models.build_segmenter(self.backbone, image_size=self.size, anchors=anchors, **kwargs)
@@ -132,11 +140,22 @@ def choose_vote_peak(model, val: engine.Cache, aug: engine.Augmenter, *, batch_s
     return model.vote_peak, preds_of[model.vote_peak]
 
 
+def _load_views(ckpt_dir: str, job: SegmentJobConfig, vote_peak: float | None = None):
+    """The fold's best model as it predicts: with the job's test-time views (U-Nets) and, when given,
+    its vote-centre threshold."""
+    model, state = load_best(ckpt_dir, job)
+    if hasattr(model, "views"):
+        model.views = job.views
+    if vote_peak is not None and hasattr(model, "vote_peak"):
+        model.vote_peak = vote_peak
+    return model, state
+
+
 def predict_fold(job: SegmentJobConfig, fold: int, folds: int, ckpt_dir: str, cache: engine.Cache) -> SegFoldResult:
     """The fold's best model on its inner validation part (which chooses the vote-centre threshold)
     and, with mask AP, on its outer fold."""
     _, val, test = cache.split(fold, folds)
-    model, state = load_best(ckpt_dir, job)
+    model, state = _load_views(ckpt_dir, job)
     dev = _device(job)
     aug = engine.Augmenter(job.data_config(), train=False)
     bs = job.batch_size * 2
@@ -221,9 +240,7 @@ def _panel(
 
     r = results[0]
     _, _, test = cache.split(r.fold, folds)
-    model, _ = load_best(r.checkpoint, job)
-    if hasattr(model, "vote_peak"):
-        model.vote_peak = r.vote_peak
+    model, _ = _load_views(r.checkpoint, job, r.vote_peak)
     dev = _device(job)
     aug = engine.Augmenter(job.data_config(), train=False)
     picks = np.linspace(0, len(test) - 1, min(n, len(test))).round().astype(int)
@@ -277,6 +294,7 @@ def _export(job: SegmentJobConfig, results: list[SegFoldResult], thresholds: dic
             "min_area": job.min_area,
             "vote_peak": best.vote_peak,
             "contact_score": job.backbone in models.UNET_WIDTHS,
+            "views": job.views if job.backbone in models.UNET_WIDTHS else 1,
             "trained_on": f"folds other than {best.fold} and its inner validation fold (best inner box AP@0.5)",
             "metrics": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in TABLE_KEYS},
             "run": {"out": job.out, "manifest": job.manifest, "epochs": best.best_epoch},

@@ -138,6 +138,34 @@ def test_offset_targets_point_at_the_cells_own_nucleus_or_its_centre():
     assert (off[:, 35, 0] == 0).all() and (off[:, p[0] == 0] == 0).all()  # nothing off the cells
 
 
+@pytest.mark.parametrize("i", range(1, 8))
+def test_maps_of_a_turned_or_mirrored_image_come_back_to_the_images_own(i):
+    """The truth's maps of view ``i`` of the image, brought back (pixels and offset vectors), are the
+    truth's maps of the image itself: the test-time views speak of the same pixels and directions."""
+    t, p = _truth_probabilities()
+    turned = engine.instance_targets(engine.dihedral_view(_truth_maps()[None], i)[0])
+    back = models._undo_view(models.UNetWatershed.target_maps(turned)[None], i, offsets=True)[0]
+    assert torch.allclose(back, torch.from_numpy(p), atol=1e-6)
+
+
+def test_the_eight_view_maps_of_a_turned_image_are_the_same_maps_turned():
+    torch.manual_seed(0)
+    one, eight = models.build_segmenter("unet").eval(), models.build_segmenter("unet", views=8).eval()
+    eight.load_state_dict(one.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = one.maps(x)
+        mean = eight.maps(x)
+        raw = one.logits(x)
+        assert torch.allclose(plain, torch.cat([torch.sigmoid(raw[:, :4]), raw[:, 4:]], 1))
+        assert not torch.allclose(mean, plain, atol=1e-3)  # a random model is not invariant by itself
+        for i in range(1, 8):
+            back = models._undo_view(eight.maps(engine.dihedral_view(x, i)), i, offsets=True)
+            assert torch.allclose(back, mean, atol=1e-5), i
+    with pytest.raises(ValueError, match="views=3"):
+        models.build_segmenter("unet", views=3)
+
+
 def test_unet_watershed_turns_perfect_maps_into_the_exact_instances():
     t, p = _truth_probabilities()
     assert p[1][2:12, 19:21].all() and p[1][p[0] == 0].sum() == 0  # both sides of a shared edge, only on cells
@@ -295,6 +323,13 @@ def test_a_segmenter_saved_before_the_offsets_still_loads(tmp_path):
     assert models.load_segmenter(tmp_path / "new")[0].offsets
     assert models.load_segmenter(tmp_path / "new")[0].vote_peak == 0  # saved before the vote centres: off
     assert not models.load_segmenter(tmp_path / "new")[0].contact_score  # nor the contact score
+    assert models.load_segmenter(tmp_path / "new")[0].views == 1  # nor the test-time views
+    models.save_artifact(
+        tmp_path / "views",
+        new.state_dict(),
+        {"kind": "segmenter", "architecture": "unet", "image_size": 64, "views": 8},
+    )
+    assert models.load_segmenter(tmp_path / "views")[0].views == 8
 
 
 @pytest.mark.slow
