@@ -217,7 +217,12 @@ def _write_table(rows: list[dict], summary: dict, thresholds: dict, job: Segment
         "image under predicted cell masks at the cell threshold, against the true confluence. U-Net vote-centre "
         "threshold per fold (chosen on its inner validation part; 0: off): "
         + ", ".join(f"fold {r['fold']} {r['vote_peak']:g}" for r in rows)
-        + ".",
+        + "."
+        + (
+            f" The U-Net's maps are the mean of {job.views} test-time views (outer folds and inner thresholds)."
+            if job.backbone in models.UNET_WIDTHS
+            else ""
+        ),
     ]
     (out / "metrics.md").write_text("\n".join(md) + "\n")
 

@@ -67,10 +67,12 @@ def test_every_command_with_relative_paths(tmp_path):
     )
     assert (tmp_path / "det" / "artifact" / "config.json").exists()
     _run(
-        ["train-segmenter", "m.parquet", "--out", "seg", "--workers", "1", "--only-folds", "0", "--epochs", "1"],
+        ["train-segmenter", "m.parquet", "--out", "seg", "--workers", "1", "--only-folds", "0", "--epochs", "1"]
+        + ["--views", "4"],
         tmp_path,
     )
-    assert (tmp_path / "seg" / "artifact" / "config.json").exists() and (tmp_path / "seg" / "metrics.md").exists()
+    assert (tmp_path / "seg" / "metrics.md").exists()
+    assert json.loads((tmp_path / "seg" / "artifact" / "config.json").read_text())["views"] == 4
     _run(["morphology", "c", "--out", "morph"], tmp_path)
     _run(["train-potency", "morph/images.parquet", "--out", "pot", "--folds", "3", "--samples", "1"], tmp_path)
     assert (tmp_path / "pot" / "artifact" / "model.txt").exists()
