@@ -391,19 +391,21 @@ def dihedral_view(x: torch.Tensor, i: int) -> torch.Tensor:
     return torch.flip(x, (3,)) if i % 2 else x
 
 
-def view_mean(forward, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+def view_mean(forward, x: torch.Tensor, views: int = 1, back=None) -> torch.Tensor:
     """``forward(x)`` averaged over ``views`` views of each image (test-time augmentation): 1 — the
     image as it is; 4 — its four quarter turns; 8 — those and their mirror images. The raw outputs
     (logits, regression logit) are averaged, so a temperature fitted on them applies as it does to one
     view. Culture images have no up or left; one view's answer moves with how the flask was
     photographed (on 400 held-out single-stack images the eight views of one model ranged 0.898–0.925
-    in band accuracy); the mean is steadier."""
+    in band accuracy); the mean is steadier. ``back(out, i)``: for outputs that are pixel maps, view
+    ``i``'s output brought back to the image's own frame before it is added."""
     if views not in VIEWS:
         raise ValueError(f"views={views}: choose one of {', '.join(map(str, VIEWS))}")
     step = 8 // views
     out = forward(x).float()
     for i in range(step, 8, step):
-        out = out + forward(dihedral_view(x, i)).float()
+        o = forward(dihedral_view(x, i)).float()
+        out = out + (back(o, i) if back is not None else o)
     return out / views
 
 
@@ -614,6 +616,7 @@ def predict_instances(
     device: torch.device,
     metric=None,
     with_masks: bool = True,
+    memo: dict | None = None,
 ):
     """A segmenter (:func:`msc_ray.models.build_segmenter`) on every cached image (no augmentation).
     Per image: ``boxes``, ``scores`` and ``labels`` of its detections; the truth (``true_boxes``,
@@ -621,7 +624,9 @@ def predict_instances(
     ``true_confluence``: the cache's); and ``coverage``: the fraction of the image under predicted cell
     masks (probability ≥ 0.5) of score ≥ each threshold of :data:`SCORE_GRID`. With ``metric``
     (:func:`mask_ap_metric`), each image's masks also update it. ``with_masks=False``: boxes only (no
-    coverage, no metric), a quick validation."""
+    coverage, no metric), a quick validation. ``memo``: a dict that keeps a U-Net's maps per batch
+    between calls on the same cache, batch size and model weights (its vote-centre threshold only
+    changes how instances are drawn from them, :func:`msc_ray.segment.choose_vote_peak`)."""
     model.eval()
     out: list[dict] = []
     heads = getattr(model, "roi_heads", None)  # Mask R-CNN's; the U-Net's masks cost nothing extra
@@ -629,13 +634,23 @@ def predict_instances(
     if not with_masks and heads is not None:  # torchvision's RoIHeads runs its mask branch only with a mask RoI pool
         heads.mask_roi_pool = None
     try:
-        for imgs, targets, _ in detection_batches(cache, aug, batch_size):
-            for p, t in zip(model([i.to(device) for i in imgs]), targets, strict=True):
+        for b, (imgs, targets, _) in enumerate(detection_batches(cache, aug, batch_size)):
+            for p, t in zip(_segment(model, imgs, device, memo, b), targets, strict=True):
                 out.append(_instance_record(p, t, float(cache.confluence[len(out)]), metric, with_masks))
     finally:
         if heads is not None:
             heads.mask_roi_pool = mask_pool
     return out
+
+
+def _segment(model: nn.Module, imgs: list, device, memo: dict | None, b: int) -> list[dict]:
+    """The segmenter's detections for one batch; a U-Net's maps of batch ``b`` come from ``memo`` when
+    it holds them (and are put there when it does not)."""
+    if memo is None or not hasattr(model, "maps"):
+        return model([i.to(device) for i in imgs])
+    if b not in memo:
+        memo[b] = model.maps(torch.stack(imgs).to(device)).cpu().numpy()
+    return [model.instances(p, device) for p in memo[b]]
 
 
 def _instance_record(p: dict, t: dict, confluence: float, metric, with_masks: bool) -> dict:

@@ -627,17 +627,13 @@ class UNetWatershed(nn.Module):
         with them, so every view speaks of the same pixels in the same directions. A culture has no up
         or left: on new vessels the eight-view mean raised cell / nucleus mask AP@0.5 by several points
         (README)."""
-        from .engine import dihedral_view
+        from .engine import view_mean
 
-        step = 8 // self.views
-        total = None
-        for i in range(0, 8, step):
-            out = self.logits(dihedral_view(x, i) if i else x).float()
-            out = torch.cat([torch.sigmoid(out[:, :4]), out[:, 4:]], 1)
-            if i:
-                out = _undo_view(out, i, self.offsets)
-            total = out if total is None else total + out
-        return total / (8 // step)
+        def probabilities(v: torch.Tensor) -> torch.Tensor:
+            out = self.logits(v).float()
+            return torch.cat([torch.sigmoid(out[:, :4]), out[:, 4:]], 1)
+
+        return view_mean(probabilities, x, self.views, back=lambda out, i: _undo_view(out, i, self.offsets))
 
     def losses(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch.nn.functional as F
@@ -908,7 +904,7 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
         offsets="head.weight" not in state or state["head.weight"].shape[0] == 6,  # U-Nets saved before offsets: 4
         vote_peak=float(config.get("vote_peak", 0.0)),  # artifacts saved before the vote centres: off
         contact_score=bool(config.get("contact_score", False)),  # their thresholds were chosen without it
-        **({"views": int(config.get("views", 1))} if config["architecture"] in UNET_WIDTHS else {}),  # before: 1
+        views=int(config.get("views", 1)),  # artifacts saved before the views (and Mask R-CNN's): one
     )
     model.load_state_dict(state)
     return model.eval(), config

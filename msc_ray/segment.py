@@ -125,11 +125,11 @@ def choose_vote_peak(model, val: engine.Cache, aug: engine.Augmenter, *, batch_s
     ``model``; returns it and the validation predictions made with it. Other segmenters: 0."""
     if not getattr(model, "offsets", False):
         return 0.0, engine.predict_instances(model, val, aug, batch_size=batch_size, device=device, with_masks=False)
-    trials, preds_of = [], {}
+    trials, preds_of, maps = [], {}, {}  # the maps do not depend on the threshold: computed once
     for peak in models.VOTE_PEAKS:
         model.vote_peak = peak
         preds = preds_of[peak] = engine.predict_instances(
-            model, val, aug, batch_size=batch_size, device=device, with_masks=False
+            model, val, aug, batch_size=batch_size, device=device, with_masks=False, memo=maps
         )
         th = engine.choose_count_thresholds(preds)
         err = sum(engine.count_error(preds, label, th[name]) for label, name in ((1, "cell"), (2, "nucleus")))
