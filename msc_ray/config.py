@@ -33,13 +33,15 @@ class DataConfig:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     endpoint_url: str | None = None
-    decode_batch: int = 32  # images per Ray Data task (fewer, larger tasks: less scheduling per image)
+    decode_batch: int = 0  # images per Ray Data task; 0: data.block_rows's rule from the split and the cluster's CPUs
 
     def __post_init__(self):
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.size < 16:
             raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+        if self.decode_batch < 0:
+            raise ValueError(f"decode_batch must be 0 (chosen from the cluster) or a number of images, got {self.decode_batch}")
         if not 0.0 <= self.tilt_share <= 1.0:
             raise ValueError(f"tilt_share must lie in [0, 1], got {self.tilt_share}")
 

@@ -98,7 +98,6 @@ class DetectJobConfig:
             tilt_share=self.tilt_share,
             seed=self.seed,
             endpoint_url=self.endpoint_url,
-            decode_batch=min(16, max(self.batch_size, 4)),
         )
 
 

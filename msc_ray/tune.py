@@ -125,7 +125,6 @@ def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataCon
         equalize=job.stack == "mstack",
         seed=job.seed,
         endpoint_url=job.endpoint_url,
-        decode_batch=min(32, job.batch_size),
     )
 
 

@@ -8,7 +8,7 @@ ratio is Ray Data / DataLoader (above 1.0: Ray Data is faster). Ray Data runs th
 streaming execution (``make_dataset(epochs=...)``: the next epoch's first blocks are decoded while this
 one's last are consumed) and, for comparison, as one execution per epoch.
 
-    .venv/bin/python scripts/bench_data.py [--n 200] [--src 256] [--size 128] [--cpus 2]
+    .venv/bin/python scripts/bench_data.py [--n 200] [--src 256] [--size 128] [--cpus 2] [--block 0]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--block", type=int, default=0, help="images per Ray Data task (0: data.block_rows's rule)")
     args = ap.parse_args()
 
     import ray
@@ -41,7 +42,7 @@ def main() -> None:
     synth.synthesize(tmp, synth.SynthConfig(n=args.n, size=args.src, seed=0, workers=args.cpus))
     table, _ = corpus.index_corpus(tmp, folds=5)
     rows = data.select(table)
-    cfg = DataConfig(size=args.size, channels=3)
+    cfg = DataConfig(size=args.size, channels=3, decode_batch=args.block)
 
     class TorchSet(torch.utils.data.Dataset):
         def __init__(self):
@@ -108,7 +109,8 @@ def main() -> None:
     streamed = run_ray_streamed(args.epochs)
     ray.shutdown()
     torch_rate = run_torch(args.epochs)
-    print(f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} batch={args.batch}")
+    block = data.block_rows(rows.num_rows, cfg, cpus=args.cpus)
+    print(f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} batch={args.batch} block={block}")
     print(f"Ray Data, one execution for {args.epochs} epochs: {streamed:8.1f} augmented images/s")
     print(f"Ray Data, one execution per epoch:   {per_epoch:8.1f} augmented images/s")
     print(f"torch DataLoader:                    {torch_rate:8.1f} augmented images/s")

@@ -98,6 +98,19 @@ def test_full_recipe_is_reproducible_per_seed_epoch_image():
     assert a["image"].shape == (1, 48, 48)
 
 
+def test_apply_draws_from_the_seed_alone_and_restores_the_generator():
+    """apply seeds only the CPU generator (not every accelerator backend): its draws are the ones
+    torch.manual_seed(seed) gives, and the global generator continues as if apply never ran."""
+    tf = augment.build(DataConfig(size=48, channels=1), train=True, boxes=True)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    out = augment.apply(tf, _sample(), 7)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)
+    ref = tf(_sample())
+    assert torch.equal(out["image"], ref["image"]) and torch.equal(out["boxes"], ref["boxes"])
+
+
 def test_validation_recipe_is_deterministic_and_has_no_augmentation():
     cfg = DataConfig(size=64, channels=1)
     tf = augment.build(cfg, train=False)

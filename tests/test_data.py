@@ -39,6 +39,18 @@ def test_corrupt_images_become_error_records_and_nothing_else_is_lost(ray_sessio
     assert sorted(seen) == sorted(expected) and stats.images == len(expected)
 
 
+def test_block_rows_rule_and_override():
+    auto = DataConfig(size=32)
+    # four tasks per CPU and pass, within [16, 128] images
+    assert data.block_rows(1000, auto, cpus=2) == 125
+    assert data.block_rows(1000, auto, cpus=16) == data.MIN_BLOCK
+    assert data.block_rows(100_000, auto, cpus=2) == data.MAX_BLOCK
+    assert data.block_rows(0, auto, cpus=2) == data.MIN_BLOCK
+    assert data.block_rows(1000, DataConfig(size=32, decode_batch=8), cpus=2) == 8
+    with pytest.raises(ValueError, match="decode_batch"):
+        DataConfig(decode_batch=-1)
+
+
 def test_folds_split_train_and_validation(ray_session, small_corpus):
     root, _ = small_corpus
     table, _ = corpus.index_corpus(str(root), folds=3, seed=0)
