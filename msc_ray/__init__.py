@@ -10,3 +10,9 @@ ABNORMAL_LABEL = "Flatten"
 #: Test-time views a classifier's outputs (:func:`msc_ray.engine.view_mean`) and a U-Net's maps
 #: (:meth:`msc_ray.models.UNetWatershed.maps`) can be averaged over.
 VIEWS = (1, 4, 8)
+
+
+def check_views(views: int, label: str) -> None:
+    """A one-line ``ValueError`` that starts with ``label`` unless ``views`` is one of :data:`VIEWS`."""
+    if views not in VIEWS:
+        raise ValueError(f"{label}: choose one of {', '.join(map(str, VIEWS))}")

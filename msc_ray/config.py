@@ -41,7 +41,9 @@ class DataConfig:
         if self.size < 16:
             raise ValueError(f"size must be at least 16 pixels, got {self.size}")
         if self.decode_batch < 0:
-            raise ValueError(f"decode_batch must be 0 (chosen from the cluster) or a number of images, got {self.decode_batch}")
+            raise ValueError(
+                f"decode_batch must be 0 (chosen from the cluster) or a number of images, got {self.decode_batch}"
+            )
         if not 0.0 <= self.tilt_share <= 1.0:
             raise ValueError(f"tilt_share must lie in [0, 1], got {self.tilt_share}")
 

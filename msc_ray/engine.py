@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from . import VIEWS, augment, inference, metrics
+from . import augment, check_views, inference, metrics
 from .config import DataConfig
 
 
@@ -399,8 +399,7 @@ def view_mean(forward, x: torch.Tensor, views: int = 1, back=None) -> torch.Tens
     photographed (on 400 held-out single-stack images the eight views of one model ranged 0.898–0.925
     in band accuracy); the mean is steadier. ``back(out, i)``: for outputs that are pixel maps, view
     ``i``'s output brought back to the image's own frame before it is added."""
-    if views not in VIEWS:
-        raise ValueError(f"views={views}: choose one of {', '.join(map(str, VIEWS))}")
+    check_views(views, f"views={views}")
     step = 8 // views
     out = forward(x).float()
     for i in range(step, 8, step):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import VIEWS
+from . import check_views
 
 log = logging.getLogger(__name__)
 
@@ -581,8 +581,7 @@ class UNetWatershed(nn.Module):
         views: int = 1,
     ):
         super().__init__()
-        if views not in VIEWS:
-            raise ValueError(f"views={views}: choose one of {', '.join(map(str, VIEWS))}")
+        check_views(views, f"views={views}")
         self.contact_score, self.views = contact_score, views
         self.score_thresh, self.detections_per_img, self.min_area = score_thresh, detections_per_img, min_area
         self.offsets, self.vote_radius, self.vote_peak = offsets, vote_radius, float(vote_peak)

@@ -30,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import VIEWS, data, engine, metrics, models, storage
+from . import check_views, data, engine, metrics, models, storage
 from .detect import DetectJobConfig, _device, _read_state, _train_fold, load_best, prepare_run
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ class SegmentJobConfig(DetectJobConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.views not in VIEWS:
-            raise ValueError(f"--views must be one of {', '.join(map(str, VIEWS))}, got {self.views}")
+        check_views(self.views, f"--views {self.views}")
 
     def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:
         return models.build_segmenter(self.backbone, image_size=self.size, anchors=anchors, **kwargs)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import corpus, data, engine, inference, metrics, models, storage
+from . import check_views, corpus, data, engine, inference, metrics, models, storage
 from .config import DataConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,7 @@ class TuneJobConfig:
             raise ValueError("--max-epochs, --patience and --samples must be at least 1")
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
-        if self.views not in engine.VIEWS:
-            raise ValueError(f"--views {self.views}: choose one of {', '.join(map(str, engine.VIEWS))}")
+        check_views(self.views, f"--views {self.views}")
 
 
 def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataConfig:

@@ -110,7 +110,10 @@ def main() -> None:
     ray.shutdown()
     torch_rate = run_torch(args.epochs)
     block = data.block_rows(rows.num_rows, cfg, cpus=args.cpus)
-    print(f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} batch={args.batch} block={block}")
+    print(
+        f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} "
+        f"batch={args.batch} block={block}"
+    )
     print(f"Ray Data, one execution for {args.epochs} epochs: {streamed:8.1f} augmented images/s")
     print(f"Ray Data, one execution per epoch:   {per_epoch:8.1f} augmented images/s")
     print(f"torch DataLoader:                    {torch_rate:8.1f} augmented images/s")

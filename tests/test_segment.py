@@ -164,7 +164,7 @@ def test_the_eight_view_maps_of_a_turned_image_are_the_same_maps_turned():
             assert torch.allclose(back, mean, atol=1e-5), i
     with pytest.raises(ValueError, match="views=3"):
         models.build_segmenter("unet", views=3)
-    with pytest.raises(ValueError, match="--views must be one of 1, 4, 8, got 3"):
+    with pytest.raises(ValueError, match="--views 3: choose one of 1, 4, 8"):
         segment.SegmentJobConfig(manifest="m.parquet", out="run", views=3).validate()
 
 
