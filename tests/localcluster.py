@@ -18,6 +18,17 @@ from msc_ray.s3local import _free_ports
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def submit_job(cmd: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``ray job submit`` (``cmd``), tried again while the job server answers before its agent accepts
+    jobs ("No available agent to submit job": a fresh head's dashboard is up a little before its agent)."""
+    for _ in range(30):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if "No available agent" not in res.stdout + res.stderr:
+            break
+        time.sleep(2)
+    return res
+
+
 class LocalCluster:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -106,9 +117,8 @@ class LocalCluster:
     def submit(self, args: list[str], *, wait: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit`` of ``python ARGS`` (the job's driver runs on the head)."""
         extra = [] if wait else ["--no-wait"]
-        return self._ray(
-            "job", "submit", f"--address={self.dashboard}", *extra, "--", sys.executable, *args, timeout=timeout
-        )
+        cmd = [RAY, "job", "submit", f"--address={self.dashboard}", *extra, "--", sys.executable, *args]
+        return submit_job(cmd, self.env, timeout)
 
     def job_status(self, job_id: str) -> str:
         code = (

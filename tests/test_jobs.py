@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from msc_ray import models, score
+from tests.localcluster import submit_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,16 +68,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _submit(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
-    """`ray job submit`, tried again while the job server answers before its agent accepts jobs."""
-    for _ in range(30):
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        if "No available agent" not in res.stdout + res.stderr:
-            break
-        time.sleep(2)
-    return res
 
 
 @pytest.fixture()
@@ -180,7 +171,7 @@ def test_ray_job_submit_scores_an_archive(ray_head, small_corpus, tmp_path):
         "--run-id",
         "submitted",
     ]
-    res = _submit(submit, env)
+    res = submit_job(submit, env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
     t = score.read_report(str(out)).to_pylist()
@@ -242,7 +233,7 @@ def test_ray_job_submit_deploys_the_online_service_which_outlives_the_job(ray_he
         *("--runtime-env-json", runtime_env, "--", sys.executable, "jobs/serve.py"),
         *("--classifier", str(tmp_path / "clf"), "--port", str(port), "--cpus-per-replica", "0.5"),
     ]
-    res = _submit(submit, env)
+    res = submit_job(submit, env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"page: http://127.0.0.1:{port}/" in res.stdout
     image = (src / next(r for r in rows if r["stack"] == "sstack")["image"]).read_bytes()
