@@ -34,10 +34,11 @@ from .config import DataConfig
 log = logging.getLogger(__name__)
 
 
-def read_uri(uri: str, endpoint_url: str | None = None) -> bytes:
-    """The bytes of a local file or an S3 object (the S3 filesystem is cached per process)."""
+def read_uri(uri: str, endpoint_url: str | None = None, max_attempts: int = storage.SDK_ATTEMPTS) -> bytes:
+    """The bytes of a local file or an S3 object (the S3 filesystem is cached per process;
+    ``max_attempts``: the SDK's tries per request)."""
     if storage.is_s3(uri):
-        return storage.read_bytes(uri, endpoint_url)
+        return storage.read_bytes(uri, endpoint_url, max_attempts)
     with open(uri, "rb") as fh:
         return fh.read()
 

@@ -871,11 +871,14 @@ def _permanent(exc: BaseException) -> bool:
 
 
 def _read_retrying(uri: str, endpoint_url: str | None, attempts: int, delay: float) -> bytes:
+    """``uri``'s bytes in at most ``attempts`` tries, ``delay`` doubling between them. These are the
+    only retries: the SDK's own are off here (one request per try), so a dead store costs ``attempts``
+    requests per object, not ``attempts`` times the SDK's three with its backoff (1–2 s each)."""
     from . import data
 
     for attempt in range(attempts):
         try:
-            return data.read_uri(uri, endpoint_url)
+            return data.read_uri(uri, endpoint_url, max_attempts=1)
         except Exception as exc:
             if _permanent(exc) or attempt + 1 >= attempts:
                 raise

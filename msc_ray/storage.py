@@ -73,17 +73,21 @@ def s3_client(endpoint_url: str | None = None, *, connect_timeout: float = 5, ma
     )
 
 
+SDK_ATTEMPTS = 3  # the AWS SDK's own tries per request (standard retry mode), unless a caller retries itself
+
+
 @functools.lru_cache(maxsize=8)
-def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem, one per endpoint and process. Credentials come from the AWS SDK's own
-    chain (environment, ``AWS_PROFILE`` and shared files, instance profile), so they refresh and
-    never pass through msc-ray."""
+def s3_filesystem(endpoint_url: str | None = None, max_attempts: int = SDK_ATTEMPTS) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem, one per endpoint, number of SDK tries and process. Credentials come
+    from the AWS SDK's own chain (environment, ``AWS_PROFILE`` and shared files, instance profile), so
+    they refresh and never pass through msc-ray. ``max_attempts=1``: no SDK retries, for a caller with
+    its own retry policy (retries would multiply: the SDK's backoff costs 1–2 s per dead read)."""
     endpoint = endpoint_from_env(endpoint_url)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     kwargs: dict = {
         "connect_timeout": 5,
         "request_timeout": 30,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
     }
     if region or endpoint:
         kwargs["region"] = region or "us-east-1"
@@ -93,21 +97,22 @@ def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def resolve(uri: str | os.PathLike, endpoint_url: str | None = None) -> Location:
-    """Turn a local path or an ``s3://bucket/prefix`` URI into a :class:`Location`."""
+def resolve(uri: str | os.PathLike, endpoint_url: str | None = None, max_attempts: int = SDK_ATTEMPTS) -> Location:
+    """Turn a local path or an ``s3://bucket/prefix`` URI into a :class:`Location` (``max_attempts``:
+    the SDK's tries per S3 request, :func:`s3_filesystem`)."""
     uri = str(uri)
     if is_s3(uri):
         rest = uri[len("s3://") :].strip("/")
         if not rest:
             raise ValueError(f"{uri}: an s3:// URI needs a bucket")
-        return Location(s3_filesystem(endpoint_url), rest, "s3")
+        return Location(s3_filesystem(endpoint_url, max_attempts), rest, "s3")
     if "://" in uri:
         raise ValueError(f"{uri}: only local paths and s3:// URIs are supported")
     return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "file")
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
-    loc = resolve(uri, endpoint_url)
+def read_bytes(uri: str, endpoint_url: str | None = None, max_attempts: int = SDK_ATTEMPTS) -> bytes:
+    loc = resolve(uri, endpoint_url, max_attempts)
     with loc.fs.open_input_stream(loc.path) as fh:
         return fh.read()
 

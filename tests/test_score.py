@@ -546,6 +546,24 @@ def test_model_actors_and_batch_follow_the_cluster_unless_set():
             score.ScoreConfig(**base, **bad).validate()
 
 
+def _read_block(uris: list[str], endpoint_url: str | None, read_attempts: int) -> dict:
+    """The read/decode task on one block of single-stack objects keyed by their file names."""
+    batch = {
+        "row": np.arange(len(uris)),
+        "uri": np.array(uris),
+        "key": np.array([u.rsplit("/", 1)[-1] for u in uris]),
+        "stack": np.array(["sstack"] * len(uris)),
+    }
+    return score._preprocess(
+        batch,
+        cls_cfgs={"sstack": {"size": 64, "channels": 3}},
+        endpoint_url=endpoint_url,
+        max_pixels=10**8,
+        read_attempts=read_attempts,
+        retry_delay=0.01,
+    )
+
+
 def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifacts, archive, monkeypatch):
     """The read/decode task on its own: a store error is retried with backoff; one that persists is a
     transient row (and the rest of the block gets one try: no retry storm); a corrupt image or a
@@ -558,7 +576,8 @@ def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifa
 
     real = data.read_uri
 
-    def flaky(uri, endpoint_url):
+    def flaky(uri, endpoint_url, max_attempts=3):
+        assert max_attempts == 1  # the task's tries are the only ones
         calls[uri] = calls.get(uri, 0) + 1
         if uri == good[0] and calls[uri] < 3:
             raise OSError("SlowDown: please reduce your request rate")
@@ -566,30 +585,55 @@ def test_store_errors_are_retried_then_transient_corrupt_images_permanent(artifa
             raise OSError("NETWORK_CONNECTION during GetObject")
         if uri == good[2]:
             raise FileNotFoundError(uri)
-        return real(uri, endpoint_url)
+        return real(uri, endpoint_url, max_attempts)
 
     monkeypatch.setattr(data, "read_uri", flaky)
-    uris = [good[0], good[1], corrupt, good[2], good[3]]
-    batch = {
-        "row": np.arange(5),
-        "uri": np.array(uris),
-        "key": np.array([u.rsplit("/", 1)[-1] for u in uris]),
-        "stack": np.array(["sstack"] * 5),
-    }
-    out = score._preprocess(
-        batch,
-        cls_cfgs={"sstack": {"size": 64, "channels": 3}},
-        endpoint_url=None,
-        max_pixels=10**8,
-        read_attempts=3,
-        retry_delay=0.01,
-    )
+    out = _read_block([good[0], good[1], corrupt, good[2], good[3]], None, read_attempts=3)
     assert out["ok"].tolist() == [True, False, False, False, False]
     assert out["transient"].tolist() == [False, True, False, False, True]
     assert calls[good[0]] == 3 and calls[good[1]] == 3  # retried up to the limit
     assert calls[corrupt] == 1 and calls[good[2]] == 1  # permanent: one try
     assert calls[good[3]] == 1  # after one object used up its retries: one try each
     assert "cannot read" in out["error"][1] and "cannot read" in out["error"][3]
+
+
+def test_a_failing_store_gets_one_request_per_try(tmp_path):
+    """A store that answers 503 to everything: reading an object with two tries sends two requests
+    (the SDK's own retries are off there; on, they were three per try, each after a 1–2 s backoff),
+    and the error is transient, named by its key."""
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            requests.append(f"{self.command} {self.path}")
+            body = b"<Error><Code>SlowDown</Code><Message>reduce your request rate</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        out = _read_block(["s3://plant/cap/a.png", "s3://plant/cap/b.png"], endpoint, read_attempts=2)
+    finally:
+        server.shutdown()
+    assert out["ok"].tolist() == [False, False] and out["transient"].tolist() == [True, True]
+    assert out["error"][0].startswith("a.png: cannot read") and out["error"][1].startswith("b.png: cannot read")
+    # two tries for a.png, then one for b.png (the block saw the store fail)
+    assert len(requests) == 3 and all(r.endswith(("/plant/cap/a.png", "/plant/cap/b.png")) for r in requests)
+    assert sum(r.endswith("a.png") for r in requests) == 2
 
 
 def test_store_outage_rows_are_transient_and_the_next_run_scores_them(
