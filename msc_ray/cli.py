@@ -253,6 +253,13 @@ def tune(
             "trial's device) or auto (device on a GPU, cpu otherwise)."
         ),
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Arithmetic of the classifier's forward passes: bf16 (bfloat16 autocast), fp32, or auto (bf16 on "
+            "a GPU and on a CPU with bfloat16 in hardware, AMX or AVX-512 BF16; fp32 otherwise)."
+        ),
+    ] = "auto",
     channels: Annotated[
         int, typer.Option(help="3: gray repeated for ImageNet-style inputs; 1: first conv adapted.")
     ] = 3,
@@ -293,6 +300,7 @@ def tune(
         warmup_epochs=warmup_epochs,
         batch_size=batch_size,
         augment_on=augment_on,
+        precision=precision,
         size=size,
         views=views,
         coverage=coverage,

@@ -12,6 +12,7 @@ seven augmentations to the cached pixels, seeded per (seed, epoch, image), and n
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,34 @@ from torchvision.transforms import v2
 
 from . import augment, check_views, inference, metrics
 from .config import DataConfig
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this machine's CPU does bfloat16 arithmetic in hardware (AMX or AVX-512 BF16, from the
+    kernel's CPU flags; False where they cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether a classifier trains and predicts under bfloat16 autocast: ``precision`` ``bf16`` or
+    ``fp32`` as asked; ``auto`` on a GPU, and on a CPU that does bfloat16 in hardware
+    (:func:`cpu_has_bf16`), where a training step of the compact CNN took half the time (one core,
+    batch 32: 129 → 73 ms at 64 px, 516 → 262 ms at 128 px) for the same accuracy (README)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
 
 
 @dataclass
@@ -354,13 +383,15 @@ def train_one_epoch(
     epoch: int,
     batch_size: int,
     device: torch.device,
+    precision: str = "auto",
 ) -> dict:
     """One pass over the (augmented) training cache; the schedule steps per batch. Returns
     ``{"loss": mean loss, "images": count}``. A model with a coverage head (compact CNN) on a cache
-    with covered pixels also learns the coverage map (:meth:`ClassifierLoss.coverage`)."""
+    with covered pixels also learns the coverage map (:meth:`ClassifierLoss.coverage`). The forward
+    pass runs under bfloat16 autocast where :func:`use_bf16` says so; losses are float32."""
     model.train()
     total, n = 0.0, 0
-    amp = device.type == "cuda"
+    amp = use_bf16(device, precision)
     coverage = getattr(model, "coverage", None) is not None and has_coverage(cache)
     for batch in classification_batches(
         cache, aug, batch_size, epoch=epoch, shuffle=True, coverage=coverage, device=device
@@ -410,15 +441,25 @@ def view_mean(forward, x: torch.Tensor, views: int = 1, back=None) -> torch.Tens
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, cache: Cache, aug: Augmenter, *, batch_size: int, device: torch.device, views: int = 1
+    model: nn.Module,
+    cache: Cache,
+    aug: Augmenter,
+    *,
+    batch_size: int,
+    device: torch.device,
+    views: int = 1,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Raw model outputs (N, K[+1]) for the cache, in eval mode, no augmentation; with ``views`` > 1
-    averaged over that many views of each image (:func:`view_mean`)."""
+    averaged over that many views of each image (:func:`view_mean`); float32, computed under bfloat16
+    autocast where :func:`use_bf16` says so."""
     model.eval()
     outs = []
+    amp = use_bf16(device, precision)
     for x, _, _ in classification_batches(cache, aug, batch_size, device=device):
         x = x.to(device, memory_format=torch.channels_last)
-        outs.append(view_mean(model, x, views).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outs.append(view_mean(model, x, views).cpu())
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 

@@ -63,30 +63,66 @@ def _compact_recipe(
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+BF16_CPU = pytest.mark.skipif(not engine.cpu_has_bf16(), reason="the CPU has no bfloat16 in hardware (emulated: slow)")
+
+
 @pytest.mark.parametrize(
-    "batched,device",
-    [(False, "cpu"), (True, "cpu"), pytest.param(True, "cuda", marks=[pytest.mark.gpu, CUDA])],
-    ids=["per-image", "batched", "batched-cuda"],
+    "batched,device,precision",
+    [
+        (False, "cpu", "fp32"),
+        pytest.param(False, "cpu", "bf16", marks=BF16_CPU),
+        (True, "cpu", "auto"),
+        pytest.param(True, "cuda", "auto", marks=[pytest.mark.gpu, CUDA]),
+    ],
+    ids=["per-image", "per-image-bf16", "batched", "batched-cuda"],
 )
-def test_a_short_training_beats_chance_on_held_out_vessels(cache, batched, device):
+def test_a_short_training_beats_chance_on_held_out_vessels(cache, batched, device, precision):
     """Compact CNN, 18 epochs on three folds; the epoch is picked on the inner fold and the outer
     fold is scored once. Four balanced bands: chance is 0.25. Fails when the recipe does not learn —
-    with the per-image augmentation and with the batched one that GPU trials use."""
+    with the per-image augmentation and with the batched one that GPU trials use, in float32 and under
+    bfloat16 autocast."""
     c, _ = cache
     train, val, test = c.split(0, 5)
     epochs, bs = 18, 32
     model, opt, sched, loss_fn, aug, plain, dev = _compact_recipe(train, epochs, bs, batched=batched, device=device)
     best, best_state = -1.0, None
     for epoch in range(epochs):
-        engine.train_one_epoch(model, train, aug, opt, sched, loss_fn, epoch=epoch, batch_size=bs, device=dev)
-        auc = engine.evaluate(engine.predict(model, val, plain, batch_size=64, device=dev), val, CLASSES)["roc_auc"]
+        engine.train_one_epoch(
+            model, train, aug, opt, sched, loss_fn, epoch=epoch, batch_size=bs, device=dev, precision=precision
+        )
+        out = engine.predict(model, val, plain, batch_size=64, device=dev, precision=precision)
+        auc = engine.evaluate(out, val, CLASSES)["roc_auc"]
         if auc > best:
             best, best_state = auc, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    m = engine.evaluate(engine.predict(model, test, plain, batch_size=64, device=dev), test, CLASSES)
+    out = engine.predict(model, test, plain, batch_size=64, device=dev, precision=precision)
+    m = engine.evaluate(out, test, CLASSES)
     assert m["accuracy"] >= 0.6, m
     assert m["confluence_mae"] <= 10.0, m
     assert len(m["per_class"]) == 4 and all("f1" in r for r in m["per_class"])
+
+
+def test_precision_rule_and_bf16_outputs_near_float32(monkeypatch):
+    """auto: bfloat16 on a GPU and on a CPU with bfloat16 in hardware, float32 otherwise; an explicit
+    choice wins; anything else is a one-line error. Under bfloat16 autocast the predicted outputs are
+    float32 and near the float32 ones (same weights)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for has in (True, False):
+        monkeypatch.setattr(engine, "cpu_has_bf16", lambda has=has: has)
+        assert engine.use_bf16(cpu) is has and engine.use_bf16(cuda) is True
+        assert engine.use_bf16(cpu, "bf16") is True and engine.use_bf16(cuda, "fp32") is False
+    with pytest.raises(ValueError, match="--precision half: choose one of auto, bf16, fp32"):
+        engine.use_bf16(cpu, "half")
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    model = models.build_classifier("compact_cnn", 4, image_size=32, extra_outputs=1).eval()
+    imgs = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    part = engine.Cache(imgs, np.zeros(8, np.int64), np.arange(8), np.zeros(8, np.int64), [""] * 8, np.zeros(8))
+    plain = engine.Augmenter(DataConfig(size=32), train=False)
+    full = engine.predict(model, part, plain, batch_size=4, device=cpu, precision="fp32")
+    half = engine.predict(model, part, plain, batch_size=4, device=cpu, precision="bf16")
+    assert half.dtype == np.float32 and half.shape == full.shape == (8, 5)
+    assert not np.array_equal(half, full) and np.abs(half - full).max() < 0.05 * (np.abs(full).max() + 1)
 
 
 def test_coverage_supervision_learns_a_map_that_reads_confluence_on_held_out_vessels(cache):
@@ -277,7 +313,8 @@ def test_a_short_detector_training_finds_abnormal_cells_on_held_out_vessels(det_
     assert f1 >= 0.4, (m, op)  # boxes everywhere would find cells too, but not at this F1
 
 
-def test_the_same_seed_gives_the_same_weights_on_a_cpu(cache):
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=BF16_CPU)])
+def test_the_same_seed_gives_the_same_weights_on_a_cpu(cache, precision):
     c, _ = cache
     train = c.split(0, 5)[0].subset(range(64))
     cfg = DataConfig(size=64, seed=3)
@@ -290,7 +327,9 @@ def test_the_same_seed_gives_the_same_weights_on_a_cpu(cache):
         loss_fn = engine.ClassifierLoss(engine.balanced_weights(train.labels, 4), 4)
         aug = engine.Augmenter(cfg, train=True)
         cpu = torch.device("cpu")
-        engine.train_one_epoch(model, train, aug, opt, None, loss_fn, epoch=0, batch_size=16, device=cpu)
+        engine.train_one_epoch(
+            model, train, aug, opt, None, loss_fn, epoch=0, batch_size=16, device=cpu, precision=precision
+        )
         return initial, model.state_dict()
 
     (init_a, a), (_, b) = one_epoch(), one_epoch()

@@ -319,3 +319,5 @@ def test_job_settings_out_of_range_are_refused_naming_the_option():
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), views=3).validate(classes)
     with pytest.raises(ValueError, match="--stack mstack"):
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), stack="mstack").validate(classes)
+    with pytest.raises(ValueError, match="--precision fp16: choose one of auto, bf16, fp32"):
+        mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), precision="fp16").validate(classes)
