@@ -118,7 +118,7 @@ class TuneJobConfig:
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
         check_views(self.views, f"--views {self.views}")
-        engine.use_bf16(torch.device("cpu"), self.precision)  # a one-line error for a wrong choice
+        engine.check_precision(self.precision)
 
 
 def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataConfig:
@@ -177,6 +177,8 @@ class ClassifierRun:
         dcfg = _data_config(job, self.name, weights_file is not None)
         self.train, self.val, self.test = caches[dcfg.size].split(self.fold, folds)
         self.device = inference.default_device()
+        # job.precision resolved once for this device: training and prediction alike
+        self.precision = "bf16" if engine.use_bf16(self.device, job.precision) else "fp32"
         torch.manual_seed(job.seed + 1000 * max(self.fold, 0))
         self.regress = bool(job.confluence_head and engine.has_confluence(self.train))
         self.coverage = bool(job.coverage and models.supports_coverage(self.name) and engine.has_coverage(self.train))
@@ -228,7 +230,7 @@ class ClassifierRun:
             batch_size=self.job.batch_size * 2,
             device=self.device,
             views=views,
-            precision=self.job.precision,
+            precision=self.precision,
         )
 
     def run_epoch(self, epoch: int) -> tuple[dict, dict, str]:
@@ -245,7 +247,7 @@ class ClassifierRun:
             epoch=epoch,
             batch_size=self.job.batch_size,
             device=self.device,
-            precision=self.job.precision,
+            precision=self.precision,
         )
         report = {
             "epoch": epoch + 1,
@@ -256,7 +258,7 @@ class ClassifierRun:
             "fold": self.fold,
             "confluence_output": self.regress,
             "coverage_supervision": self.coverage,
-            "bf16": engine.use_bf16(self.device, self.job.precision),
+            "bf16": self.precision == "bf16",
         }
         last = epoch + 1 == self.epochs
         if len(self.val) == 0:  # export: all images train, no early stopping
