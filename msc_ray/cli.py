@@ -114,6 +114,13 @@ MinEpochsOpt = Annotated[
 ]
 LrOpt = Annotated[float, typer.Option(help="AdamW learning rate (after a one-epoch warm-up; cosine decay).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of folds, shards and augmentation.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="Arithmetic of the training steps: bf16 (bfloat16 autocast), fp32, or auto (bf16 on a GPU and on a "
+        "CPU with bfloat16 in hardware, AMX or AVX-512 BF16; fp32 otherwise). Validation and outer folds: fp32."
+    ),
+]
 
 
 @app.command()
@@ -356,6 +363,7 @@ def train_detector(
     batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 4,
     lr: LrOpt = 1e-3,
     seed: SeedOpt = 0,
+    precision: PrecisionOpt = "auto",
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
@@ -414,6 +422,7 @@ def train_segmenter(
         ),
     ] = 8,
     seed: SeedOpt = 0,
+    precision: PrecisionOpt = "auto",
     endpoint_url: EndpointOpt = None,
     address: AddressOpt = None,
 ) -> None:
@@ -438,7 +447,7 @@ def _per_fold_job(corpus_or_manifest: str, out: str, folds: int, only_folds: str
         "out": out,
         "folds": tuple(int(f) for f in only_folds.split(",") if f.strip()),
         "placement": options["placement"].upper(),
-        **{k: options[k] for k in (*shared, "batch_size", "lr", "seed", "endpoint_url")},
+        **{k: options[k] for k in (*shared, "batch_size", "lr", "seed", "precision", "endpoint_url")},
     }
 
 

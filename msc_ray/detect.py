@@ -67,6 +67,9 @@ class DetectJobConfig:
     weight_decay: float = 1e-4
     tilt_share: float = 0.5  # share of training samples rotated by a small angle too (augment.RotateCrop)
     seed: int = 0
+    # training steps under bfloat16 autocast (engine.use_bf16: auto = a GPU, or a CPU that does bf16 in
+    # hardware); inner validation, outer folds and exports are read in float32, as scoring reads them on CPUs
+    precision: str = "auto"
     max_failures: int = 2
     fail_at_epoch: int = 0  # fault injection for tests: the last rank dies once mid-way through the
     # epoch after this one (the checkpoint of this epoch is then the one to resume from)
@@ -79,6 +82,7 @@ class DetectJobConfig:
             raise ValueError(f"--placement must be PACK or SPREAD, got {self.placement!r}")
         if self.workers < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--workers, --epochs and --batch-size must be at least 1")
+        engine.check_precision(self.precision)
 
     def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:
         return models.build_detector(self.backbone, image_size=self.size, anchors=anchors, **kwargs)
@@ -165,6 +169,7 @@ class DetectorRun:
         self.aug_eval = engine.Augmenter(dcfg, train=False, boxes=True)
         self.start = 0
         self.ddp, self.device = self.model, torch.device("cpu")
+        self.bf16 = engine.use_bf16(self.device, job.precision)
 
     def restore(self, ckpt) -> None:
         if ckpt is None:
@@ -181,6 +186,7 @@ class DetectorRun:
     def wrap(self, ddp_model, device) -> None:
         self.ddp, self.device = ddp_model, device
         self.model = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+        self.bf16 = engine.use_bf16(device, self.job.precision)  # resolved for the device it trains on
 
     def run_epoch(self, epoch: int, on_step=None) -> dict:
         """Train this rank's slice; rank 0 scores the inner validation fold (mAP@0.5) and updates the
@@ -200,6 +206,7 @@ class DetectorRun:
             seed=job.seed,
             on_step=on_step,
             clip=job.grad_clip,
+            bf16=self.bf16,
         )
         report = {
             "epoch": epoch + 1,
@@ -207,6 +214,7 @@ class DetectorRun:
             "loss": stats["loss"],
             "images": stats["images"],
             "boxes": stats["boxes"],
+            "bf16": self.bf16,
             "resumed_from": self.start,
         }
         warm = epoch + 1 >= (job.min_epochs or job.epochs // 2)
@@ -578,16 +586,18 @@ def train_detector(job: DetectJobConfig) -> dict:
     for e in cache.errors:
         log.warning("left out: %s", e)
     cache_ref = ray.put(cache)
-    results = []
+    results, bf16 = [], {}  # per fold: whether its training steps ran under bfloat16 autocast
     for fold in folds:
         anchors = engine.anchor_plan(cache.split(fold, n_folds)[0].boxes, models.DETECTOR_LEVELS[job.backbone])
         ckpt, last = _train_fold(job, fold, n_folds, cache_ref, anchors)
+        bf16[fold] = bool(last.get("bf16", False))
         log.info(
-            "fold %d: %d epochs, best %d (inner mAP@0.5 %.3f)",
+            "fold %d: %d epochs, best %d (inner mAP@0.5 %.3f), bf16 %s",
             fold,
             last.get("epoch", 0),
             last.get("best_epoch", 0),
             last.get("best_val_map50", float("nan")),
+            bf16[fold],
         )
         results.append(predict_fold(job, fold, n_folds, ckpt, cache))
     op = choose_operating_point(
@@ -607,6 +617,7 @@ def train_detector(job: DetectJobConfig) -> dict:
         "folds": rows,
         "summary": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in keys},
         "artifact_version": art["version"],
+        "bf16": bf16,
         "left_out": list(cache.errors),  # images that could not be read: never in any rank's batches
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")

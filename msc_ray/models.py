@@ -637,6 +637,7 @@ class UNetWatershed(nn.Module):
     def losses(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch.nn.functional as F
 
+        out = out.float()  # under autocast the maps come in bfloat16: losses and sums in float32
         logits, maps = out[:, :4], y[:, :4]
         bce = F.binary_cross_entropy_with_logits(logits, maps, pos_weight=self.pos_weight, reduction="none")
         p = torch.sigmoid(logits)

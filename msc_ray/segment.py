@@ -319,18 +319,20 @@ def train_segmenter(job: SegmentJobConfig) -> dict:
     if len(cache) == 0:
         raise ValueError(f"{job.manifest}: no {job.stack} image with readable cell and nucleus masks")
     cache_ref = ray.put(cache)
-    results = []
+    results, bf16 = [], {}  # per fold: whether its training steps ran under bfloat16 autocast
     for fold in folds:
         train_part = cache.split(fold, n_folds)[0]
         levels = models.SEGMENTER_LEVELS.get(job.backbone)
         anchors = instance_anchors(train_part, levels, job.min_area) if levels else None
         ckpt, last = _train_fold(job, fold, n_folds, cache_ref, anchors)
+        bf16[fold] = bool(last.get("bf16", False))
         log.info(
-            "fold %d: %d epochs, best %d (inner mask AP@0.5 %.3f)",
+            "fold %d: %d epochs, best %d (inner mask AP@0.5 %.3f), bf16 %s",
             fold,
             last.get("epoch", 0),
             last.get("best_epoch", 0),
             last.get("best_val_map50", float("nan")),
+            bf16[fold],
         )
         results.append(predict_fold(job, fold, n_folds, ckpt, cache))
     thresholds = engine.choose_count_thresholds([p for r in results for p in r.val_preds])
@@ -347,6 +349,7 @@ def train_segmenter(job: SegmentJobConfig) -> dict:
         "folds": rows,
         "summary": {k: {"mean": summary[k][0], "sd": summary[k][1]} for k in TABLE_KEYS},
         "artifact_version": art["version"],
+        "bf16": bf16,
         "config": asdict(job),
         "left_out": list(cache.errors),
     }

@@ -64,7 +64,9 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
 
 def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     """Segmenter on corpus A (outer folds), then potency on new vessels from its predicted masks."""
-    from msc_ray import corpus, morphology, potency, segment, synth
+    import torch
+
+    from msc_ray import corpus, engine, morphology, potency, segment, synth
 
     n, size = args.seg_n or (1000 if gpu else 600), args.seg_size or (256 if gpu else 128)
     backbone = args.segmenter_backbone or ("unet_wide" if gpu else "unet")
@@ -85,9 +87,11 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
             size=size,
             batch_size=2 if mask_rcnn else 8,
             lr=1e-3 if mask_rcnn else 3e-3,
+            precision=args.precision,
         )
     )
     minutes = (time.perf_counter() - t0) / 60
+    bf16 = engine.use_bf16(torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu"), args.precision)
     print(f"\n== Segmentation, cells and nuclei ({minutes:.1f} min)")
     print(Path(seg["table_md"]).read_text())
     pot_n = args.potency_n or (2000 if gpu else 1800)  # 60 vessels: LightGBM needs the vessel-days (600: R² 0.61)
@@ -110,7 +114,8 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     print(
         f"settings: segmenter {backbone} on {n} images at {size}px, outer folds "
         f"{args.segmenter_folds or ('all' if gpu else '0')}, "
-        f"up to {args.segmenter_epochs} epochs; potency on {pot_n} images of new vessels, {args.folds} folds by vessel"
+        f"up to {args.segmenter_epochs} epochs, training precision {args.precision} (bf16 here: {bf16}); "
+        f"potency on {pot_n} images of new vessels, {args.folds} folds by vessel"
     )
     return res
 
@@ -155,7 +160,9 @@ def main() -> None:
         help="coverage supervision from the corpus's cell masks while the compact CNN trains",
     )
     ap.add_argument("--coverage-weight", type=float, default=3.0, help="weight of the coverage term")
-    ap.add_argument("--precision", default="auto", help="classifier arithmetic: auto, bf16 or fp32 (msc-ray tune)")
+    ap.add_argument(
+        "--precision", default="auto", help="training arithmetic of every model: auto, bf16 or fp32 (msc-ray tune)"
+    )
     ap.add_argument("--backbones", default=None, help="CPU compact_cnn; GPU inception_v3,resnet50,vit_b_16")
     ap.add_argument("--detector-epochs", type=int, default=24)
     ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1; GPU all)")
@@ -267,7 +274,7 @@ def main() -> None:
             f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
             f"{args.patience}; multi-stack {args.mstack_max_epochs}, patience {args.mstack_patience}), "
             f"coverage supervision {f'weight {args.coverage_weight:g}' if args.coverage else 'off'}, "
-            f"classifier precision {args.precision} (bf16 here: {bf16}), "
+            f"training precision {args.precision} (bf16 here: {bf16}), "
             f"detector up to {args.detector_epochs} epochs, random init, "
             f"{'GPU' if gpu else '2 CPU cores'}"
         )
@@ -294,6 +301,7 @@ def detector_stage(manifest: str, out: Path, args, gpu: bool, size: int) -> dict
             backbone="resnet50_fpn" if gpu else "compact_fpn",
             size=size if gpu else 128,
             batch_size=4,
+            precision=args.precision,
         )
     )
     res = {

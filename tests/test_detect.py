@@ -60,6 +60,16 @@ def test_two_workers_write_checkpoint_metrics_and_artifact(ray_session, det_mani
     assert out["boxes"].shape[1] == 4 and (out["scores"] >= cfg["score_threshold"]).all()
     assert (tmp_path / "run" / "predictions.png").stat().st_size > 5000
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["folds"][0]["fold"] == 0
+    # --precision auto: the training steps ran under bfloat16 autocast where this CPU does it in hardware
+    assert res["bf16"] == {0: engine.cpu_has_bf16()}
+
+
+def test_job_options_are_checked_with_one_line_errors():
+    with pytest.raises(ValueError, match="--precision fp16: choose one of auto, bf16, fp32"):
+        _job("m", "o", precision="fp16").validate()
+    with pytest.raises(ValueError, match="--placement must be PACK or SPREAD"):
+        _job("m", "o", placement="ANY").validate()
+    _job("m", "o", precision="bf16").validate()
 
 
 def test_killed_worker_resumes_from_its_checkpoint(ray_session, det_manifest, tmp_path):

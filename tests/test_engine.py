@@ -280,9 +280,11 @@ def det_cache(ray_session, tmp_path_factory):
     return data.build_cache(data.select(table, stack="sstack"), cfg, detection=True), cfg
 
 
-def test_a_short_detector_training_finds_abnormal_cells_on_held_out_vessels(det_cache):
-    """Compact RetinaNet, 20 epochs; best epoch and operating point from the inner fold, figures on
-    the outer fold. Fails when the detector does not learn (an untrained one finds nothing)."""
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=BF16_CPU)], ids=["fp32", "bf16"])
+def test_a_short_detector_training_finds_abnormal_cells_on_held_out_vessels(det_cache, bf16):
+    """Compact RetinaNet, 20 epochs (training steps in float32, or under bfloat16 autocast); best
+    epoch and operating point from the inner fold, figures on the outer fold, both read in float32.
+    Fails when the detector does not learn (an untrained one finds nothing)."""
     from msc_ray import detect
 
     c, cfg = det_cache
@@ -299,7 +301,9 @@ def test_a_short_detector_training_finds_abnormal_cells_on_held_out_vessels(det_
     dev = torch.device("cpu")
     best, best_state = -1.0, None
     for epoch in range(epochs):
-        engine.train_detector_epoch(model, train, aug, opt, sched, epoch=epoch, batch_size=bs, device=dev, clip=10.0)
+        engine.train_detector_epoch(
+            model, train, aug, opt, sched, epoch=epoch, batch_size=bs, device=dev, clip=10.0, bf16=bf16
+        )
         if epoch >= epochs // 2:
             ap = engine.detection_map(*engine.predict_detections(model, val, plain, batch_size=16, device=dev))
             if ap > best:
@@ -335,3 +339,27 @@ def test_the_same_seed_gives_the_same_weights_on_a_cpu(cache, precision):
     (init_a, a), (_, b) = one_epoch(), one_epoch()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["fc.3.weight"], init_a["fc.3.weight"])  # it did train
+
+
+@BF16_CPU
+def test_a_bf16_detector_epoch_repeats_bit_for_bit_and_keeps_float32_weights(det_cache):
+    """One epoch of the compact RetinaNet with its steps under bfloat16 autocast, twice from the same
+    seed: the same weights to the bit, float32 throughout, and not the float32 epoch's weights."""
+    c, cfg = det_cache
+    train = c.split(0, 5)[0].subset(range(24))
+    aug = engine.Augmenter(cfg, train=True, boxes=True)
+
+    def one_epoch(bf16):
+        torch.manual_seed(5)
+        model = models.build_detector("compact_fpn", image_size=128, anchors=engine.anchor_plan(train.boxes, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        stats = engine.train_detector_epoch(
+            model, train, aug, opt, None, epoch=0, batch_size=4, device=torch.device("cpu"), clip=10.0, bf16=bf16
+        )
+        assert np.isfinite(stats["loss"]) and stats["steps"] == 6
+        return model.state_dict()
+
+    a, b, full = one_epoch(True), one_epoch(True), one_epoch(False)
+    assert all(v.dtype == torch.float32 for v in a.values() if v.is_floating_point())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], full[k]) for k in a if a[k].is_floating_point())

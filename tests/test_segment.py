@@ -293,6 +293,13 @@ def test_unet_watershed_trains_like_a_torchvision_detection_model(backbone):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     out = net.eval()([torch.rand(3, 37, 45)])  # any size: padded inside, cropped back
     assert out[0]["masks"].shape[-2:] == (37, 45)
+    # under bfloat16 autocast (training steps with --precision bf16) the losses are float32 and near these
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        half = net.train()([x, x], [t, t])
+    with torch.no_grad():
+        full = net([x, x], [t, t])
+    for k, v in half.items():
+        assert v.dtype == torch.float32 and abs(float(v) - float(full[k])) < 0.05 * float(full[k]) + 1e-3, (k, v, full)
 
 
 @pytest.mark.gpu
