@@ -114,12 +114,14 @@ MinEpochsOpt = Annotated[
 ]
 LrOpt = Annotated[float, typer.Option(help="AdamW learning rate (after a one-epoch warm-up; cosine decay).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of folds, shards and augmentation.")]
+# --precision's choices: the rule of engine.use_bf16
+PRECISION_CHOICES = (
+    "bf16 (bfloat16 autocast), fp32, or auto (bf16 on a GPU and on a CPU with bfloat16 in hardware, AMX or "
+    "AVX-512 BF16; fp32 otherwise)"
+)
 PrecisionOpt = Annotated[
     str,
-    typer.Option(
-        help="Arithmetic of the training steps: bf16 (bfloat16 autocast), fp32, or auto (bf16 on a GPU and on a "
-        "CPU with bfloat16 in hardware, AMX or AVX-512 BF16; fp32 otherwise). Validation and outer folds: fp32."
-    ),
+    typer.Option(help=f"Arithmetic of the training steps: {PRECISION_CHOICES}. Validation and outer folds: fp32."),
 ]
 
 
@@ -262,10 +264,7 @@ def tune(
     ] = "auto",
     precision: Annotated[
         str,
-        typer.Option(
-            help="Arithmetic of the classifier's forward passes: bf16 (bfloat16 autocast), fp32, or auto (bf16 on "
-            "a GPU and on a CPU with bfloat16 in hardware, AMX or AVX-512 BF16; fp32 otherwise)."
-        ),
+        typer.Option(help=f"Arithmetic of the classifier's forward passes: {PRECISION_CHOICES}."),
     ] = "auto",
     channels: Annotated[
         int, typer.Option(help="3: gray repeated for ImageNet-style inputs; 1: first conv adapted.")

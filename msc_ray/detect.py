@@ -169,7 +169,6 @@ class DetectorRun:
         self.aug_eval = engine.Augmenter(dcfg, train=False, boxes=True)
         self.start = 0
         self.ddp, self.device = self.model, torch.device("cpu")
-        self.bf16 = engine.use_bf16(self.device, job.precision)
 
     def restore(self, ckpt) -> None:
         if ckpt is None:
@@ -186,7 +185,11 @@ class DetectorRun:
     def wrap(self, ddp_model, device) -> None:
         self.ddp, self.device = ddp_model, device
         self.model = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-        self.bf16 = engine.use_bf16(device, self.job.precision)  # resolved for the device it trains on
+
+    @property
+    def bf16(self) -> bool:
+        """Whether this rank's training steps run under bfloat16 autocast, on the device it trains on."""
+        return engine.use_bf16(self.device, self.job.precision)
 
     def run_epoch(self, epoch: int, on_step=None) -> dict:
         """Train this rank's slice; rank 0 scores the inner validation fold (mAP@0.5) and updates the
@@ -351,6 +354,22 @@ def _train_fold(job: DetectJobConfig, fold: int, folds: int, cache_ref, anchors:
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold}: training left no checkpoint ({result.error})")
     return result.checkpoint.path, dict(result.metrics or {})
+
+
+def log_fold(fold: int, last: dict, score: str) -> bool:
+    """Log how a fold's training ended (``last``: its last reported metrics; ``score``: what early
+    stopping followed); returns whether its training steps ran under bfloat16 autocast."""
+    bf16 = bool(last.get("bf16", False))
+    log.info(
+        "fold %d: %d epochs, best %d (%s %.3f), bf16 %s",
+        fold,
+        last.get("epoch", 0),
+        last.get("best_epoch", 0),
+        score,
+        last.get("best_val_map50", float("nan")),
+        bf16,
+    )
+    return bf16
 
 
 def _device(job: DetectJobConfig) -> torch.device:
@@ -590,15 +609,7 @@ def train_detector(job: DetectJobConfig) -> dict:
     for fold in folds:
         anchors = engine.anchor_plan(cache.split(fold, n_folds)[0].boxes, models.DETECTOR_LEVELS[job.backbone])
         ckpt, last = _train_fold(job, fold, n_folds, cache_ref, anchors)
-        bf16[fold] = bool(last.get("bf16", False))
-        log.info(
-            "fold %d: %d epochs, best %d (inner mAP@0.5 %.3f), bf16 %s",
-            fold,
-            last.get("epoch", 0),
-            last.get("best_epoch", 0),
-            last.get("best_val_map50", float("nan")),
-            bf16[fold],
-        )
+        bf16[fold] = log_fold(fold, last, "inner mAP@0.5")
         results.append(predict_fold(job, fold, n_folds, ckpt, cache))
     op = choose_operating_point(
         [p for r in results for p in r.val_preds], [t for r in results for t in r.val_truths], job.max_fdr

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import check_views, data, engine, metrics, models, storage
-from .detect import DetectJobConfig, _device, _read_state, _train_fold, load_best, prepare_run
+from .detect import DetectJobConfig, _device, _read_state, _train_fold, load_best, log_fold, prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -325,15 +325,7 @@ def train_segmenter(job: SegmentJobConfig) -> dict:
         levels = models.SEGMENTER_LEVELS.get(job.backbone)
         anchors = instance_anchors(train_part, levels, job.min_area) if levels else None
         ckpt, last = _train_fold(job, fold, n_folds, cache_ref, anchors)
-        bf16[fold] = bool(last.get("bf16", False))
-        log.info(
-            "fold %d: %d epochs, best %d (inner mask AP@0.5 %.3f), bf16 %s",
-            fold,
-            last.get("epoch", 0),
-            last.get("best_epoch", 0),
-            last.get("best_val_map50", float("nan")),
-            bf16[fold],
-        )
+        bf16[fold] = log_fold(fold, last, "inner mask AP@0.5")
         results.append(predict_fold(job, fold, n_folds, ckpt, cache))
     thresholds = engine.choose_count_thresholds([p for r in results for p in r.val_preds])
     rows, summary = _table(results, thresholds)

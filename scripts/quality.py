@@ -62,11 +62,18 @@ def heldout_classifier(artifact: str, heldout: Path, stack: str) -> dict:
     }
 
 
-def segmenter_stage(out: Path, args, gpu: bool) -> dict:
-    """Segmenter on corpus A (outer folds), then potency on new vessels from its predicted masks."""
+def bf16_here(precision: str, gpu: bool) -> bool:
+    """Whether ``--precision`` means bfloat16 training steps on the device this run trains on."""
     import torch
 
-    from msc_ray import corpus, engine, morphology, potency, segment, synth
+    from msc_ray import engine
+
+    return engine.use_bf16(torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu"), precision)
+
+
+def segmenter_stage(out: Path, args, gpu: bool) -> dict:
+    """Segmenter on corpus A (outer folds), then potency on new vessels from its predicted masks."""
+    from msc_ray import corpus, morphology, potency, segment, synth
 
     n, size = args.seg_n or (1000 if gpu else 600), args.seg_size or (256 if gpu else 128)
     backbone = args.segmenter_backbone or ("unet_wide" if gpu else "unet")
@@ -91,7 +98,7 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
         )
     )
     minutes = (time.perf_counter() - t0) / 60
-    bf16 = engine.use_bf16(torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu"), args.precision)
+    bf16 = bf16_here(args.precision, gpu)
     print(f"\n== Segmentation, cells and nuclei ({minutes:.1f} min)")
     print(Path(seg["table_md"]).read_text())
     pot_n = args.potency_n or (2000 if gpu else 1800)  # 60 vessels: LightGBM needs the vessel-days (600: R² 0.61)
@@ -264,9 +271,7 @@ def main() -> None:
     if "detector" in stages:
         report["detector"] = detector_stage(manifest_for("sstack", n["detector"]), out, args, gpu, size)
     if stages & {"classifier", "detector"}:
-        from msc_ray import engine
-
-        bf16 = engine.use_bf16(torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu"), args.precision)
+        bf16 = bf16_here(args.precision, gpu)
         print(
             f"settings: {n['sstack']} single-stack, {n['mstack']} multi-stack and {n['detector']} detector "
             f"images at {size}px (classifier input {input_size['sstack']}px single-stack, "
