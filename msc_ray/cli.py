@@ -370,7 +370,7 @@ def train_detector(
     Rerunning with the same --out resumes every fold from its latest checkpoint."""
     from . import detect
 
-    job = detect.DetectJobConfig(**_per_fold_job(corpus_or_manifest, out, folds, only_folds, locals()), max_fdr=max_fdr)
+    job = _per_fold_job(detect.DetectJobConfig, corpus_or_manifest, out, folds, only_folds, locals(), max_fdr=max_fdr)
     _run_per_fold(job, detect.train_detector, address)
 
 
@@ -429,25 +429,32 @@ def train_segmenter(
     confluence errors on outer folds, a panel, a segmenter artifact. Rerunning with the same --out resumes."""
     from . import segment
 
-    job = segment.SegmentJobConfig(
-        **_per_fold_job(corpus_or_manifest, out, folds, only_folds, locals()), stack=stack, views=views
+    job = _per_fold_job(
+        segment.SegmentJobConfig, corpus_or_manifest, out, folds, only_folds, locals(), stack=stack, views=views
     )
     _run_per_fold(job, segment.train_segmenter, address)
 
 
-def _per_fold_job(corpus_or_manifest: str, out: str, folds: int, only_folds: str, options: dict) -> dict:
-    """The fields train-detector and train-segmenter share, from their options: absolute paths, the
-    manifest (indexed into ``OUT/manifest.parquet`` from a corpus; a rerun keeps the folds it started
-    with), the outer folds to run."""
+def _per_fold_job(cls, corpus_or_manifest: str, out: str, folds: int, only_folds: str, options: dict, **extra):
+    """train-detector's or train-segmenter's job (``cls``) from their options: absolute paths, the outer
+    folds to run, the manifest (indexed into ``OUT/manifest.parquet`` from a corpus; a rerun keeps the
+    folds it started with). The options are checked before anything is indexed: a wrong one is its own
+    one-line error, not one that waits for a corpus to be read."""
+    from dataclasses import replace
+
     out = _absolute(out)
     shared = ("epochs", "patience", "min_epochs", "workers", "gpu", "cpus_per_worker", "backbone", "size")
-    return {
-        "manifest": _manifest_for(corpus_or_manifest, out, folds, options["seed"], options["endpoint_url"], reuse=True),
-        "out": out,
-        "folds": tuple(int(f) for f in only_folds.split(",") if f.strip()),
-        "placement": options["placement"].upper(),
+    job = cls(
+        manifest=corpus_or_manifest,
+        out=out,
+        folds=tuple(int(f) for f in only_folds.split(",") if f.strip()),
+        placement=options["placement"].upper(),
         **{k: options[k] for k in (*shared, "batch_size", "lr", "seed", "precision", "endpoint_url")},
-    }
+        **extra,
+    )
+    job.validate()
+    manifest = _manifest_for(corpus_or_manifest, out, folds, options["seed"], options["endpoint_url"], reuse=True)
+    return replace(job, manifest=manifest)
 
 
 def _run_per_fold(job, train, address: str | None) -> None:

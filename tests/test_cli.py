@@ -100,3 +100,23 @@ def test_a_failing_tune_names_the_real_error_in_one_line(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "nowhere" in last
+
+
+def test_a_wrong_training_option_is_named_before_the_corpus_is_indexed(tmp_path):
+    """train-detector and train-segmenter check their options first: a wrong one is a one-line error
+    naming it, and the corpus is not indexed (no manifest is written under --out)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    _run(["synth", "c", "--n", "8", "--size", "64", "--stack", "sstack"], tmp_path)
+    for command, option, value in (("train-detector", "--precision", "fp16"), ("train-segmenter", "--views", "3")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "msc_ray.cli", command, "c", "--out", command, option, value],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == 1, proc.stderr[-1500:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and option in last and value in last, last
+        assert not (tmp_path / command / "manifest.parquet").exists()  # refused before any indexing
