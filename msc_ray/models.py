@@ -484,9 +484,12 @@ def load_detector(src: str | os.PathLike, endpoint_url: str | None = None) -> tu
 
 
 SEGMENTER_BACKBONES = ("unet", "unet_wide", "compact_fpn", "resnet50_fpn")
-# U-Net channels per level: unet for CPUs; unet_wide measured better (cell / nucleus mask AP@0.5 0.370 /
-# 0.691 against 0.324 / 0.655, same images and epochs) at 2.9 times the cost, for GPUs
-UNET_WIDTHS = {"unet": (16, 32, 64, 128), "unet_wide": (32, 64, 128, 256)}
+# U-Net channels per level: unet for CPUs (32 channels at full resolution: the offsets at cell edges
+# sharpen, README "Morphology and potency"; artifacts saved with 16 load with the widths of their
+# weights, :func:`load_segmenter`); unet_wide measured better again (the four-map model at 16-32-64-128:
+# cell / nucleus mask AP@0.5 0.370 / 0.691 against 0.324 / 0.655, same images and epochs) at 2.9 times
+# the cost, for GPUs
+UNET_WIDTHS = {"unet": (32, 32, 64, 128), "unet_wide": (32, 64, 128, 256)}
 SEGMENTER_LEVELS = {"compact_fpn": 3, "resnet50_fpn": 5}  # Mask R-CNN pyramids (the U-Net has no anchors)
 SEGMENTER_CLASSES = ("cell", "nucleus")  # labels 1 and 2; 0 is background
 
@@ -517,6 +520,9 @@ def instance_contacts(ids: torch.Tensor) -> torch.Tensor:
 # vote-centre thresholds the inner validation folds choose from (votes per pixel after σ 1 px smoothing; 0: off)
 VOTE_PEAKS = (0.0, 3.0, 4.0, 6.0)
 OFFSET_SCALE = 16.0  # pixels per unit of the U-Net's offset maps (a cell's pixels lie within ~30 px of its nucleus)
+# the offsets' share of the U-Net's loss: at 1 the votes of cell-edge pixels fall short of their nucleus
+# (README "Morphology and potency"; chosen on new vessels, seed 1234, with 32 channels at full resolution)
+OFFSET_WEIGHT = 4.0
 
 
 def _centroids(masks: torch.Tensor) -> torch.Tensor:
@@ -564,7 +570,8 @@ class UNetWatershed(nn.Module):
     mode with targets (``masks`` (K, H, W), ``labels`` 1 cell / 2 nucleus) → ``{"loss_foreground",
     "loss_contact", "loss_dice", "loss_offset"}`` (binary cross-entropy, contacts weighted
     ``contact_weight`` as they are rare; soft Dice of the four binary maps; smooth L1 of the offsets
-    over cell pixels); in eval mode → per image ``{"boxes", "labels", "scores", "masks" (K, 1, H, W)}``."""
+    over cell pixels, times ``offset_weight``); in eval mode → per image ``{"boxes", "labels", "scores",
+    "masks" (K, 1, H, W)}``."""
 
     def __init__(
         self,
@@ -574,6 +581,7 @@ class UNetWatershed(nn.Module):
         detections_per_img: int = 500,
         min_area: int = 4,
         contact_weight: float = 4.0,
+        offset_weight: float = OFFSET_WEIGHT,
         offsets: bool = True,
         vote_radius: float = 2.0,
         vote_peak: float = 0.0,
@@ -585,6 +593,7 @@ class UNetWatershed(nn.Module):
         self.contact_score, self.views = contact_score, views
         self.score_thresh, self.detections_per_img, self.min_area = score_thresh, detections_per_img, min_area
         self.offsets, self.vote_radius, self.vote_peak = offsets, vote_radius, float(vote_peak)
+        self.offset_weight = offset_weight
         self.register_buffer("pos_weight", torch.tensor([1.0, contact_weight, 1.0, contact_weight]).view(1, 4, 1, 1))
         self.norm = nn.InstanceNorm2d(3, affine=False)
         self.down = nn.ModuleList(_double_conv(3 if i == 0 else widths[i - 1], w) for i, w in enumerate(widths))
@@ -646,7 +655,7 @@ class UNetWatershed(nn.Module):
         if self.offsets:
             cell = maps[:, :1]
             err = F.smooth_l1_loss(out[:, 4:6], y[:, 4:6], reduction="none", beta=0.1) * cell
-            losses["loss_offset"] = err.sum() / (2 * cell.sum()).clamp(min=1)
+            losses["loss_offset"] = self.offset_weight * err.sum() / (2 * cell.sum()).clamp(min=1)
         return losses
 
     @staticmethod
@@ -805,6 +814,16 @@ def _undo_view(maps: torch.Tensor, i: int, offsets: bool) -> torch.Tensor:
     return maps
 
 
+def unet_widths(state: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """A U-Net's channels per level, read from its weights (the first convolution of each down block);
+    None for other segmenters. Artifacts keep the widths they were trained with when a default changes."""
+    widths, i = [], 0
+    while f"down.{i}.0.weight" in state:
+        widths.append(int(state[f"down.{i}.0.weight"].shape[0]))
+        i += 1
+    return tuple(widths) or None
+
+
 def build_segmenter(
     backbone_name: str = "unet",
     *,
@@ -817,6 +836,7 @@ def build_segmenter(
     vote_peak: float = 0.0,
     contact_score: bool = True,
     views: int = 1,
+    widths: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """A cell and nucleus instance segmenter. Input: list of float (3, H, W) in [0, 1]; output per
     image ``{"boxes", "labels" (1 cell, 2 nucleus), "scores", "masks" (k, 1, H, W)}``.
@@ -825,7 +845,9 @@ def build_segmenter(
     Mask R-CNN (torchvision) on the compact CNN with a three-level pyramid (strides 4, 8, 16: nuclei
     are a few pixels wide); ``resnet50_fpn``: Mask R-CNN on torchvision's ResNet-50 FPN (GPUs).
     ``anchors`` (Mask R-CNN only) as for :func:`build_detector` (one size list per pyramid level).
-    ``views`` (U-Nets only): test-time views their maps are averaged over (:meth:`UNetWatershed.maps`)."""
+    ``views`` (U-Nets only): test-time views their maps are averaged over (:meth:`UNetWatershed.maps`).
+    ``widths`` (U-Nets only): channels per level instead of the backbone's (:data:`UNET_WIDTHS`; an
+    artifact's, :func:`unet_widths`)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import MultiScaleRoIAlign
@@ -834,7 +856,7 @@ def build_segmenter(
         raise ValueError(f"unknown segmenter backbone {backbone_name!r}; valid: {', '.join(SEGMENTER_BACKBONES)}")
     if backbone_name in UNET_WIDTHS:
         return UNetWatershed(
-            UNET_WIDTHS[backbone_name],
+            tuple(widths or UNET_WIDTHS[backbone_name]),
             score_thresh=score_thresh,
             detections_per_img=detections_per_img,
             min_area=min_area,
@@ -894,8 +916,10 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
     # detections under every class's threshold are dropped by the caller anyway: not producing them
     # saves their masks (pasting hundreds of masks per image dominates inference on CPUs)
     thresholds = config.get("score_thresholds") or {}
+    widths = unet_widths(state)
     model = build_segmenter(
         config["architecture"],
+        widths=widths,
         image_size=config["image_size"],
         score_thresh=min(thresholds.values()) if thresholds else 0.05,
         detections_per_img=int(config.get("detections_per_img", 500)),

@@ -175,6 +175,41 @@ def predict_fold(job: SegmentJobConfig, fold: int, folds: int, ckpt_dir: str, ca
     )
 
 
+# which of the U-Net's maps limit its masks: each group replaced by the truth's (UNetWatershed.target_maps)
+MAP_GROUPS = {
+    "the U-Net's maps": (),
+    "exact cell foreground and contacts": (0, 1),
+    "exact nucleus foreground and contacts": (2, 3),
+    "exact offsets": (4, 5),
+    "exact maps (the instance drawing's ceiling)": (0, 1, 2, 3, 4, 5),
+}
+
+
+@torch.no_grad()
+def map_limits(model, cache: engine.Cache, aug: engine.Augmenter, *, batch_size: int, device) -> dict[str, dict]:
+    """Mask AP of a six-map U-Net (:class:`msc_ray.models.UNetWatershed`) on ``cache`` with its maps as
+    they are and with each group of them (:data:`MAP_GROUPS`) replaced by the truth's, the rest and the
+    instance drawing unchanged: where the masks are lost, in the network's maps or in the drawing.
+    Per group, :func:`engine.mask_ap_summary`'s four figures."""
+    if not getattr(model, "offsets", False):
+        raise ValueError("map limits need a six-map U-Net segmenter (--backbone unet or unet_wide)")
+    model.eval()
+    metrics_of = {name: engine.mask_ap_metric() for name in MAP_GROUPS}
+    for imgs, targets, _ in engine.detection_batches(cache, aug, batch_size):
+        maps = model.maps(torch.stack(imgs).to(device)).cpu().numpy()
+        for p, t in zip(maps, targets, strict=True):
+            truth = models.UNetWatershed.target_maps(t).numpy()
+            want = [{"masks": t["masks"].bool(), "labels": t["labels"]}]
+            for name, group in MAP_GROUPS.items():
+                q = p.copy()
+                q[list(group)] = truth[list(group)]
+                r = model.instances(q)
+                metrics_of[name].update(
+                    [{"masks": r["masks"][:, 0] >= 0.5, "scores": r["scores"], "labels": r["labels"]}], want
+                )
+    return {name: engine.mask_ap_summary(m) for name, m in metrics_of.items()}
+
+
 def _table(results: list[SegFoldResult], thresholds: dict) -> tuple[list[dict], dict]:
     rows = []
     for r in results:
