@@ -71,4 +71,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a wrong artifact or option: one line, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -427,3 +427,12 @@ def test_a_short_training_finds_cells_and_nuclei_on_held_out_images(ray_session,
     exact, own = limits["exact maps (the instance drawing's ceiling)"], limits["the U-Net's maps"]
     for k in ("cell_mask_ap50", "nucleus_mask_ap50"):
         assert exact[k] > 0.9 and 0 < own[k] < exact[k] - 0.2, (k, exact, own)
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPTS / "segmenter_limits.py"), str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nowhere'}: not a model artifact (needs config.json and weights.pt)"
+    ]
