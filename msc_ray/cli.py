@@ -458,8 +458,8 @@ def _per_fold_job(cls, corpus_or_manifest: str, out: str, folds: int, only_folds
 
 
 def _run_per_fold(job, train, address: str | None) -> None:
-    """Validate, join or start Ray, train every fold; print the table and where the outputs are."""
-    job.validate()
+    """Join or start Ray (the job was checked by :func:`_per_fold_job`), train every fold; print the table
+    and where the outputs are."""
     _ensure_ray(address)
     res = train(job)
     typer.echo(storage.read_bytes(res["table_md"], job.endpoint_url).decode())

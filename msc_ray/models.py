@@ -916,10 +916,9 @@ def load_segmenter(src: str | os.PathLike, endpoint_url: str | None = None) -> t
     # detections under every class's threshold are dropped by the caller anyway: not producing them
     # saves their masks (pasting hundreds of masks per image dominates inference on CPUs)
     thresholds = config.get("score_thresholds") or {}
-    widths = unet_widths(state)
     model = build_segmenter(
         config["architecture"],
-        widths=widths,
+        widths=unet_widths(state),  # an artifact keeps the widths it was trained with
         image_size=config["image_size"],
         score_thresh=min(thresholds.values()) if thresholds else 0.05,
         detections_per_img=int(config.get("detections_per_img", 500)),

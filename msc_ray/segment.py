@@ -199,14 +199,10 @@ def map_limits(model, cache: engine.Cache, aug: engine.Augmenter, *, batch_size:
         maps = model.maps(torch.stack(imgs).to(device)).cpu().numpy()
         for p, t in zip(maps, targets, strict=True):
             truth = models.UNetWatershed.target_maps(t).numpy()
-            want = [{"masks": t["masks"].bool(), "labels": t["labels"]}]
             for name, group in MAP_GROUPS.items():
                 q = p.copy()
                 q[list(group)] = truth[list(group)]
-                r = model.instances(q)
-                metrics_of[name].update(
-                    [{"masks": r["masks"][:, 0] >= 0.5, "scores": r["scores"], "labels": r["labels"]}], want
-                )
+                engine._instance_record(model.instances(q), t, float("nan"), metrics_of[name], with_masks=True)
     return {name: engine.mask_ap_summary(m) for name, m in metrics_of.items()}
 
 
