@@ -114,8 +114,8 @@ BACKBONES: dict[str, Backbone] = {
 def channels_last(model: nn.Module) -> nn.Module:
     """The model's 4-D weights in channels-last (NHWC) memory, in place: the same model numerically, its
     state dict loads into either layout, ``.to(device)`` keeps it. oneDNN's CPU convolutions and GPU tensor
-    cores are faster on it (measured speed-ups, and why the segmenters stay NCHW: README, "Memory
-    layout"). The classifier and detector builders return their models in this layout."""
+    cores are faster on it (measured speed-ups, and why Mask R-CNN stays NCHW: README, "Memory layout").
+    The classifier, detector and U-Net builders return their models in this layout."""
     return model.to(memory_format=torch.channels_last)
 
 
@@ -610,6 +610,9 @@ class UNetWatershed(nn.Module):
         h, w = x.shape[-2:]
         m = 2 ** (len(self.down) - 1)
         x = F.pad(self.norm(x), (0, -w % m, 0, -h % m), mode="replicate")
+        # the builder's layout, read off a 3 × 3 kernel (a 1 × 1 one is contiguous in both layouts)
+        if self.down[0][0].weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
@@ -855,7 +858,7 @@ def build_segmenter(
     if backbone_name not in SEGMENTER_BACKBONES:
         raise ValueError(f"unknown segmenter backbone {backbone_name!r}; valid: {', '.join(SEGMENTER_BACKBONES)}")
     if backbone_name in UNET_WIDTHS:
-        return UNetWatershed(
+        unet = UNetWatershed(
             tuple(widths or UNET_WIDTHS[backbone_name]),
             score_thresh=score_thresh,
             detections_per_img=detections_per_img,
@@ -865,6 +868,7 @@ def build_segmenter(
             contact_score=contact_score,
             views=views,
         )
+        return channels_last(unet)
     levels = SEGMENTER_LEVELS[backbone_name]
     gen = _anchor_generator(backbone_name, levels, anchors, [8, 16, 32, 64, 128][:levels])
     heads: dict = {}

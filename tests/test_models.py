@@ -102,3 +102,26 @@ def test_the_detector_comes_in_channels_last_memory():
     det = models.build_detector("compact_fpn", image_size=64)
     convs = [p for p in det.parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+def test_the_unet_segmenter_comes_in_channels_last_memory_and_computes_the_same_maps():
+    """U-Nets too (``build_segmenter``): NHWC weights, inputs turned NHWC inside, the same six maps as the
+    same weights in NCHW, and a state dict saved from an NCHW model (artifacts before the change) loads."""
+    torch.manual_seed(0)
+    unet = models.build_segmenter("unet").eval()
+    convs = [p for p in unet.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    plain = models.build_segmenter("unet").to(memory_format=torch.contiguous_format).eval()
+    plain.load_state_dict(unet.state_dict())
+    assert all(p.is_contiguous() for p in plain.parameters())
+    x = torch.rand(2, 3, 40, 56)  # not a multiple of the deepest stride: padded inside
+    with torch.no_grad():
+        out = unet.logits(x)
+        assert out.shape == (2, 6, 40, 56)
+        torch.testing.assert_close(out, plain.logits(x), rtol=1e-4, atol=1e-4)
+    again = models.build_segmenter("unet").eval()
+    again.load_state_dict(plain.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in again.parameters() if p.ndim == 4)
+    with torch.no_grad():
+        torch.testing.assert_close(again.logits(x), out, rtol=1e-4, atol=1e-4)
+    assert models.state_digest(unet.state_dict()) == models.state_digest(plain.state_dict())

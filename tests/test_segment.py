@@ -388,7 +388,8 @@ def test_a_short_training_finds_cells_and_nuclei_on_held_out_images(ray_session,
     # cell / nucleus AP@0.5 0.18 / 0.12, counting error 0.33 / 0.21 and 2.4 points; stopped at 4 epochs,
     # before it had learned, it scored 0.07 / 0.00, counting error 0.62 / 1.30 and 9.5 points, and fails
     # every one of these; the current U-Net (32 channels, offsets weighted 4 times) read mask confluence
-    # 6.5 points off in this short run (2.3 at quality.py's scale, README)
+    # 6.5 points off in this short run in NCHW memory and 3.7 in channels-last (AP@0.5 0.44 / 0.57): one
+    # short run's trajectory moves with float rounding (2.3 at quality.py's scale, README)
     assert row["nucleus_mask_ap50"] > 0.08, row
     assert row["cell_mask_ap50"] > 0.1, row
     assert row["cell_count_error"] < 0.5, row
