@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Channels-last (NHWC) against NCHW memory for the models the builders return: one training step and
 one prediction pass per batch, the same weights and inputs, float32 and (where the CPU does it in
-hardware, or on a GPU) bfloat16 autocast, timed here in one process. Prints seconds and the ratio
-NCHW ÷ NHWC (above 1: channels-last is faster).
+hardware, or on a GPU) bfloat16 autocast, timed here in one process (``bench_score._timed``). Prints
+seconds per pass and the ratio NCHW ÷ NHWC (above 1: channels-last is faster).
 
     .venv/bin/python scripts/bench_layout.py [--threads 1] [--batch 8] [--size 128] [--repeats 5]
 """
@@ -10,10 +10,9 @@ NCHW ÷ NHWC (above 1: channels-last is faster).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_score import _timed  # this folder is on the path of a script run from it
 
 
 def _unet_step(model, x, targets):
@@ -24,18 +23,17 @@ def _cnn_step(model, x, targets):
     return torch.nn.functional.cross_entropy(model(x), targets)
 
 
-def cases(size: int, batch: int):
-    """(name, builder, step(model, x, targets) → loss, predict(model, x), targets) per model."""
+def cases(size: int, batch: int, dev: torch.device):
+    """(name, builder, step(model, x, targets) → loss, predict(model, x), targets on ``dev``) per model."""
     from msc_ray import models
 
-    g = torch.Generator().manual_seed(0)
-    masks = torch.zeros(6, size, size, dtype=torch.uint8)
+    masks = torch.zeros(6, size, size, dtype=torch.uint8, device=dev)
     for k in range(3):  # three cells with a nucleus each: the U-Net builds its six maps from them
         y0 = 10 + 30 * k
         masks[k, y0 : y0 + 20, 10 : size - 10] = 1
         masks[3 + k, y0 + 6 : y0 + 14, size // 2 - 4 : size // 2 + 4] = 1
-    seg_targets = [{"masks": masks, "labels": torch.tensor([1, 1, 1, 2, 2, 2])} for _ in range(batch)]
-    labels = torch.randint(0, 4, (batch,), generator=g)
+    seg_targets = [{"masks": masks, "labels": torch.tensor([1, 1, 1, 2, 2, 2], device=dev)} for _ in range(batch)]
+    labels = torch.randint(0, 4, (batch,), generator=torch.Generator().manual_seed(0)).to(dev)
     return [
         (
             "unet (segmenter)",
@@ -78,16 +76,6 @@ def one_pass(model, what: str, precision: str, step, predict, x, targets):
     return run
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # first call: oneDNN picks its kernels
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -102,12 +90,11 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = ["fp32"] + (["bf16"] if engine.use_bf16(dev, "auto") else [])
     x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(dev)
-    print(f"{dev.type}, {args.threads} thread(s), batch {args.batch}, {args.size} px; median of {args.repeats}")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    print(f"{dev.type}, {args.threads} thread(s), batch {args.batch}, {args.size} px; mean of {args.repeats}")
     print("| model | pass | precision | NCHW s | NHWC s | NCHW ÷ NHWC |")
     print("|---|---|---|---|---|---|")
-    for name, build, step, predict, targets in cases(args.size, args.batch):
-        targets = [{k: v.to(dev) for k, v in t.items()} for t in targets] if isinstance(targets, list) else targets
-        targets = targets.to(dev) if isinstance(targets, torch.Tensor) else targets
+    for name, build, step, predict, targets in cases(args.size, args.batch, dev):
         torch.manual_seed(0)
         nhwc = build().to(dev)
         nchw = build().to(dev).to(memory_format=torch.contiguous_format)
@@ -115,7 +102,7 @@ def main() -> None:
         for precision in precisions:
             for what in ("train step", "prediction"):
                 passes = [one_pass(m, what, precision, step, predict, x, targets) for m in (nchw, nhwc)]
-                res = [timed(run, args.repeats) for run in passes]
+                res = [_timed(run, args.repeats, sync) for run in passes]
                 print(f"| {name} | {what} | {precision} | {res[0]:.3f} | {res[1]:.3f} | {res[0] / res[1]:.2f} |")
 
 
