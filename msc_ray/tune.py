@@ -25,6 +25,7 @@ tasks while it trains, so trials only ask for their own CPUs (and GPU share) and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -519,21 +520,39 @@ def _first_line(error) -> str:
     return f"{type(cause).__name__}: {msg}" if msg else type(cause).__name__
 
 
-def fit_tuner(tuner, *, quiet: bool):
-    """``tuner.fit()``; ``quiet``: with no console output at all. Tune's default console reporter
-    prints the experiment's header and paths even at verbosity 0; its legacy reporter prints nothing
-    there, so a silent fit selects it for the duration of the call."""
-    if not quiet:
-        return tuner.fit()
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+# Each trial keeps one checkpoint (``num_to_keep=1``), so Tune snapshots the experiment after every
+# trial checkpoint (resume must not point at a deleted one) and warns that snapshots "may become a
+# bottleneck" whenever two come within 5 s — which trials of one fold ending together do (six times in
+# the suite's 6-trial search). The snapshot is a few small files; Tune's warning for a snapshot that takes
+# over 30 s stays on, and a value the user sets is kept.
+SNAPSHOT_WARNING = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` for the duration of the block, restored after it."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        return tuner.fit()
+        yield
     finally:
-        if before is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fit_tuner(tuner, *, quiet: bool):
+    """``tuner.fit()`` without the forced-snapshot warning (:data:`SNAPSHOT_WARNING`); ``quiet``: with
+    no console output at all. Tune's default console reporter prints the experiment's header and paths
+    even at verbosity 0; its legacy reporter prints nothing there, so a silent fit selects it for the
+    duration of the call."""
+    env = {} if SNAPSHOT_WARNING in os.environ else {SNAPSHOT_WARNING: "0"}
+    if quiet:
+        env["RAY_AIR_NEW_OUTPUT"] = "0"
+    with _environment(env):
+        return tuner.fit()
 
 
 def _collect(grid) -> list[TrialResult]:
