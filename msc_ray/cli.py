@@ -223,7 +223,9 @@ def tune(
     stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
     backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "compact_cnn,resnet18",
     folds: FoldsOpt = 5,
-    max_epochs: Annotated[int, typer.Option(help="Epochs per trial at most.")] = 25,
+    max_epochs: Annotated[
+        int, typer.Option(help="Epochs per trial at most (0: by stack — 25 single-stack, 60 multi-stack).")
+    ] = 0,
     patience: Annotated[
         int, typer.Option(help="Epochs without a better inner-validation ROC-AUC before a trial stops.")
     ] = 6,
@@ -236,7 +238,13 @@ def tune(
         str, typer.Option(help="Learning rate, or a range LO:HI sampled log-uniformly per trial.")
     ] = "1e-3:3e-3",
     warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up before cosine decay.")] = 2,
-    size: Annotated[int, typer.Option(help="Input side in pixels (raised to what a backbone needs).")] = 64,
+    size: Annotated[
+        int,
+        typer.Option(
+            help="Input side in pixels, raised to what a backbone needs (0: by stack — 64 single-stack, 128 "
+            "multi-stack, whose thin cells vanish at 64 px)."
+        ),
+    ] = 0,
     views: Annotated[
         int,
         typer.Option(

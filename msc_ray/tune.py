@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 
 METRIC = "val_auc"
 AUGMENT_ON = ("auto", "cpu", "device")
+# (input side, epochs) per stack where a job leaves them at 0. Single-stack: 64 px holds confluence (96 px
+# gained nothing, at twice the cost). Multi-stack: its cells are one-pixel edges that 64 px loses — the
+# compact CNN, 30 epochs, read 400 new-vessel images at 0.82 / 0.76 from 64 px against 0.91 / 0.89 from
+# 128 px (800 / 480 training images, development corpora) — and learn late: 60 epochs read new vessels
+# at 0.895 against 0.880 for 30 (scripts/quality.py). See README, "Why these defaults".
+STACK_DEFAULTS = {"sstack": (64, 25), "mstack": (128, 60)}
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class TuneJobConfig:
     out: str  # run folder: a local path (a shared mount on a cluster) or s3://bucket/prefix
     stack: str = "sstack"
     backbones: tuple[str, ...] = ("compact_cnn", "resnet18")
-    max_epochs: int = 25
+    max_epochs: int = 0  # 0: by stack (STACK_DEFAULTS), set when the config is made
     patience: int = 6
     # no best epoch is kept and no trial stops before this epoch (0: half of max_epochs): mid-schedule, at
     # the peak learning rate, inner-validation accuracy swings from epoch to epoch (one fold: 0.71 0.88 0.86
@@ -81,7 +87,9 @@ class TuneJobConfig:
     wd_min: float = 1e-6
     wd_max: float = 1e-3
     batch_size: int = 32
-    size: int = 64  # confluence is a low-frequency property: 64 px holds it (see README)
+    # input side; 0: by stack (STACK_DEFAULTS): confluence is a low-frequency property and single-stack
+    # images hold it at 64 px, multi-stack cells are thin, faint edges that vanish there (see README)
+    size: int = 0
     channels: int = 3
     dropout: float = 0.5
     pretrained: str = "auto"  # auto | none | path to a state dict
@@ -106,6 +114,15 @@ class TuneJobConfig:
     # arithmetic of the classifier's forward passes: "bf16" (bfloat16 autocast), "fp32", or "auto" —
     # bf16 on a GPU and on a CPU that does it in hardware (engine.use_bf16: half the time per step)
     precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        # the stack's measured defaults where the caller left size or epochs at 0 (the CLI's defaults), so
+        # every saved config, trial and artifact holds the values that were used
+        size, epochs = STACK_DEFAULTS.get(self.stack, STACK_DEFAULTS["sstack"])
+        if self.size == 0:
+            object.__setattr__(self, "size", size)
+        if self.max_epochs == 0:
+            object.__setattr__(self, "max_epochs", epochs)
 
     def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
         for b in self.backbones:

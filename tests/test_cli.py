@@ -87,6 +87,17 @@ def test_every_command_with_relative_paths(tmp_path):
         assert lo <= r["confluence_pct"] <= hi
 
 
+def test_tune_reads_multi_stack_images_at_their_own_input_size_by_default(tmp_path):
+    """Without --size, a multi-stack search trains at 128 px (its thin cells vanish at the 64 px that
+    serve single-stack images): the exported artifact says so (explicit values: test_tune.py)."""
+    _run(["synth", "c", "--n", "24", "--size", "64", "--stack", "mstack", "--seed", "5"], tmp_path)
+    tiny = ["--stack", "mstack", "--backbones", "compact_cnn", "--max-epochs", "1", "--samples", "1", "--folds", "3"]
+    tiny += ["--lr", "1e-3", "--pretrained", "none", "--no-coverage", "--views", "1"]
+    _run(["tune", "c", "--out", "run", *tiny], tmp_path)
+    config = json.loads((tmp_path / "run" / "artifact" / "config.json").read_text())
+    assert config["data"]["size"] == 128 and config["data"]["equalize"] is True, config["data"]
+
+
 def test_a_failing_tune_names_the_real_error_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(

@@ -344,3 +344,18 @@ def test_job_settings_out_of_range_are_refused_naming_the_option():
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), stack="mstack").validate(classes)
     with pytest.raises(ValueError, match="--precision fp16: choose one of auto, bf16, fp32"):
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), precision="fp16").validate(classes)
+
+
+def test_input_size_and_epochs_default_by_stack_and_explicit_values_are_kept():
+    """Left at 0 (the CLI's defaults), the input side and the epochs are the stack's measured ones:
+    multi-stack cells vanish at the 64 px that serve single-stack images; saved configs hold the values."""
+    single = mt.TuneJobConfig(manifest="m", out="o", stack="sstack")
+    multi = mt.TuneJobConfig(manifest="m", out="o", stack="mstack")
+    assert (single.size, single.max_epochs) == (64, 25)
+    assert (multi.size, multi.max_epochs) == (128, 60)
+    explicit = mt.TuneJobConfig(manifest="m", out="o", stack="mstack", size=96, max_epochs=3)
+    assert (explicit.size, explicit.max_epochs) == (96, 3)
+    other = mt.TuneJobConfig(manifest="m", out="o", stack="nsc")  # a corpus's own stack name: single-layer's
+    assert (other.size, other.max_epochs) == (64, 25)
+    again = from_dict(mt.TuneJobConfig, dataclasses.asdict(multi))
+    assert (again.size, again.max_epochs) == (128, 60)
