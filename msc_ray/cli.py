@@ -406,8 +406,12 @@ def train_segmenter(
     placement: PlacementOpt = "PACK",
     folds: FoldsOpt = 5,
     only_folds: OnlyFoldsOpt = "",
-    epochs: Annotated[int, typer.Option(help="Epochs per fold at most (early stopping on inner mask AP@0.5).")] = 20,
-    patience: Annotated[int, typer.Option(help="Epochs without a better inner mask AP@0.5 before a fold stops.")] = 6,
+    epochs: Annotated[
+        int, typer.Option(help="Epochs per fold at most (early stopping on the inner fold's cell/nucleus box AP@0.5).")
+    ] = 60,
+    patience: Annotated[
+        int, typer.Option(help="Epochs without a better inner cell/nucleus box AP@0.5 before a fold stops.")
+    ] = 6,
     min_epochs: MinEpochsOpt = 0,
     backbone: Annotated[
         str,
