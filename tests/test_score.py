@@ -326,7 +326,7 @@ def test_killed_between_manifest_and_part_no_reader_sees_the_part(
     root, n_images = archive
     clf, _ = artifacts
     out = tmp_path / "r"
-    real_commit = score._commit_part
+    real_commit = score.commit._commit_part
     done = []
 
     def dying_commit(loc, staging, final):
@@ -335,11 +335,11 @@ def test_killed_between_manifest_and_part_no_reader_sees_the_part(
         real_commit(loc, staging, final)
         done.append(final)
 
-    monkeypatch.setattr(score, "_commit_part", dying_commit)
+    monkeypatch.setattr(score.commit, "_commit_part", dying_commit)
     cfg = score.ScoreConfig(archive=str(root), classifier=clf, out=str(out), chunk_size=5)
     with pytest.raises(KeyboardInterrupt):
         score.score_archive(cfg)
-    monkeypatch.setattr(score, "_commit_part", real_commit)
+    monkeypatch.setattr(score.commit, "_commit_part", real_commit)
     assert len(list((out / "_commits").glob("*.json"))) == 2  # the second chunk's manifest was written
     assert len(list((out / "parts").glob("*.parquet"))) == 1  # but only the first part published
     assert len(pd.read_parquet(out)) == 5 and score.read_report(str(out)).num_rows == 5
@@ -907,7 +907,7 @@ def test_segmenter_adds_morphology_and_cells_exactly_once_and_potency_per_vessel
     cfg = score.ScoreConfig(
         archive=str(root), classifier=clf, segmenter=str(seg), potency=str(pot), out=str(out), chunk_size=8
     )
-    real_commit, done = score._commit_part, []
+    real_commit, done = score.commit._commit_part, []
 
     def dying_commit(loc, staging, final):
         if len(done) == 2:
@@ -915,10 +915,10 @@ def test_segmenter_adds_morphology_and_cells_exactly_once_and_potency_per_vessel
         real_commit(loc, staging, final)
         done.append(final)
 
-    monkeypatch.setattr(score, "_commit_part", dying_commit)
+    monkeypatch.setattr(score.commit, "_commit_part", dying_commit)
     with pytest.raises(KeyboardInterrupt):
         score.score_archive(cfg)
-    monkeypatch.setattr(score, "_commit_part", real_commit)
+    monkeypatch.setattr(score.commit, "_commit_part", real_commit)
     assert len(list((out / "_cells").glob("*.parquet"))) == 3  # the third part's cells were written ...
     assert score.read_cells(str(out))["uri"].unique().to_pylist()  # ... but only committed parts' are read
     assert set(score.read_cells(str(out))["uri"].to_pylist()) <= set(score.read_report(str(out))["uri"].to_pylist())

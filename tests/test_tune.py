@@ -178,7 +178,7 @@ def test_no_best_epoch_nor_early_stop_before_min_epochs(ray_session, sstack_mani
     def falling_auc(out, part, classes, *args):
         return {**evaluate(out, part, classes, *args), "roc_auc": next(falling)}
 
-    monkeypatch.setattr(mt.engine, "evaluate", falling_auc)
+    monkeypatch.setattr(engine, "evaluate", falling_auc)
     config = {
         "job": dataclasses.asdict(job),
         "phase": "search",

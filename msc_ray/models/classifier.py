@@ -1,0 +1,259 @@
+"""Backbone registry and the study's classification head.
+
+Every backbone is a torchvision model built with ``get_model``; the registry says where its final
+linear layer sits, and that layer is replaced by the study's head: feature vector → 1024 → classes,
+with ReLU and dropout. Adding a backbone is one line in :data:`BACKBONES`.
+
+Grayscale meets 3-channel backbones in the data pipeline (the gray plane is repeated; ImageNet
+normalisation applies). With ``in_channels != 3`` the first convolution is rebuilt for that many
+channels instead (pretrained filters are averaged over RGB and spread over the new channels).
+ViT has a fixed input size: without pretrained weights it is built for the pipeline's input size
+rounded up to a multiple of its 16-px patch; with ImageNet weights the pipeline resizes to 224.
+
+ImageNet weights are never downloaded: ``pretrained="auto"`` uses the file in torch's hub cache
+(``$TORCH_HOME/hub/checkpoints``) when it is there, ``"none"`` starts from random weights, and a path
+loads that state dict. Files load with ``torch.load(weights_only=True)``.
+"""
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str  # torchvision model name for get_model
+    head: str  # dotted path of the final nn.Linear, replaced by the study's head
+    min_size: int = 32  # smallest input side the architecture accepts
+    patch: int = 1  # input side must be a multiple of this (ViT)
+    pretrained_size: int | None = None  # input side the ImageNet weights require
+    kwargs: dict = field(default_factory=dict)
+    builder: Callable[..., nn.Module] | None = None  # None: torchvision's get_model(name)
+
+
+class CompactCNN(nn.Module):
+    """A small 4-block CNN baseline: (N, 3, S, S) → (N, num_classes). Each block is two 3×3
+    convolutions with BatchNorm and ReLU and a 2× max-pool (widths 16, 32, 64, 128), then global
+    average pooling — coverage-like properties such as confluence are averages over the image.
+    The input is standardised per image and channel first (instance normalisation).
+    Fast on CPUs at 64–128 px; ``fc`` is replaced by the study's head like a torchvision model's.
+
+    ``coverage``: a 1×1 convolution on the last feature map, a logit per position of the share of it
+    that cells cover — trained from cell masks where a corpus has them (coverage supervision:
+    :class:`msc_ray.engine.ClassifierLoss`); ``forward`` never uses it, so an exported model leaves
+    it out."""
+
+    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (16, 32, 64, 128), coverage: bool = False):
+        super().__init__()
+        # per-image standardisation first: brightness, contrast and min–max stretch (illumination, and
+        # the study's photometric augmentations) leave the features unchanged, so BatchNorm statistics
+        # gathered on augmented images hold for plain ones
+        layers, c_in = [nn.InstanceNorm2d(3, affine=False)], 3
+        for w in widths:
+            layers += [
+                nn.Conv2d(c_in, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(w, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c_in = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        self.coverage = nn.Conv2d(c_in, 1, 1) if coverage else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+    def forward_with_coverage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs (N, K), coverage logits (N, 1, S/16, S/16))`` from one pass of the features."""
+        if self.coverage is None:
+            raise RuntimeError("this CompactCNN was built without a coverage head")
+        f = self.features(x)
+        return self.fc(torch.flatten(self.pool(f), 1)), self.coverage(f)
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("compact_cnn", "fc", min_size=16, builder=CompactCNN),
+        Backbone("alexnet", "classifier.6", min_size=63),
+        Backbone("inception_v3", "fc", min_size=75, kwargs={"aux_logits": False, "init_weights": True}),
+        Backbone("resnet18", "fc"),
+        Backbone("resnet50", "fc"),
+        Backbone("densenet121", "classifier"),
+        Backbone("vgg19", "classifier.6"),
+        Backbone("shufflenet_v2_x2_0", "fc"),
+        Backbone("mobilenet_v3_large", "classifier.3"),
+        Backbone("mobilenet_v3_small", "classifier.3"),
+        Backbone("vit_b_16", "heads.head", patch=16, pretrained_size=224),
+    )
+}
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """The model's 4-D weights in channels-last (NHWC) memory, in place: the same model numerically, its
+    state dict loads into either layout, ``.to(device)`` keeps it. oneDNN's CPU convolutions and GPU tensor
+    cores are faster on it (measured speed-ups, and why Mask R-CNN stays NCHW: README, "Memory layout").
+    The classifier, detector and U-Net builders return their models in this layout."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}") from None
+
+
+def input_size(name: str, requested: int, pretrained: bool = False) -> int:
+    """The input side a backbone gets for a requested side."""
+    b = backbone(name)
+    if pretrained and b.pretrained_size:
+        return b.pretrained_size
+    size = max(requested, b.min_size)
+    return -(-size // b.patch) * b.patch
+
+
+def study_head(in_features: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:
+    """feature vector (N, in_features) → (N, num_classes) logits."""
+    return nn.Sequential(
+        nn.Linear(in_features, 1024), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(1024, num_classes)
+    )
+
+
+def _get_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parts = dotted.split(".")
+    parent = model
+    for p in parts[:-1]:
+        parent = parent[int(p)] if p.isdigit() else getattr(parent, p)
+    return parent, parts[-1]
+
+
+def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
+    if name.isdigit():
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+def _get(parent: nn.Module, name: str) -> nn.Module:
+    return parent[int(name)] if name.isdigit() else getattr(parent, name)
+
+
+def adapt_input_channels(model: nn.Module, in_channels: int) -> None:
+    """Rebuild the first convolution for ``in_channels`` inputs, keeping what its filters learnt."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            if mod.in_channels == in_channels:
+                return
+            new = nn.Conv2d(
+                in_channels,
+                mod.out_channels,
+                mod.kernel_size,
+                mod.stride,
+                mod.padding,
+                mod.dilation,
+                mod.groups,
+                mod.bias is not None,
+                mod.padding_mode,
+            )
+            with torch.no_grad():
+                mean = mod.weight.mean(dim=1, keepdim=True)
+                new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (mod.in_channels / in_channels))
+                if mod.bias is not None:
+                    new.bias.copy_(mod.bias)
+            parent, last = _get_parent(model, name)
+            _set(parent, last, new)
+            return
+    raise ValueError("model has no Conv2d to adapt")
+
+
+def imagenet_weights_file(name: str) -> Path | None:
+    """The hub-cache path of a backbone's default ImageNet weights, when that file is present."""
+    from torchvision.models import get_model_weights
+
+    if backbone(name).builder is not None:
+        return None
+    try:
+        url = get_model_weights(name).DEFAULT.url
+    except (ValueError, AttributeError):
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return path if path.is_file() else None
+
+
+def resolve_pretrained(name: str, pretrained: str) -> Path | None:
+    """``"none"`` → None; ``"auto"`` → the cached ImageNet file or None; a path → that file."""
+    if pretrained in ("none", "", None):
+        return None
+    if pretrained == "auto":
+        found = imagenet_weights_file(name)
+        if found is None:
+            log.info("no cached ImageNet weights for %s: starting from random weights", name)
+        return found
+    path = Path(pretrained)
+    if not path.is_file():
+        raise ValueError(f"--pretrained {pretrained}: no such weights file")
+    return path
+
+
+def supports_coverage(name: str) -> bool:
+    """Whether the backbone can train a coverage map beside its heads (the compact CNN)."""
+    return backbone(name).builder is CompactCNN
+
+
+def build_classifier(
+    name: str,
+    num_classes: int,
+    *,
+    in_channels: int = 3,
+    image_size: int = 224,
+    dropout: float = 0.5,
+    weights_file: str | os.PathLike | None = None,
+    extra_outputs: int = 0,
+    coverage_head: bool = False,
+) -> nn.Module:
+    """A registry backbone with the study's head: (N, in_channels, S, S) → (N, num_classes +
+    extra_outputs); the first ``num_classes`` are logits, an extra one is the confluence output
+    (a logit of the covered fraction). ``coverage_head``: the compact CNN's coverage map for training
+    (:meth:`CompactCNN.forward_with_coverage`); see :func:`supports_coverage`."""
+    from torchvision.models import get_model
+
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    b = backbone(name)
+    kwargs = dict(b.kwargs)
+    if b.patch > 1:
+        kwargs["image_size"] = image_size
+    if coverage_head:
+        if not supports_coverage(name):
+            able = ", ".join(n for n in BACKBONES if supports_coverage(n))
+            raise ValueError(f"{name}: no coverage head (only {able})")
+        kwargs["coverage"] = True
+    model = b.builder(**kwargs) if b.builder else get_model(name, weights=None, **kwargs)
+    if weights_file is not None:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("AuxLogits")]:
+            raise ValueError(
+                f"{weights_file}: does not match {name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    parent, last = _get_parent(model, b.head)
+    old = _get(parent, last)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"{name}: {b.head} is {type(old).__name__}, expected Linear")
+    _set(parent, last, study_head(old.in_features, num_classes + extra_outputs, dropout))
+    if in_channels != 3:
+        adapt_input_channels(model, in_channels)
+    return channels_last(model)

@@ -1,0 +1,154 @@
+"""The search's job: its options (with the stack's defaults) and the decode-once caches trials read."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from .. import check_views, data, engine, models, storage
+from ..config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+METRIC = "val_auc"
+
+
+AUGMENT_ON = ("auto", "cpu", "device")
+
+
+# (input side, epochs) per stack where a job leaves them at 0. Single-stack: 64 px holds confluence (96 px
+# gained nothing, at twice the cost). Multi-stack: its cells are one-pixel edges that 64 px loses — the
+# compact CNN, 30 epochs, read 400 new-vessel images at 0.82 / 0.76 from 64 px against 0.91 / 0.89 from
+# 128 px (800 / 480 training images, development corpora) — and learn late: 60 epochs read new vessels
+# at 0.895 against 0.880 for 30 (scripts/quality.py). See README, "Why these defaults".
+STACK_DEFAULTS = {"sstack": (64, 25), "mstack": (128, 60)}
+
+
+@dataclass(frozen=True)
+class TuneJobConfig:
+    manifest: str  # manifest URI (the CLI indexes a corpus into RUN/manifest.parquet first)
+    out: str  # run folder: a local path (a shared mount on a cluster) or s3://bucket/prefix
+    stack: str = "sstack"
+    backbones: tuple[str, ...] = ("compact_cnn", "resnet18")
+    max_epochs: int = 0  # 0: by stack (STACK_DEFAULTS), set when the config is made
+    patience: int = 6
+    # no best epoch is kept and no trial stops before this epoch (0: half of max_epochs): mid-schedule, at
+    # the peak learning rate, inner-validation accuracy swings from epoch to epoch (one fold: 0.71 0.88 0.86
+    # 0.47 0.71), so a best epoch picked there is a lucky draw and patience ends the trial on a dip long
+    # before the cosine decay settles the weights (see README, "Why these defaults")
+    min_epochs: int = 0
+    warmup_epochs: int = 2
+    confluence_head: bool = True  # a regression output where the corpus carries measured confluence
+    # coverage supervision: where the corpus has cell masks (masks/<stack>/, as the synthetic corpus and
+    # segmentation exports have), backbones that support it (the compact CNN) also learn a coverage map
+    # of their last features against the covered pixels; training only — the exported model leaves it out
+    coverage: bool = True
+    coverage_weight: float = 3.0  # the coverage term's weight beside the band and confluence losses
+    # test-time views (engine.view_mean): the temperature, Table 1 and the exported model average the
+    # outputs over the image's quarter turns and mirror images (8), its quarter turns (4) or take it as
+    # it is (1); the per-epoch validation (early stopping, ASHA) takes one view
+    views: int = 8
+    samples: int = 2  # hyper-parameter samples per (backbone, fold)
+    lr_min: float = 1e-3
+    lr_max: float = 3e-3
+    wd_min: float = 1e-6
+    wd_max: float = 1e-3
+    batch_size: int = 32
+    # input side; 0: by stack (STACK_DEFAULTS): confluence is a low-frequency property and single-stack
+    # images hold it at 64 px, multi-stack cells are thin, faint edges that vanish there (see README)
+    size: int = 0
+    channels: int = 3
+    dropout: float = 0.5
+    pretrained: str = "auto"  # auto | none | path to a state dict
+    asha: bool = True
+    grace_period: int = 4
+    reduction_factor: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0  # 0: no limit; trials queue for their resources
+    seed: int = 0
+    endpoint_url: str | None = None
+    verbose: int = 1  # Tune's console output: 0 silent, 1 status tables
+    # a trial checkpoints when it ends and otherwise at most this often (seconds of its own time; 0: after
+    # every epoch). Every checkpoint forces a snapshot of the experiment's state: with 3-second CPU epochs
+    # checkpointed each epoch, Tune snapshotted several times in 5 s and warned so 250 times in one
+    # quality.py run, and every epoch's weights went to the run folder (S3 included). A resumed trial
+    # repeats at most this much of its work.
+    checkpoint_every_s: float = 30.0
+    # where each training batch is augmented: "cpu" (one image at a time, torchvision's transforms),
+    # "device" (whole batches on the trial's device, augment.BatchAugment) or "auto" (device on a GPU)
+    augment_on: str = "auto"
+    # arithmetic of the classifier's forward passes: "bf16" (bfloat16 autocast), "fp32", or "auto" —
+    # bf16 on a GPU and on a CPU that does it in hardware (engine.use_bf16: half the time per step)
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        # the stack's measured defaults where the caller left size or epochs at 0 (the CLI's defaults), so
+        # every saved config, trial and artifact holds the values that were used
+        size, epochs = STACK_DEFAULTS.get(self.stack, STACK_DEFAULTS["sstack"])
+        if self.size == 0:
+            object.__setattr__(self, "size", size)
+        if self.max_epochs == 0:
+            object.__setattr__(self, "max_epochs", epochs)
+
+    def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
+        for b in self.backbones:
+            models.backbone(b)
+        if self.stack not in classes_by_stack:
+            raise ValueError(f"--stack {self.stack}: the manifest has {', '.join(classes_by_stack) or 'no'} stacks")
+        if self.coverage_weight < 0:
+            raise ValueError(f"--coverage-weight {self.coverage_weight}: must be at least 0")
+        if self.max_epochs < 1 or self.patience < 1 or self.samples < 1:
+            raise ValueError("--max-epochs, --patience and --samples must be at least 1")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
+        check_views(self.views, f"--views {self.views}")
+        engine.check_precision(self.precision)
+
+
+def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataConfig:
+    return DataConfig(
+        size=models.input_size(backbone, job.size, pretrained),
+        channels=job.channels,
+        equalize=job.stack == "mstack",
+        seed=job.seed,
+        endpoint_url=job.endpoint_url,
+    )
+
+
+def build_caches(job: TuneJobConfig, manifest) -> dict[int, engine.Cache]:
+    """Decode every image of the stack once per input size the backbones need (Ray Data tasks),
+    before any trial starts; trials get the caches through Ray's object store. A size that a backbone
+    with a coverage head trains at also keeps the covered pixels (:func:`_has_cell_masks`)."""
+    rows = data.select(manifest, stack=job.stack)
+    configs: dict[int, DataConfig] = {}
+    coverage_sizes: set[int] = set()
+    for name in job.backbones:
+        dcfg = _data_config(job, name, models.resolve_pretrained(name, job.pretrained) is not None)
+        configs.setdefault(dcfg.size, dcfg)
+        if job.coverage and models.supports_coverage(name):
+            coverage_sizes.add(dcfg.size)
+    if coverage_sizes and not _has_cell_masks(job, rows):
+        coverage_sizes = set()
+    caches: dict[int, engine.Cache] = {}
+    for size, dcfg in configs.items():
+        coverage = size in coverage_sizes
+        caches[size] = c = data.build_cache(rows, dcfg, coverage=coverage)
+        for e in c.errors:
+            log.warning("left out: %s", e)
+        if coverage:
+            known = int(c.covered_ok.sum()) if c.covered_ok is not None else 0
+            log.info("coverage supervision at %d px: cell masks for %d of %d images", size, known, len(c))
+    return caches
+
+
+def _has_cell_masks(job: TuneJobConfig, rows) -> bool:
+    """Whether the corpus has a cell mask for its first image: a corpus without masks costs one read."""
+    first = rows.slice(0, 1).to_pylist()[0]
+    return storage.exists(data.mask_uris(first["uri"], first["path"], first["stack"])[0], job.endpoint_url)
+
+
+def absolute(job: TuneJobConfig) -> TuneJobConfig:
+    """Local paths made absolute: trials run in their own working folders."""
+    return replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out))
