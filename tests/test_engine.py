@@ -108,7 +108,7 @@ def test_precision_rule_and_bf16_outputs_near_float32(monkeypatch):
     float32 and near the float32 ones (same weights)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for has in (True, False):
-        monkeypatch.setattr(engine, "cpu_has_bf16", lambda has=has: has)
+        monkeypatch.setattr(engine.cache, "cpu_has_bf16", lambda has=has: has)  # what use_bf16 reads
         assert engine.use_bf16(cpu) is has and engine.use_bf16(cuda) is True
         assert engine.use_bf16(cpu, "bf16") is True and engine.use_bf16(cuda, "fp32") is False
     with pytest.raises(ValueError, match="--precision half: choose one of auto, bf16, fp32"):
