@@ -331,7 +331,10 @@ def tune(
     info = corpus_mod.manifest_info(corpus_mod.read_manifest(manifest, endpoint_url))
     job.validate(info["classes"])
     _ensure_ray(address)
-    outcome = tune_mod.run_search(job, resume=resume)
+    try:
+        outcome = tune_mod.run_search(job, resume=resume)
+    except KeyboardInterrupt:  # between two experiments (within one, Tune ends it: an "interrupted" error)
+        raise UserError(f"interrupted; finish the search with --resume (same --out {out})") from None
     typer.echo(storage.read_bytes(outcome.outputs["table_md"], endpoint_url).decode())
     w = outcome.winner
     typer.echo(f"winner: {w['backbone']} lr={w['lr']:.2e} weight_decay={w['weight_decay']:.2e}")

@@ -359,3 +359,26 @@ def test_input_size_and_epochs_default_by_stack_and_explicit_values_are_kept():
     assert (other.size, other.max_epochs) == (64, 25)
     again = from_dict(mt.TuneJobConfig, dataclasses.asdict(multi))
     assert (again.size, again.max_epochs) == (128, 60)
+
+
+def test_a_ctrl_c_after_a_fit_interrupts_the_program_and_is_not_swallowed(ray_session, tmp_path):
+    """Tune leaves its SIGINT handler installed when a fit returns; a Ctrl-C while the search picks its
+    winner or starts its next phase would only end the finished experiment and be lost. After
+    ``fit_tuner`` the handler is the one from before the fit, and a Ctrl-C raises KeyboardInterrupt."""
+    from ray import tune
+
+    def trainable(config):
+        tune.report({"x": config["x"]})
+
+    before = signal.getsignal(signal.SIGINT)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"x": 1},
+        run_config=tune.RunConfig(name="ctrl-c", storage_path=str(tmp_path), verbose=0),
+    )
+    grid = mt.fit_tuner(tuner, quiet=True)
+    assert grid.num_terminated == 1
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler runs at the next bytecode of the main thread

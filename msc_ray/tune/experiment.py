@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 
 from .. import storage
@@ -193,12 +195,32 @@ def fit_tuner(tuner, *, quiet: bool):
     """``tuner.fit()`` without the forced-snapshot warning (:data:`SNAPSHOT_WARNING`); ``quiet``: with
     no console output at all. Tune's default console reporter prints the experiment's header and paths
     even at verbosity 0; its legacy reporter prints nothing there, so a silent fit selects it for the
-    duration of the call."""
+    duration of the call.
+
+    Tune turns the first Ctrl-C of a fit into "end this experiment" with a SIGINT handler it leaves
+    installed when the fit returns: a Ctrl-C while the search picks its winner or starts its next phase
+    would only end an experiment that is already over, and be lost. The handlers in place before the
+    fit are put back after it, so a Ctrl-C between experiments interrupts the run."""
     env = {} if SNAPSHOT_WARNING in os.environ else {SNAPSHOT_WARNING: "0"}
     if quiet:
         env["RAY_AIR_NEW_OUTPUT"] = "0"
-    with _environment(env):
+    with _environment(env), _signal_handlers_kept():
         return tuner.fit()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """The SIGINT (and SIGUSR1) handlers as they were before the block, again after it (main thread
+    only: elsewhere nothing can install them)."""
+    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    main = threading.current_thread() is threading.main_thread()
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
+    try:
+        yield
+    finally:
+        for n, handler in saved.items():
+            if handler is not None:
+                signal.signal(getattr(signal, n), handler)
 
 
 def _collect(grid) -> list[TrialResult]:
