@@ -1,5 +1,9 @@
 """msc-ray: confluence classification, abnormal-cell detection and archive scoring for MSC cultures on Ray."""
 
+import contextlib
+import signal
+import threading
+
 __version__ = "0.1.0"
 
 #: Confluence bands (fraction of the image covered by cells), class 1..4.
@@ -16,3 +20,21 @@ def check_views(views: int, label: str) -> None:
     """A one-line ``ValueError`` that starts with ``label`` unless ``views`` is one of :data:`VIEWS`."""
     if views not in VIEWS:
         raise ValueError(f"{label}: choose one of {', '.join(map(str, VIEWS))}")
+
+
+@contextlib.contextmanager
+def signal_handlers_kept():
+    """The SIGINT (and SIGUSR1) handlers as they were before the block, again after it. Tune's
+    ``Tuner.fit`` and Ray Train's ``TorchTrainer.fit`` install Ctrl-C handlers that end *their* run and
+    leave them installed when they return: a later Ctrl-C would only end a run that is over (or, for
+    Train, exit with status 0) while the program went on. Main thread only: elsewhere nothing can
+    install them."""
+    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    main = threading.current_thread() is threading.main_thread()
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
+    try:
+        yield
+    finally:
+        for n, handler in saved.items():
+            if handler is not None:
+                signal.signal(getattr(signal, n), handler)

@@ -476,7 +476,10 @@ def _run_per_fold(job, train, address: str | None) -> None:
     """Join or start Ray (the job was checked by :func:`_per_fold_job`), train every fold; print the table
     and where the outputs are."""
     _ensure_ray(address)
-    res = train(job)
+    try:
+        res = train(job)
+    except KeyboardInterrupt:  # between two folds (within one, Ray Train aborts it)
+        raise UserError(f"interrupted; rerun the same command (same --out {job.out}) to resume") from None
     typer.echo(storage.read_bytes(res["table_md"], job.endpoint_url).decode())
     for what in ("table_csv", "table_md", "panel", "artifact"):
         typer.echo(f"  {what:10s} {res[what]}")

@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import corpus, data, engine, metrics, models, storage
+from . import corpus, data, engine, metrics, models, signal_handlers_kept, storage
 from .config import DataConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,8 @@ def _train_fold(job: DetectJobConfig, fold: int, folds: int, cache_ref, anchors:
             failure_config=FailureConfig(max_failures=job.max_failures),
         ),
     )
-    result = trainer.fit()
+    with signal_handlers_kept():  # Ray Train's Ctrl-C handler would outlive the fit
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold}: training left no checkpoint ({result.error})")
     return result.checkpoint.path, dict(result.metrics or {})

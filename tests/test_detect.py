@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pyarrow.compute as pc
@@ -40,7 +41,14 @@ def _fold_inputs(ray_session, job, table):
 
 def test_two_workers_write_checkpoint_metrics_and_artifact(ray_session, det_manifest, tmp_path):
     manifest, table = det_manifest
-    res = detect.train_detector(_job(manifest, tmp_path / "run", epochs=2))
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = detect.train_detector(_job(manifest, tmp_path / "run", epochs=2))
+        # Ray Train's Ctrl-C handler (abort that fit) does not outlive it: a later Ctrl-C interrupts the program
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     ckpts = list((tmp_path / "run" / "fold0").glob("checkpoint_*/state.pt"))
     assert ckpts
     state = torch.load(sorted(ckpts)[-1], map_location="cpu", weights_only=True)

@@ -371,6 +371,14 @@ def test_a_ctrl_c_after_a_fit_interrupts_the_program_and_is_not_swallowed(ray_se
         tune.report({"x": config["x"]})
 
     before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before in this process
+    try:
+        _fit_then_ctrl_c(tune, trainable, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _fit_then_ctrl_c(tune, trainable, tmp_path):
     tuner = tune.Tuner(
         trainable,
         param_space={"x": 1},
@@ -378,7 +386,7 @@ def test_a_ctrl_c_after_a_fit_interrupts_the_program_and_is_not_swallowed(ray_se
     )
     grid = mt.fit_tuner(tuner, quiet=True)
     assert grid.num_terminated == 1
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the handler runs at the next bytecode of the main thread

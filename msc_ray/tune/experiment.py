@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 from dataclasses import asdict, dataclass, field
 
-from .. import storage
+from .. import signal_handlers_kept, storage
 from .job import METRIC, TuneJobConfig
 from .trial import classifier_trial
 
@@ -200,27 +198,13 @@ def fit_tuner(tuner, *, quiet: bool):
     Tune turns the first Ctrl-C of a fit into "end this experiment" with a SIGINT handler it leaves
     installed when the fit returns: a Ctrl-C while the search picks its winner or starts its next phase
     would only end an experiment that is already over, and be lost. The handlers in place before the
-    fit are put back after it, so a Ctrl-C between experiments interrupts the run."""
+    fit are put back after it (:func:`msc_ray.signal_handlers_kept`), so a Ctrl-C between experiments
+    interrupts the run."""
     env = {} if SNAPSHOT_WARNING in os.environ else {SNAPSHOT_WARNING: "0"}
     if quiet:
         env["RAY_AIR_NEW_OUTPUT"] = "0"
-    with _environment(env), _signal_handlers_kept():
+    with _environment(env), signal_handlers_kept():
         return tuner.fit()
-
-
-@contextlib.contextmanager
-def _signal_handlers_kept():
-    """The SIGINT (and SIGUSR1) handlers as they were before the block, again after it (main thread
-    only: elsewhere nothing can install them)."""
-    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
-    main = threading.current_thread() is threading.main_thread()
-    saved = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
-    try:
-        yield
-    finally:
-        for n, handler in saved.items():
-            if handler is not None:
-                signal.signal(getattr(signal, n), handler)
 
 
 def _collect(grid) -> list[TrialResult]:
