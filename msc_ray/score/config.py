@@ -3,7 +3,6 @@ its key fields (vessel, day, position) and the metadata sheet joined to them."""
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -12,9 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import VIEWS, images, morphology, storage
-
-log = logging.getLogger(__name__)
-
 
 KEY_PATTERN = re.compile(r"(?P<vessel>[A-Za-z0-9]+)_d(?P<day>\d+)(?:_(?P<position>[A-Za-z0-9]+))?")
 STACK_CHOICES = ("auto", "sstack", "mstack")

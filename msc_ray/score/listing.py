@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 from collections.abc import Iterator
 
 from .. import storage
 from .config import ArchiveObject
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Listing

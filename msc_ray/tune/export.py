@@ -4,7 +4,6 @@ pooled inner-validation outputs, and the artifact scoring loads."""
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import asdict, replace
 
 import torch
@@ -12,8 +11,6 @@ import torch
 from .. import metrics, models, storage
 from .experiment import TrialResult, _run_experiment, _space
 from .job import _data_config
-
-log = logging.getLogger(__name__)
 
 
 def export_phase(job, folds, classes, caches, winner, epochs: int, *, resume: bool) -> TrialResult:

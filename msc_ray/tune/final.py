@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -13,9 +12,6 @@ import numpy as np
 from .. import metrics, storage
 from .experiment import TrialResult, _run_experiment, _space
 from .job import TuneJobConfig
-
-log = logging.getLogger(__name__)
-
 
 TABLE_KEYS = ("test_auc", "test_acc", "test_pr_auc", "test_ece_after", "test_ece_floor", "test_confluence_mae")
 

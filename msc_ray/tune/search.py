@@ -3,15 +3,12 @@ by mean inner-validation ROC-AUC."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 
 from .experiment import TrialResult, _run_experiment, _space
 from .job import TuneJobConfig
-
-log = logging.getLogger(__name__)
 
 
 def pick_winner(search: list[TrialResult], folds: int) -> dict:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import tempfile
 import time
@@ -15,8 +14,6 @@ import torch
 from .. import engine, inference, metrics, models
 from ..config import from_dict
 from .job import METRIC, TuneJobConfig, _data_config
-
-log = logging.getLogger(__name__)
 
 
 class ClassifierRun:
