@@ -397,9 +397,7 @@ def build_cache(
     by_row = {int(r): i for i, r in enumerate(rows.column("row").to_numpy())}
     pos = np.array([by_row[int(r)] for r in row], np.int64)
     good = np.flatnonzero(ok)
-    conf = rows.column("confluence").to_numpy(zero_copy_only=False) if "confluence" in rows.column_names else None
-    conf = np.full(rows.num_rows, np.nan) if conf is None else np.asarray(conf, np.float64)
-    conf = conf.astype(np.float32)
+    conf = _confluence_column(rows)
     cov_ok = np.concatenate(cov_oks)[good] if coverage and cov_oks else None
     if cov_ok is not None and not cov_ok.any():
         cov_ok = None
@@ -416,3 +414,10 @@ def build_cache(
         covered=np.ascontiguousarray(np.concatenate(covs)[good]) if cov_ok is not None else None,
         covered_ok=cov_ok,
     )
+
+
+def _confluence_column(rows: pa.Table) -> np.ndarray:
+    """float32 measured confluence per row; NaN where the corpus has none."""
+    if "confluence" not in rows.column_names:
+        return np.full(rows.num_rows, np.nan, np.float32)
+    return np.asarray(rows.column("confluence").to_numpy(zero_copy_only=False), np.float64).astype(np.float32)

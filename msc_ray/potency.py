@@ -176,14 +176,7 @@ def train_potency(job: PotencyJobConfig) -> dict:
     outer = list(GroupKFold(n_splits=job.folds).split(x, y, vessels))
     trials = run_search(job, x, y, vessels, outer)
 
-    pred = np.empty_like(y)
-    fold_of = np.empty(len(y), int)
-    chosen = []
-    for f, (tr, te) in enumerate(outer):
-        best = max(trials, key=lambda t: t[f"inner_r2_{f}"])
-        chosen.append({"fold": f, "inner_r2": best[f"inner_r2_{f}"], "params": best["params"]})
-        pred[te] = _model(best["params"], job.seed).fit(x[tr], y[tr]).predict(x[te])
-        fold_of[te] = f
+    pred, fold_of, chosen = _outer_predictions(trials, outer, x, y, job.seed)
     metrics = {
         "r2": float(r2_score(y, pred)),
         "spearman": float(spearmanr(y, pred).statistic),
@@ -215,6 +208,20 @@ def train_potency(job: PotencyJobConfig) -> dict:
         if storage.is_s3(job.out):
             storage.upload_dir(out, job.out, job.endpoint_url)
     return summary
+
+
+def _outer_predictions(trials: list[dict], outer: list, x: np.ndarray, y: np.ndarray, seed: int):
+    """Each outer fold predicted by a model of the parameters its inner folds chose, fitted on the
+    other folds: ``(predictions, fold per row, the choice per fold)``."""
+    pred = np.empty_like(y)
+    fold_of = np.empty(len(y), int)
+    chosen = []
+    for f, (tr, te) in enumerate(outer):
+        best = max(trials, key=lambda t: t[f"inner_r2_{f}"])
+        chosen.append({"fold": f, "inner_r2": best[f"inner_r2_{f}"], "params": best["params"]})
+        pred[te] = _model(best["params"], seed).fit(x[tr], y[tr]).predict(x[te])
+        fold_of[te] = f
+    return pred, fold_of, chosen
 
 
 def save_artifact(dest: Path, booster, config: dict) -> None:

@@ -73,6 +73,19 @@ def plot(
     out: dict[str, str] = {}
     t = table.to_pydict()
     ok = [i for i, s in enumerate(t["status"]) if s == "ok"]
+    out["bands"] = _bands_plot(t, ok, dest / "bands.png", plt)
+    vessels = _vessels_plot(t, ok, dest / "vessels.png", plt)
+    if vessels:
+        out["vessels"] = vessels
+    if any(t["cell_count"][i] is not None for i in ok):
+        out["morphology"] = _morphology_plot(t, ok, cells, dest / "morphology.png", plt)
+    if potency is not None and potency.num_rows:
+        out["potency"] = _potency_plot(potency, dest / "potency.png", plt)
+    return out
+
+
+def _bands_plot(t: dict, ok: list[int], path: Path, plt) -> str:
+    """Predicted bands per stack, with the number of error rows in the title."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     stacks = sorted({t["stack"][i] for i in ok})
     labels = sorted({t["band"][i] or t["predicted_class"][i] for i in ok}, key=str)
@@ -86,39 +99,38 @@ def plot(
     if stacks:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(dest / "bands.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    out["bands"] = str(dest / "bands.png")
+    return str(path)
 
+
+def _vessels_plot(t: dict, ok: list[int], path: Path, plt) -> str | None:
+    """Mean confluence per vessel over days (None when keys carry no vessel and day)."""
     series: dict[str, dict[int, list[float]]] = {}
     for i in ok:
         v, d, c = t["vessel"][i], t["day"][i], t["confluence_pct"][i]
         if v is not None and d is not None and c is not None:
             series.setdefault(v, {}).setdefault(d, []).append(c)
-    if series:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for v in sorted(series):
-            days = sorted(series[v])
-            ax.plot(days, [np.mean(series[v][d]) for d in days], marker="o", label=v)
-        for edge in (40, 60, 80):
-            ax.axhline(edge, color="grey", lw=0.6, ls="--")
-        ax.set(
-            xlabel="day",
-            ylabel="estimated confluence (%)",
-            ylim=(0, 100),
-            title="confluence per vessel over time (mean over positions)",
-        )
-        if len(series) <= 12:
-            ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(dest / "vessels.png", dpi=110)
-        plt.close(fig)
-        out["vessels"] = str(dest / "vessels.png")
-    if any(t["cell_count"][i] is not None for i in ok):
-        out["morphology"] = _morphology_plot(t, ok, cells, dest / "morphology.png", plt)
-    if potency is not None and potency.num_rows:
-        out["potency"] = _potency_plot(potency, dest / "potency.png", plt)
-    return out
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for v in sorted(series):
+        days = sorted(series[v])
+        ax.plot(days, [np.mean(series[v][d]) for d in days], marker="o", label=v)
+    for edge in (40, 60, 80):
+        ax.axhline(edge, color="grey", lw=0.6, ls="--")
+    ax.set(
+        xlabel="day",
+        ylabel="estimated confluence (%)",
+        ylim=(0, 100),
+        title="confluence per vessel over time (mean over positions)",
+    )
+    if len(series) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _morphology_plot(t: dict, ok: list[int], cells: pa.Table | None, path: Path, plt) -> str:

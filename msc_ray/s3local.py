@@ -103,21 +103,7 @@ class LocalS3:
     def start(self, timeout: float = 60) -> LocalS3:
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        ident = self.workdir / "identity.json"
-        ident.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "msc",
-                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
-                    ]
-                }
-            )
-        )
-        ident.chmod(0o600)
+        ident = self._write_identity()
         p = _free_ports(9)
         self.port = p[0]
         cmd = [
@@ -148,6 +134,31 @@ class LocalS3:
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
         )
+        self._wait_ready(timeout)
+        log.info("SeaweedFS S3 at %s", self.endpoint)
+        return self
+
+    def _write_identity(self) -> Path:
+        """SeaweedFS's S3 identity file (owner-only) holding this server's one key pair."""
+        ident = self.workdir / "identity.json"
+        ident.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "msc",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        ident.chmod(0o600)
+        return ident
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until a bucket can be made, written, read back and removed; stops the server after ``timeout``."""
         deadline = time.monotonic() + timeout
         client = self.client()
         bucket = "ready-" + secrets.token_hex(4)
@@ -159,14 +170,12 @@ class LocalS3:
                 client.put_object(Bucket=bucket, Key="probe", Body=b"ok")
                 client.delete_object(Bucket=bucket, Key="probe")
                 client.delete_bucket(Bucket=bucket)
-                break
+                return
             except Exception as exc:  # not up yet: connection refused, 503 while volumes grow, ...
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"S3 server on {self.endpoint} not ready after {timeout}s: {exc}") from None
                 time.sleep(0.5)
-        log.info("SeaweedFS S3 at %s", self.endpoint)
-        return self
 
     def stop(self, timeout: float = 30) -> None:
         if self.proc is not None and self.proc.poll() is None:

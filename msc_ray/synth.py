@@ -621,47 +621,56 @@ def synthesize(
         it = map(_make_one, jobs)
         rows = list(progress(it) if progress else it)
 
-    with open(root / "metadata.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "vessel", "day", "position", "confluence", "potency"])
-        for r in rows:  # the measured covered fraction, as an instrument's confluence export gives it,
-            # and the vessel-day's potency assay
-            w.writerow(
-                [r["image"], r["vessel"], r["day"], r["position"], f"{r['confluence']:.4f}", f"{r['potency']:.3f}"]
-            )
-    table = pa.Table.from_pylist(
-        rows,
-        schema=pa.schema(
-            [
-                ("image", pa.string()),
-                ("stack", pa.string()),
-                ("class", pa.int8()),
-                ("label", pa.string()),
-                ("confluence", pa.float64()),
-                ("target_confluence", pa.float64()),
-                ("cell_count", pa.int32()),
-                ("n_abnormal", pa.int8()),
-                ("boxes", pa.list_(pa.list_(pa.int32(), 4))),
-                ("abnormal_ids", pa.list_(pa.int32())),
-                ("vessel", pa.string()),
-                ("day", pa.int16()),
-                ("position", pa.string()),
-                ("mask", pa.string()),
-                ("nucleus_mask", pa.string()),
-                ("elongation", pa.float64()),
-                ("cell_size", pa.float64()),
-                ("nucleus_factor", pa.float64()),
-                ("flattening", pa.float64()),
-                ("potency", pa.float64()),
-                ("width", pa.int32()),
-                ("height", pa.int32()),
-            ]
-        ),
-    )
+    _write_metadata(root / "metadata.csv", rows)
+    table = pa.Table.from_pylist(rows, schema=_truth_schema())
     pq.write_table(table, root / "truth.parquet")
     (root / "synth_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     log.info("wrote %d images to %s", len(rows), root)
     return rows
+
+
+def _write_metadata(path: Path, rows: list[dict]) -> None:
+    """``metadata.csv``: per image the measured covered fraction, as an instrument's confluence export
+    gives it, and the vessel-day's potency assay."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "vessel", "day", "position", "confluence", "potency"])
+        for r in rows:
+            w.writerow(
+                [r["image"], r["vessel"], r["day"], r["position"], f"{r['confluence']:.4f}", f"{r['potency']:.3f}"]
+            )
+
+
+def _truth_schema():
+    """The Arrow schema of ``truth.parquet``."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("image", pa.string()),
+            ("stack", pa.string()),
+            ("class", pa.int8()),
+            ("label", pa.string()),
+            ("confluence", pa.float64()),
+            ("target_confluence", pa.float64()),
+            ("cell_count", pa.int32()),
+            ("n_abnormal", pa.int8()),
+            ("boxes", pa.list_(pa.list_(pa.int32(), 4))),
+            ("abnormal_ids", pa.list_(pa.int32())),
+            ("vessel", pa.string()),
+            ("day", pa.int16()),
+            ("position", pa.string()),
+            ("mask", pa.string()),
+            ("nucleus_mask", pa.string()),
+            ("elongation", pa.float64()),
+            ("cell_size", pa.float64()),
+            ("nucleus_factor", pa.float64()),
+            ("flattening", pa.float64()),
+            ("potency", pa.float64()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------------

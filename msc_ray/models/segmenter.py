@@ -389,10 +389,6 @@ def build_segmenter(
     ``views`` (U-Nets only): test-time views their maps are averaged over (:meth:`UNetWatershed.maps`).
     ``widths`` (U-Nets only): channels per level instead of the backbone's (:data:`UNET_WIDTHS`; an
     artifact's, :func:`unet_widths`)."""
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops import MultiScaleRoIAlign
-
     if backbone_name not in SEGMENTER_BACKBONES:
         raise ValueError(f"unknown segmenter backbone {backbone_name!r}; valid: {', '.join(SEGMENTER_BACKBONES)}")
     if backbone_name in UNET_WIDTHS:
@@ -407,6 +403,15 @@ def build_segmenter(
             views=views,
         )
         return channels_last(unet)
+    return _mask_rcnn(backbone_name, image_size, score_thresh, detections_per_img, anchors)
+
+
+def _mask_rcnn(backbone_name: str, image_size: int, score_thresh: float, detections_per_img: int, anchors):
+    """torchvision's Mask R-CNN on the compact pyramid (CPU-sized heads) or on ResNet-50 FPN."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import MultiScaleRoIAlign
+
     levels = SEGMENTER_LEVELS[backbone_name]
     gen = _anchor_generator(backbone_name, levels, anchors, [8, 16, 32, 64, 128][:levels])
     heads: dict = {}

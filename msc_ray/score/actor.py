@@ -58,22 +58,7 @@ def _preprocess(
     one object of the block has used up its retries, the rest get one try each (the store is down: no
     retry storm). A corrupt or unsupported image, or an object that is gone, is *permanent*."""
     n = len(batch["uri"])
-    decoded: list[np.ndarray | None] = [None] * n
-    err = np.full(n, "", dtype=object)
-    transient = np.zeros(n, bool)
-    attempts = read_attempts
-    for i in range(n):
-        uri, key = str(batch["uri"][i]), str(batch["key"][i])
-        try:
-            decoded[i] = images.decode_u8(_read_retrying(uri, endpoint_url, attempts, retry_delay), key, max_pixels)
-        except images.ImageError as exc:
-            err[i] = str(exc)
-        except Exception as exc:
-            if _permanent(exc):  # deleted since it was listed, a dangling link or a link loop, a folder
-                err[i] = f"{key}: cannot read ({exc.strerror or storage.describe_error(exc)})"
-            else:  # the store failed for this object, after retries
-                err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
-                transient[i], attempts = True, 1
+    decoded, err, transient = _decode_block(batch, endpoint_url, max_pixels, read_attempts, retry_delay)
     ok = np.array([d is not None for d in decoded], bool)
     shape = np.array([d.shape[-2:] if d is not None else (0, 0) for d in decoded], np.int32).reshape(n, 2)
     stack = np.asarray(batch["stack"]).astype(str)
@@ -92,19 +77,47 @@ def _preprocess(
     if on_actor:
         out["image"] = _as_block(decoded)
         return out
-    import torch
-
     fits = [(f"image_{st}", inference.classifier_config(c), ok & (stack == st)) for st, c in cls_cfgs.items()]
     if det_size:
         fits.append(("det_image", inference.box_model_config(det_size), use_det))
     if seg_size:
         fits.append(("seg_image", inference.box_model_config(seg_size), use_seg))
     for col, cfg, take in fits:
-        arr = np.zeros((n, cfg.channels, cfg.size, cfg.size), np.uint8)
-        for i in np.flatnonzero(take):
-            arr[i] = inference.fit_u8(torch.from_numpy(decoded[i])[None], cfg)[0].numpy()
-        out[col] = arr
+        out[col] = _fitted(decoded, cfg, take)
     return out
+
+
+def _decode_block(batch: dict, endpoint_url: str | None, max_pixels: int, read_attempts: int, retry_delay: float):
+    """Each object of the block read (with retries) and decoded to uint8, or its error: ``(decoded,
+    errors, transient)``; after one object has used up its retries the rest get one try each."""
+    n = len(batch["uri"])
+    decoded: list[np.ndarray | None] = [None] * n
+    err = np.full(n, "", dtype=object)
+    transient = np.zeros(n, bool)
+    attempts = read_attempts
+    for i in range(n):
+        uri, key = str(batch["uri"][i]), str(batch["key"][i])
+        try:
+            decoded[i] = images.decode_u8(_read_retrying(uri, endpoint_url, attempts, retry_delay), key, max_pixels)
+        except images.ImageError as exc:
+            err[i] = str(exc)
+        except Exception as exc:
+            if _permanent(exc):  # deleted since it was listed, a dangling link or a link loop, a folder
+                err[i] = f"{key}: cannot read ({exc.strerror or storage.describe_error(exc)})"
+            else:  # the store failed for this object, after retries
+                err[i] = f"{key}: cannot read ({storage.describe_error(exc)})"
+                transient[i], attempts = True, 1
+    return decoded, err, transient
+
+
+def _fitted(decoded: list[np.ndarray | None], cfg, take: np.ndarray) -> np.ndarray:
+    """``(N, C, S, S)`` uint8: the rows in ``take`` fitted to one model's input, zeros elsewhere."""
+    import torch
+
+    arr = np.zeros((len(decoded), cfg.channels, cfg.size, cfg.size), np.uint8)
+    for i in np.flatnonzero(take):
+        arr[i] = inference.fit_u8(torch.from_numpy(decoded[i])[None], cfg)[0].numpy()
+    return arr
 
 
 def _as_block(decoded: list[np.ndarray | None]) -> np.ndarray:

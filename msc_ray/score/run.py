@@ -227,19 +227,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
     seg_stacks = tuple(st for st in here if sm.versions(st)[2])
     det_size = int(sm.detector["image_size"]) if det_stacks else None
     seg_size = int(sm.segmenter["image_size"]) if seg_stacks else None
-    table = pa.table(
-        {
-            "row": pa.array(rows, pa.int64()),
-            "uri": [o.uri for o in todo],
-            "key": [o.key for o in todo],
-            "stack": stacks,
-        }
-    )
-    blocks = [table.slice(i, cfg.decode_batch) for i in range(0, table.num_rows, cfg.decode_batch)]
-    ds = ray.data.from_arrow(blocks)
-    ds.context.op_resource_reservation_enabled = False
-    ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(
+    ds = _objects_dataset(todo, rows, stacks, cfg.decode_batch).map_batches(
         _preprocess,
         batch_size=cfg.decode_batch,
         batch_format="numpy",
@@ -286,6 +274,24 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
         num_gpus=cfg.gpus_per_actor or None,
         num_cpus=0 if cfg.gpus_per_actor else 1,
     )
+
+
+def _objects_dataset(todo: list[ArchiveObject], rows: list[int], stacks: list[str], block: int):
+    """The objects to score as a Ray Data dataset in blocks of ``block`` rows, kept in order."""
+    import ray
+
+    table = pa.table(
+        {
+            "row": pa.array(rows, pa.int64()),
+            "uri": [o.uri for o in todo],
+            "key": [o.key for o in todo],
+            "stack": stacks,
+        }
+    )
+    ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
+    ds.context.op_resource_reservation_enabled = False
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def _scored(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str | None], sm: StackModels):

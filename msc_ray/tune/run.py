@@ -23,16 +23,8 @@ log = logging.getLogger(__name__)
 def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     """Search, finalise the winner on every fold, export the artifact; write table, plots and JSON."""
     job = absolute(job)
-    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    info = corpus.manifest_info(manifest)
-    job.validate(info["classes"])
-    folds = int(info["folds"])
-    if folds < 3:
-        raise ValueError(f"{job.manifest}: {folds} folds; nested evaluation needs at least 3 (outer, inner, training)")
-    classes = info["classes"][job.stack]
-    storage.check_writable(job.out, job.endpoint_url)
-    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
-    storage.ensure_shared({"--out": job.out, "the manifest": job.manifest, "the corpus (first image)": first})
+    manifest, info = _checked_inputs(job)
+    folds, classes = int(info["folds"]), info["classes"][job.stack]
     # tables, plots and the summary are written here, then copied to --out when that is s3://
     remote = storage.is_s3(job.out)
     out = Path(tempfile.mkdtemp(prefix="msc-ray-tune-") if remote else job.out)
@@ -76,12 +68,32 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     outputs["summary"] = str(out / "summary.json")
+    outputs = _publish_outputs(job, out, outputs, remote)
+    return SearchOutcome(search=search, final=final, table=table, winner=winner, outputs=outputs)
+
+
+def _checked_inputs(job: TuneJobConfig):
+    """The manifest and its summary, after the checks a search needs before it starts anything."""
+    manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
+    info = corpus.manifest_info(manifest)
+    job.validate(info["classes"])
+    folds = int(info["folds"])
+    if folds < 3:
+        raise ValueError(f"{job.manifest}: {folds} folds; nested evaluation needs at least 3 (outer, inner, training)")
+    storage.check_writable(job.out, job.endpoint_url)
+    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
+    storage.ensure_shared({"--out": job.out, "the manifest": job.manifest, "the corpus (first image)": first})
+    return manifest, info
+
+
+def _publish_outputs(job: TuneJobConfig, out: Path, outputs: dict, remote: bool) -> dict:
+    """Copy the local results to an s3:// ``--out`` (and name them there); add the artifact's place."""
     if remote:
         storage.upload_dir(out, job.out, job.endpoint_url)
         outputs = {k: storage.join(job.out, Path(v).relative_to(out).as_posix()) for k, v in outputs.items()}
         shutil.rmtree(out, ignore_errors=True)
     outputs["artifact"] = storage.join(job.out, "artifact")
-    return SearchOutcome(search=search, final=final, table=table, winner=winner, outputs=outputs)
+    return outputs
 
 
 def pooled_outer_figures(outs: dict, classes: list[str], temperature: float) -> dict:
