@@ -1,0 +1,5 @@
+"""``python -m msc_ray.cli``: the same as ``msc-ray``."""
+
+from . import app
+
+app()
