@@ -1,6 +1,6 @@
 """The models: backbone registry and the study's classification head (:mod:`.classifier`), artifacts
 (:mod:`.artifact`), the abnormal-cell detector (:mod:`.detector`) and the cell and nucleus segmenter
-(:mod:`.segmenter`).
+(:mod:`.segmenter`, its U-Net in :mod:`.unet`).
 """
 
 from .artifact import ARTIFACT_FORMAT, load_classifier, read_artifact, read_config, save_artifact, state_digest
@@ -20,20 +20,14 @@ from .classifier import (
 )
 from .detector import DETECTOR_BACKBONES, DETECTOR_LEVELS, CompactFPN, build_detector, load_detector
 from .segmenter import (
-    OFFSET_SCALE,
-    OFFSET_WEIGHT,
     SEGMENTER_BACKBONES,
     SEGMENTER_CLASSES,
     SEGMENTER_LEVELS,
     UNET_WIDTHS,
-    VOTE_PEAKS,
-    UNetWatershed,
-    _undo_view,
     build_segmenter,
-    instance_contacts,
     load_segmenter,
-    unet_widths,
 )
+from .unet import OFFSET_SCALE, OFFSET_WEIGHT, VOTE_PEAKS, UNetWatershed, _undo_view, instance_contacts, unet_widths
 
 __all__ = [
     "ARTIFACT_FORMAT",
