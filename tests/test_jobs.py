@@ -70,54 +70,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_head(ray_bin: str, env: dict, temp_dir: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` on free ports, its output in ``log``; returns it and the job server's
+    address once ``ray job list`` answers there. A head that exits first (a port taken between choosing
+    it and binding it) is started again on new ports, once; then the test fails with its last lines."""
+    for _ in range(2):
+        port, dash = _free_port(), _free_port()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [
+                    ray_bin,
+                    "start",
+                    "--head",
+                    "--block",
+                    "--node-ip-address=127.0.0.1",
+                    f"--port={port}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    "--num-cpus=2",
+                    # the suite's own Ray holds the default agent ports: give this head free ones
+                    *(
+                        f"--{opt}={_free_port()}"
+                        for opt in (
+                            "dashboard-agent-listen-port",
+                            "dashboard-agent-grpc-port",
+                            "runtime-env-agent-port",
+                            "metrics-export-port",
+                            "ray-client-server-port",
+                        )
+                    ),
+                    f"--temp-dir={temp_dir}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ok = subprocess.run(
+                    [ray_bin, "job", "list", "--address", address], capture_output=True, env=env, timeout=30
+                )
+                if ok.returncode == 0:
+                    return proc, address
+            except subprocess.TimeoutExpired:  # something else answers on that port, or nothing yet
+                pass
+            time.sleep(1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+    pytest.fail(f"the Ray head's job server did not come up (exit status {proc.poll()}): {tail}")
+
+
 @pytest.fixture()
 def ray_head(tmp_path):
     """A separate local Ray head on 127.0.0.1 with the job server, stopped at the end."""
-    port, dash = _free_port(), _free_port()
     short = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under ~107 characters
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # Ray 2.60 clusters authenticate clients with a token: the head and the job client share one
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    proc = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--num-cpus=2",
-            # the suite's own Ray holds the default agent ports: give this head free ones
-            *(
-                f"--{opt}={_free_port()}"
-                for opt in (
-                    "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port",
-                    "runtime-env-agent-port",
-                    "metrics-export-port",
-                    "ray-client-server-port",
-                )
-            ),
-            f"--temp-dir={short}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ok = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, env=env)
-        if ok.returncode == 0:
-            break
-        time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("the Ray head's job server did not come up")
+    proc, address = _start_head(ray_bin, env, short, tmp_path / "ray-head.log")
     yield ray_bin, address, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
