@@ -376,6 +376,19 @@ def manifest_info(table: pa.Table) -> dict:
     return json.loads(raw)
 
 
+def check_run(manifest: pa.Table, manifest_uri: str, out: str, endpoint_url: str | None = None) -> int:
+    """What a training run checks before any work: the manifest has at least 3 folds (nested
+    evaluation: outer, inner, training), ``out`` is writable, and ``out``, the manifest and the
+    corpus are seen by every node. Returns the number of folds."""
+    folds = int(manifest_info(manifest)["folds"])
+    if folds < 3:
+        raise ValueError(f"{manifest_uri}: {folds} folds; nested evaluation needs at least 3 (outer, inner, training)")
+    storage.check_writable(out, endpoint_url)
+    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
+    storage.ensure_shared({"--out": out, "the manifest": manifest_uri, "the corpus (first image)": first})
+    return folds
+
+
 def default_manifest_uri(corpus: str) -> str:
     return corpus.rstrip("/") + "/manifest.parquet"
 

@@ -191,6 +191,22 @@ def block_rows(n_rows: int, cfg: DataConfig, cpus: float | None = None) -> int:
     return int(min(MAX_BLOCK, max(MIN_BLOCK, per_task)))
 
 
+def ordered_blocks(blocks: list[pa.Table]):
+    """A Ray Dataset of these Arrow blocks, one task's input each, for a single map stage. Settings on
+    the dataset's own context, not the process-wide one:
+
+    - order kept: the same rows (and, in training, the same (seed, epoch)) give the same batches in
+      the same order;
+    - no per-operator reservation: with one map operator it only halves the tasks that run at once
+      (on a 2-CPU node it ran one task at a time)."""
+    import ray
+
+    ds = ray.data.from_arrow(blocks)
+    ds.context.execution_options.preserve_order = True
+    ds.context.op_resource_reservation_enabled = False
+    return ds
+
+
 def make_dataset(
     rows: pa.Table,
     cfg: DataConfig,
@@ -207,7 +223,6 @@ def make_dataset(
     a row carries its ``epoch`` (:func:`torch_batches` with ``by_epoch``). The next epoch's first blocks
     are decoded while the consumer takes the last ones of this epoch, instead of a new execution
     starting cold each epoch (on 2 cores: about 0.3 s before the first block of every epoch)."""
-    import ray
 
     keep = ["uri", "path", "label", "row"] + (["boxes"] if detection else [])
     step = block_rows(rows.num_rows, cfg)
@@ -218,14 +233,7 @@ def make_dataset(
             part = rows.take(pa.array(np.random.default_rng([cfg.seed, e]).permutation(rows.num_rows)))
         part = part.select(keep).append_column("epoch", pa.array(np.full(part.num_rows, e, np.int64)))
         blocks += [part.slice(i, step) for i in range(0, part.num_rows, step)]
-    ds = ray.data.from_arrow(blocks)
-    # Settings on this dataset's own context, not the process-wide one:
-    # - the same (seed, epoch) gives the same batches in the same order;
-    # - no per-operator reservation: with one map operator it only halves the tasks that run at once
-    #   (on a 2-CPU node it ran one task at a time).
-    ds.context.execution_options.preserve_order = True
-    ds.context.op_resource_reservation_enabled = False
-    return ds.map_batches(
+    return ordered_blocks(blocks).map_batches(
         _transform_batch,
         fn_kwargs={"cfg": cfg, "train": train, "max_boxes": max(max_boxes, 1) if detection else 0},
         batch_size=step,
@@ -363,17 +371,13 @@ def build_cache(
     that cannot be read (image or mask) are left out and listed in ``Cache.errors``. ``coverage``: with
     the pixels cells cover where an image has a cell mask (``Cache.covered``; images without one stay,
     marked unknown in ``Cache.covered_ok``; no image with one: ``covered`` is None)."""
-    import ray
 
     from .engine import Cache
 
     keep = ["uri", "path", "row"] + (["boxes"] if detection else []) + (["stack"] if masks or coverage else [])
     src = rows.select(keep)
     step = block_rows(src.num_rows, cfg)
-    ds = ray.data.from_arrow([src.slice(i, step) for i in range(0, src.num_rows, step)] or [src])
-    ds.context.execution_options.preserve_order = True
-    ds.context.op_resource_reservation_enabled = False
-    ds = ds.map_batches(
+    ds = ordered_blocks([src.slice(i, step) for i in range(0, src.num_rows, step)] or [src]).map_batches(
         _cache_batch,
         fn_kwargs={"cfg": cfg, "detection": detection, "masks": masks, "coverage": coverage},
         batch_size=step,

@@ -9,7 +9,7 @@ from .common import UserError, app, main
 
 # the commands register on ``app`` when their modules load, in the order ``msc-ray --help`` lists them
 # isort: off
-from . import corpus, train, score, serve, potency, quickstart  # noqa: E402, F401
+from . import corpus, train, score, serve, potency, quickstart  # noqa: F401
 # isort: on
 
 __all__ = ["UserError", "app", "main"]

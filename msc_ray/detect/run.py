@@ -27,12 +27,7 @@ def prepare_run(job: DetectJobConfig) -> tuple:
     job.validate()
     job = replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out))
     manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
-    n_folds = int(corpus.manifest_info(manifest)["folds"])
-    if n_folds < 3:
-        raise ValueError(f"{job.manifest}: {n_folds} folds; nested evaluation needs at least 3")
-    storage.check_writable(job.out, job.endpoint_url)
-    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
-    storage.ensure_shared({"--out": job.out, "the manifest": job.manifest, "the corpus (first image)": first})
+    n_folds = corpus.check_run(manifest, job.manifest, job.out, job.endpoint_url)
     remote = storage.is_s3(job.out)
     out = Path(tempfile.mkdtemp(prefix=f"msc-ray-{job.kind}-") if remote else job.out)
     out.mkdir(parents=True, exist_ok=True)

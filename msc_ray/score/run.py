@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from .. import images, inference, storage
+from .. import data, images, inference, storage
 from .actor import ModelActor, _preprocess, stack_of
 from .commit import DoneKeys, ReportLease, _publish, _run_id_used, update_potency
 from .config import CELL_SCHEMA, MORPH_FIELDS, REPORT_SCHEMA, ArchiveObject, KeyFields, ScoreConfig, ScoreSummary
@@ -278,8 +278,6 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
 
 def _objects_dataset(todo: list[ArchiveObject], rows: list[int], stacks: list[str], block: int):
     """The objects to score as a Ray Data dataset in blocks of ``block`` rows, kept in order."""
-    import ray
-
     table = pa.table(
         {
             "row": pa.array(rows, pa.int64()),
@@ -288,10 +286,7 @@ def _objects_dataset(todo: list[ArchiveObject], rows: list[int], stacks: list[st
             "stack": stacks,
         }
     )
-    ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
-    ds.context.op_resource_reservation_enabled = False
-    ds.context.execution_options.preserve_order = True
-    return ds
+    return data.ordered_blocks([table.slice(i, block) for i in range(0, table.num_rows, block)])
 
 
 def _scored(cfg: ScoreConfig, todo: list[ArchiveObject], stacks: list[str | None], sm: StackModels):

@@ -77,12 +77,7 @@ def _checked_inputs(job: TuneJobConfig):
     manifest = corpus.read_manifest(job.manifest, job.endpoint_url)
     info = corpus.manifest_info(manifest)
     job.validate(info["classes"])
-    folds = int(info["folds"])
-    if folds < 3:
-        raise ValueError(f"{job.manifest}: {folds} folds; nested evaluation needs at least 3 (outer, inner, training)")
-    storage.check_writable(job.out, job.endpoint_url)
-    first = manifest.column("uri")[0].as_py() if manifest.num_rows else ""
-    storage.ensure_shared({"--out": job.out, "the manifest": job.manifest, "the corpus (first image)": first})
+    corpus.check_run(manifest, job.manifest, job.out, job.endpoint_url)
     return manifest, info
 
 
