@@ -52,8 +52,49 @@ def test_local_weights_file_is_loaded(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         models.build_classifier("mobilenet_v3_small", 4, weights_file=tmp_path / "bad.pth")
     assert models.resolve_pretrained("resnet18", "none") is None
-    with pytest.raises(ValueError, match="no such weights file"):
+    with pytest.raises(ValueError, match="no such weights file or artifact"):
         models.resolve_pretrained("resnet18", str(tmp_path / "missing.pth"))
+
+
+def _classifier_artifact(dest, name: str = "compact_cnn", architecture: str | None = None, seed: int = 1):
+    torch.manual_seed(seed)
+    src = models.build_classifier(name, 4, image_size=64, extra_outputs=1)
+    config = {"kind": "classifier", "architecture": architecture or name, "classes": list("1234")}
+    models.save_artifact(dest, src.state_dict(), config)
+    return src
+
+
+def test_a_classifier_artifact_starts_a_new_model_with_every_weight_but_its_head(tmp_path):
+    """Transfer (``--pretrained ARTIFACT``): a single-stack model's features start a multi-stack one; the
+    study head (another class count, no confluence output here) and the coverage map start fresh."""
+    src = _classifier_artifact(tmp_path / "art")
+    weights = models.resolve_pretrained("compact_cnn", str(tmp_path / "art"))
+    assert models.is_artifact(weights) and not models.imagenet_sized(weights)
+    torch.manual_seed(2)
+    fresh = models.build_classifier("compact_cnn", 3, image_size=128, coverage_head=True)
+    torch.manual_seed(2)
+    m = models.build_classifier("compact_cnn", 3, image_size=128, coverage_head=True, weights_file=weights)
+    got, before, had = m.state_dict(), fresh.state_dict(), src.state_dict()
+    features = [k for k in got if k.startswith("features.")]
+    assert features and all(torch.equal(got[k], had[k]) for k in features)
+    assert not all(torch.equal(before[k], had[k]) for k in features if before[k].is_floating_point())
+    assert got["fc.3.weight"].shape == (3, 1024) and torch.equal(got["fc.3.weight"], before["fc.3.weight"])
+    assert torch.equal(got["coverage.weight"], before["coverage.weight"])
+    assert m(torch.rand(2, 3, 128, 128)).shape == (2, 3)
+
+
+def test_an_artifact_that_does_not_fit_is_refused_in_one_line_naming_it(tmp_path):
+    _classifier_artifact(tmp_path / "other", architecture="resnet18")
+    with pytest.raises(ValueError, match=r"--pretrained .*other: a resnet18 model, not compact_cnn"):
+        models.build_classifier("compact_cnn", 4, weights_file=tmp_path / "other")
+    _classifier_artifact(tmp_path / "art")
+    with pytest.raises(
+        ValueError, match=r"--pretrained .*art: its weights do not fit compact_cnn here \(size mismatch"
+    ):
+        models.build_classifier("compact_cnn", 4, in_channels=1, weights_file=tmp_path / "art")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="a folder, but not a model artifact"):
+        models.resolve_pretrained("compact_cnn", str(tmp_path / "folder"))
 
 
 def test_artifact_round_trip_local_and_s3(tmp_path, s3_server):

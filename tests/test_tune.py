@@ -346,6 +346,39 @@ def test_job_settings_out_of_range_are_refused_naming_the_option():
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), precision="fp16").validate(classes)
 
 
+def test_a_search_started_from_an_artifact_needs_its_backbone_and_loads_it_in_every_trial(tmp_path, monkeypatch):
+    """``--pretrained ARTIFACT``: refused before any trial when a backbone of the search is not the
+    artifact's; a trial (Ray-free) starts from the artifact's features, with a relative path too."""
+    classes = {"sstack": ["1", "2", "3", "4"]}
+    torch.manual_seed(1)
+    src = models.build_classifier("compact_cnn", 4, image_size=64, extra_outputs=1)
+    art = tmp_path / "art"
+    models.save_artifact(art, src.state_dict(), {"kind": "classifier", "architecture": "compact_cnn"})
+    job = mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn", "resnet18"), pretrained=str(art))
+    with pytest.raises(ValueError, match=r"--pretrained .*art: a compact_cnn model; the search's backbones must all"):
+        job.validate(classes)
+    job = dataclasses.replace(job, backbones=("compact_cnn",), coverage=False, size=32, max_epochs=2)
+    job.validate(classes)
+    n = 12
+    rng = np.random.default_rng(0)
+    cache = engine.Cache(
+        images=rng.integers(0, 255, (n, 3, 32, 32), dtype=np.uint8),
+        labels=np.arange(n) % 4,
+        rows=np.arange(n),
+        folds=np.arange(n) % 3,
+        keys=[f"i{i}" for i in range(n)],
+        confluence=np.full(n, np.nan, np.float32),
+    )
+    config = {"job": dataclasses.asdict(job), "phase": "search", "backbone": "compact_cnn", "fold": 0, "folds": 3}
+    config.update(classes=classes["sstack"], lr=1e-3, weight_decay=0.0)
+    run = mt.ClassifierRun(config, {32: cache})
+    got, had = run.model.state_dict(), src.state_dict()
+    assert all(torch.equal(got[k].cpu(), had[k]) for k in got if k.startswith("features."))
+    monkeypatch.chdir(tmp_path)
+    rel = mt.absolute(dataclasses.replace(job, pretrained="art"))
+    assert rel.pretrained == str(art)
+
+
 def test_input_size_and_epochs_default_by_stack_and_explicit_values_are_kept():
     """Left at 0 (the CLI's defaults), the input side and the epochs are the stack's measured ones:
     multi-stack cells vanish at the 64 px that serve single-stack images; saved configs hold the values."""

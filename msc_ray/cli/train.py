@@ -102,7 +102,12 @@ def tune(
         int, typer.Option(help="3: gray repeated for ImageNet-style inputs; 1: first conv adapted.")
     ] = 3,
     pretrained: Annotated[
-        str, typer.Option(help="auto (cached ImageNet weights if present), none, or a file.")
+        str,
+        typer.Option(
+            help="auto (cached ImageNet weights if present), none, a state-dict file, or a classifier artifact "
+            "(folder or s3://) of the same backbone whose weights but its head start every trial: transfer, "
+            "e.g. a single-stack model for a multi-stack search."
+        ),
     ] = "auto",
     asha: Annotated[bool, typer.Option(help="ASHA across the trials of each fold.")] = True,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial.")] = 1.0,

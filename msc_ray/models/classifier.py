@@ -193,8 +193,16 @@ def imagenet_weights_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_pretrained(name: str, pretrained: str) -> Path | None:
-    """``"none"`` → None; ``"auto"`` → the cached ImageNet file or None; a path → that file."""
+def is_artifact(src: str | os.PathLike) -> bool:
+    """Whether a ``--pretrained`` value names a model artifact (a folder with ``config.json``, or an
+    ``s3://`` URI) rather than a state-dict file."""
+    return str(src).startswith("s3://") or Path(src).is_dir()
+
+
+def resolve_pretrained(name: str, pretrained: str) -> Path | str | None:
+    """``"none"`` → None; ``"auto"`` → the cached ImageNet file or None; a file → that state dict; a
+    folder or ``s3://`` URI → a classifier artifact whose backbone weights start the model (another
+    stack's or corpus's model: transfer; see :func:`build_classifier`)."""
     if pretrained in ("none", "", None):
         return None
     if pretrained == "auto":
@@ -202,10 +210,22 @@ def resolve_pretrained(name: str, pretrained: str) -> Path | None:
         if found is None:
             log.info("no cached ImageNet weights for %s: starting from random weights", name)
         return found
+    if str(pretrained).startswith("s3://"):
+        return str(pretrained)
     path = Path(pretrained)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--pretrained {pretrained}: a folder, but not a model artifact (no config.json)")
+        return path
     if not path.is_file():
-        raise ValueError(f"--pretrained {pretrained}: no such weights file")
+        raise ValueError(f"--pretrained {pretrained}: no such weights file or artifact")
     return path
+
+
+def imagenet_sized(weights: Path | str | None) -> bool:
+    """Whether the input side follows the weights' ImageNet size (:func:`input_size`): a state-dict
+    file yes, an artifact no (its model was trained at the side the job asks for, or loading says not)."""
+    return weights is not None and not is_artifact(weights)
 
 
 def supports_coverage(name: str) -> bool:
@@ -223,11 +243,15 @@ def build_classifier(
     weights_file: str | os.PathLike | None = None,
     extra_outputs: int = 0,
     coverage_head: bool = False,
+    weights_endpoint_url: str | None = None,
 ) -> nn.Module:
     """A registry backbone with the study's head: (N, in_channels, S, S) → (N, num_classes +
     extra_outputs); the first ``num_classes`` are logits, an extra one is the confluence output
     (a logit of the covered fraction). ``coverage_head``: the compact CNN's coverage map for training
-    (:meth:`CompactCNN.forward_with_coverage`); see :func:`supports_coverage`."""
+    (:meth:`CompactCNN.forward_with_coverage`); see :func:`supports_coverage`. ``weights_file``: a state
+    dict of the bare backbone (ImageNet's), loaded before the head is replaced, or a classifier artifact
+    (:func:`resolve_pretrained`; ``weights_endpoint_url`` for one in object storage), whose weights but
+    its head's start the finished model."""
     from torchvision.models import get_model
 
     if num_classes < 2:
@@ -242,7 +266,8 @@ def build_classifier(
             raise ValueError(f"{name}: no coverage head (only {able})")
         kwargs["coverage"] = True
     model = b.builder(**kwargs) if b.builder else get_model(name, weights=None, **kwargs)
-    if weights_file is not None:
+    artifact = weights_file is not None and is_artifact(weights_file)
+    if weights_file is not None and not artifact:
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("AuxLogits")]:
@@ -256,4 +281,29 @@ def build_classifier(
     _set(parent, last, study_head(old.in_features, num_classes + extra_outputs, dropout))
     if in_channels != 3:
         adapt_input_channels(model, in_channels)
+    if artifact:
+        _load_backbone_of(model, name, weights_file, weights_endpoint_url)
     return channels_last(model)
+
+
+def _load_backbone_of(model: nn.Module, name: str, src: Path | str, endpoint_url: str | None) -> None:
+    """Start ``model`` from a classifier artifact of the same backbone: every weight but the study head's
+    (and the coverage map's, which artifacts leave out), which start fresh for the new task."""
+    from .artifact import read_artifact
+
+    config, state = read_artifact(src, endpoint_url)
+    if config.get("kind") != "classifier" or config.get("architecture") != name:
+        what = config.get("architecture") if config.get("kind") == "classifier" else f"a {config.get('kind')}"
+        raise ValueError(f"--pretrained {src}: a {what} model, not {name}")
+    head = backbone(name).head + "."
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape (input channels, a ViT's input side)
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ValueError(f"--pretrained {src}: its weights do not fit {name} here ({detail})") from None
+    missing = [k for k in missing if not k.startswith((head, "coverage."))]
+    if missing or unexpected:
+        raise ValueError(
+            f"--pretrained {src}: does not match {name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

@@ -57,7 +57,7 @@ def _export_artifact(job, export: TrialResult, winner, classes, calib, oof_metri
         raise RuntimeError(f"the export run's checkpoint {export.checkpoint} has no state.pt")
     saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     weights_file = models.resolve_pretrained(winner["backbone"], job.pretrained)
-    dcfg = _data_config(job, winner["backbone"], weights_file is not None)
+    dcfg = _data_config(job, winner["backbone"], models.imagenet_sized(weights_file))
     regress = bool(saved.get("confluence_output", False))
     # the coverage map only trained the features: the exported model is the classifier without it
     state = {k: v for k, v in saved["best_model"].items() if not k.startswith("coverage.")}

@@ -105,6 +105,21 @@ class TuneJobConfig:
             raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
         check_views(self.views, f"--views {self.views}")
         engine.check_precision(self.precision)
+        if self.pretrained not in ("auto", "none", "") and models.is_artifact(self.pretrained):
+            self._check_transfer()
+
+    def _check_transfer(self) -> None:
+        """An artifact to start from (``--pretrained``) is read before any trial starts: every backbone of
+        the search must be the artifact's."""
+        config = models.read_config(self.pretrained, self.endpoint_url)
+        if config.get("kind") != "classifier":
+            raise ValueError(f"--pretrained {self.pretrained}: a {config.get('kind')} artifact, not a classifier")
+        other = [b for b in self.backbones if b != config.get("architecture")]
+        if other:
+            raise ValueError(
+                f"--pretrained {self.pretrained}: a {config.get('architecture')} model; the search's "
+                f"backbones must all be {config.get('architecture')} (not {', '.join(other)})"
+            )
 
 
 def _data_config(job: TuneJobConfig, backbone: str, pretrained: bool) -> DataConfig:
@@ -125,7 +140,7 @@ def build_caches(job: TuneJobConfig, manifest) -> dict[int, engine.Cache]:
     configs: dict[int, DataConfig] = {}
     coverage_sizes: set[int] = set()
     for name in job.backbones:
-        dcfg = _data_config(job, name, models.resolve_pretrained(name, job.pretrained) is not None)
+        dcfg = _data_config(job, name, models.imagenet_sized(models.resolve_pretrained(name, job.pretrained)))
         configs.setdefault(dcfg.size, dcfg)
         if job.coverage and models.supports_coverage(name):
             coverage_sizes.add(dcfg.size)
@@ -151,4 +166,6 @@ def _has_cell_masks(job: TuneJobConfig, rows) -> bool:
 
 def absolute(job: TuneJobConfig) -> TuneJobConfig:
     """Local paths made absolute: trials run in their own working folders."""
-    return replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out))
+    keep = job.pretrained in ("auto", "none", "")
+    pretrained = job.pretrained if keep else storage.absolute(job.pretrained)
+    return replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out), pretrained=pretrained)

@@ -27,7 +27,7 @@ class ClassifierRun:
         self.classes = list(config["classes"])
         k = len(self.classes)
         weights_file = models.resolve_pretrained(self.name, job.pretrained)
-        dcfg = _data_config(job, self.name, weights_file is not None)
+        dcfg = _data_config(job, self.name, models.imagenet_sized(weights_file))
         self.train, self.val, self.test = caches[dcfg.size].split(self.fold, folds)
         self.device = inference.default_device()
         # job.precision resolved once for this device: training and prediction alike
@@ -42,6 +42,7 @@ class ClassifierRun:
             image_size=dcfg.size,
             dropout=job.dropout,
             weights_file=weights_file,
+            weights_endpoint_url=job.endpoint_url,
             extra_outputs=int(self.regress),
             coverage_head=self.coverage,
         ).to(self.device)
