@@ -169,7 +169,7 @@ def init_model(out: Path, args, size: int, input_size: int, backbones: tuple[str
     print(
         f"\n== multi-stack start: single-stack {outcome.winner['backbone']} at {input_size}px on {args.init_n} images "
         f"(seed 8), {args.init_epochs} epochs, {(time.perf_counter() - t0) / 60:.1f} min; its outer folds: "
-        f"accuracy {row['accuracy_mean']:.3f}"
+        f"accuracy {row['acc_mean']:.3f}"
     )
     return outcome.outputs["artifact"]
 
@@ -340,7 +340,8 @@ def main() -> None:
             f"images at {size}px (classifier input {input_size['sstack']}px single-stack, "
             f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
             f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
-            f"{args.patience}; multi-stack {args.mstack_max_epochs}, patience {args.mstack_patience}), "
+            f"{args.patience}; multi-stack {args.mstack_max_epochs}, patience {args.mstack_patience}, starting "
+            f"from {'a single-stack model' if args.mstack_init == 'sstack' else 'random weights'}), "
             f"coverage supervision {f'weight {args.coverage_weight:g}' if args.coverage else 'off'}, "
             f"training precision {args.precision} (bf16 here: {bf16}), "
             f"detector up to {args.detector_epochs} epochs, random init, "
