@@ -77,9 +77,13 @@ def serve(
         if detach:  # the application outlives this driver on the cluster
             typer.echo(f"page: {url} on the cluster's head   API: {url}predict   (stop: serve shutdown)")
             return
+        # Ctrl-C and a service manager's stop, installed again now that Ray and Serve are up: in one CI run
+        # (a slow machine) a SIGINT to the serving driver was not acted on within 90 s, no "stopping" written
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGTERM, on_term)
         typer.echo(f"page: {url}   API: {url}predict   (Ctrl-C stops)")
         while True:
-            time.sleep(3600)
+            time.sleep(1)
     except KeyboardInterrupt:
         typer.echo("stopping")
     except RuntimeError as exc:  # the replicas could not start (e.g. weights that do not fit the config)
