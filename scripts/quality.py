@@ -127,12 +127,32 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     return res
 
 
+def recipe(args, gpu: bool) -> dict:
+    """The classifier settings every search of this benchmark shares (one learning rate and weight decay,
+    no sampling; the batch, coverage supervision, arithmetic and GPU share of the machine)."""
+    import torch
+
+    lr = 2e-3 if not gpu else 1e-3
+    return dict(
+        samples=1,
+        lr_min=lr,
+        lr_max=lr,
+        wd_min=1e-5,
+        wd_max=1e-5,
+        batch_size=32 if not gpu else 64,
+        coverage=args.coverage,
+        coverage_weight=args.coverage_weight,
+        precision=args.precision,
+        gpus_per_trial=0.5 if gpu and torch.cuda.is_available() else 0.0,
+        verbose=0,
+    )
+
+
 def init_model(out: Path, args, size: int, input_size: int, backbones: tuple[str, ...], gpu: bool) -> str:
     """A single-stack model at the multi-stack input side, trained on a corpus of its own (seed 8: none of
     its vessels is in the multi-stack corpus, seed 7, or the new vessels, seed 7007), for the multi-stack
     search to start from (``--pretrained`` with an artifact: its weights but the head's). A short
     ``msc-ray tune`` run on three folds; only its exported model is used."""
-    import torch
 
     from msc_ray import corpus, synth
     from msc_ray import tune as mt
@@ -148,21 +168,11 @@ def init_model(out: Path, args, size: int, input_size: int, backbones: tuple[str
         backbones=backbones,
         max_epochs=args.init_epochs,
         patience=args.init_epochs,
-        samples=1,
-        lr_min=2e-3 if not gpu else 1e-3,
-        lr_max=2e-3 if not gpu else 1e-3,
-        wd_min=1e-5,
-        wd_max=1e-5,
         size=input_size,
         views=1,
-        batch_size=32 if not gpu else 64,
         pretrained="none",
-        coverage=args.coverage,
-        coverage_weight=args.coverage_weight,
-        precision=args.precision,
         asha=False,
-        gpus_per_trial=0.5 if gpu and torch.cuda.is_available() else 0.0,
-        verbose=0,
+        **recipe(args, gpu),
     )
     outcome = mt.run_search(job)
     row = outcome.table[-1]  # the winner on every fold
@@ -265,7 +275,6 @@ def main() -> None:
     backbones = tuple((args.backbones or ("inception_v3,resnet50,vit_b_16" if gpu else "compact_cnn")).split(","))
 
     import ray
-    import torch
 
     from msc_ray import corpus, synth
     from msc_ray import tune as mt
@@ -301,20 +310,10 @@ def main() -> None:
             backbones=backbones,
             max_epochs=args.mstack_max_epochs if stack == "mstack" else args.max_epochs,
             patience=args.mstack_patience if stack == "mstack" else args.patience,
-            samples=1,
-            lr_min=2e-3 if not gpu else 1e-3,
-            lr_max=2e-3 if not gpu else 1e-3,
-            wd_min=1e-5,
-            wd_max=1e-5,
             size=input_size[stack],
-            batch_size=32 if not gpu else 64,
             pretrained=init,
-            coverage=args.coverage,
-            coverage_weight=args.coverage_weight,
-            precision=args.precision,
             asha=len(backbones) > 1,
-            gpus_per_trial=0.5 if gpu and torch.cuda.is_available() else 0.0,
-            verbose=0,
+            **recipe(args, gpu),
         )
         outcome = mt.run_search(job)
         held = heldout_classifier(outcome.outputs["artifact"], out / "heldout", stack)

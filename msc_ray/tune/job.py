@@ -105,8 +105,13 @@ class TuneJobConfig:
             raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
         check_views(self.views, f"--views {self.views}")
         engine.check_precision(self.precision)
-        if self.pretrained not in ("auto", "none", "") and models.is_artifact(self.pretrained):
+        if self.pretrained_is_path and models.is_artifact(self.pretrained):
             self._check_transfer()
+
+    @property
+    def pretrained_is_path(self) -> bool:
+        """Whether ``pretrained`` names a file or artifact rather than ``auto`` / ``none``."""
+        return self.pretrained not in ("auto", "none", "")
 
     def _check_transfer(self) -> None:
         """An artifact to start from (``--pretrained``) is read before any trial starts: every backbone of
@@ -166,6 +171,5 @@ def _has_cell_masks(job: TuneJobConfig, rows) -> bool:
 
 def absolute(job: TuneJobConfig) -> TuneJobConfig:
     """Local paths made absolute: trials run in their own working folders."""
-    keep = job.pretrained in ("auto", "none", "")
-    pretrained = job.pretrained if keep else storage.absolute(job.pretrained)
+    pretrained = storage.absolute(job.pretrained) if job.pretrained_is_path else job.pretrained
     return replace(job, manifest=storage.absolute(job.manifest), out=storage.absolute(job.out), pretrained=pretrained)
