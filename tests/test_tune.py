@@ -333,6 +333,28 @@ def test_two_searches_on_one_small_cluster_both_finish(ray_session, sstack_manif
         assert (tmp_path / name / "artifact" / "weights.pt").exists()
 
 
+def test_a_search_knows_how_many_trials_a_finished_experiment_holds(monkeypatch):
+    """With --max-concurrent, Tune creates trials only as slots free up: a Ctrl-C between one trial's end
+    and the next one's creation returns a grid whose trials all finished. The search must still see it
+    as interrupted, so it counts the trials its space makes."""
+    from msc_ray.tune import search as search_mod
+    from msc_ray.tune.experiment import expected_trials
+
+    seen = {}
+
+    def capture(job, name, space, caches, *, asha, resume, num_samples=1):
+        seen.update(space=space, num_samples=num_samples)
+        return []
+
+    monkeypatch.setattr(search_mod, "_run_experiment", capture)
+    job = mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn", "resnet18"), samples=5)
+    mt.search_phase(job, 3, ["1", "2", "3", "4"], caches={})
+    assert expected_trials(seen["space"], seen["num_samples"]) == 2 * 3 * 5
+    fixed = dataclasses.replace(job, lr_min=job.lr_max, wd_min=job.wd_max)  # nothing to sample: one per cell
+    mt.search_phase(fixed, 4, ["1", "2", "3", "4"], caches={})
+    assert expected_trials(seen["space"], seen["num_samples"]) == 2 * 4
+
+
 def test_job_settings_out_of_range_are_refused_naming_the_option():
     classes = {"sstack": ["1", "2", "3", "4"]}
     mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), coverage_weight=0.0).validate(classes)

@@ -145,12 +145,25 @@ def _run_experiment(
             ),
         )
     grid = fit_tuner(tuner, quiet=job.verbose == 0)
-    if grid.num_terminated + grid.num_errors < len(grid):
+    # A Ctrl-C ends the fit and returns what it has. Trials still running count as unfinished, but with
+    # --max-concurrent the generator makes trials only as slots free up, so a Ctrl-C that lands between
+    # one trial's end and the next one's creation leaves a grid of finished trials: it is short instead.
+    if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < expected_trials(param_space, num_samples):
         raise ValueError(f"the {name} experiment was interrupted; finish it with --resume (same --out)")
     results = _collect(grid)
     if results and all(r.error for r in results):
         raise ValueError(f"every {name} trial failed; the first: {results[0].error}")
     return results
+
+
+def expected_trials(param_space: dict, num_samples: int) -> int:
+    """How many trials a finished experiment holds: every combination of the space's grid searches,
+    ``num_samples`` times."""
+    n = num_samples
+    for value in param_space.values():
+        if isinstance(value, dict) and set(value) == {"grid_search"}:
+            n *= len(value["grid_search"])
+    return n
 
 
 def _first_line(error) -> str:
