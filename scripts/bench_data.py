@@ -8,13 +8,18 @@ ratio is Ray Data / DataLoader (above 1.0: Ray Data is faster). Ray Data runs th
 streaming execution (``make_dataset(epochs=...)``: the next epoch's first blocks are decoded while this
 one's last are consumed) and, for comparison, as one execution per epoch.
 
-    .venv/bin/python scripts/bench_data.py [--n 200] [--src 256] [--size 128] [--cpus 2] [--block 0]
+A run is ``--rounds`` rounds, each measuring both sides afresh (Ray started and stopped, a new
+DataLoader), which side goes first alternating; a round lasts seconds and the machine's speed drifts, so
+the figure to read is the median of the rounds' ratios, printed beside each round's.
+
+    .venv/bin/python scripts/bench_data.py [--n 200] [--src 256] [--size 128] [--cpus 2] [--block 0] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -31,6 +36,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--block", type=int, default=0, help="images per Ray Data task (0: data.block_rows's rule)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of both sides; the ratio read is their median")
     args = ap.parse_args()
 
     import ray
@@ -101,24 +107,41 @@ def main() -> None:
         assert seen == set(range(1, epochs + 1)), seen
         return n / (time.perf_counter() - t0)
 
+    def run_ray_both() -> tuple[float, float]:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            per_epoch = run_ray(args.epochs)
+            return run_ray_streamed(args.epochs), per_epoch
+        finally:
+            ray.shutdown()
+
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    per_epoch = run_ray(args.epochs)
-    streamed = run_ray_streamed(args.epochs)
-    ray.shutdown()
-    torch_rate = run_torch(args.epochs)
     block = data.block_rows(rows.num_rows, cfg, cpus=args.cpus)
     print(
         f"images={rows.num_rows} stored={args.src}px input={args.size}px cpus={args.cpus} "
-        f"batch={args.batch} block={block}"
+        f"batch={args.batch} block={block} epochs={args.epochs} rounds={args.rounds}"
     )
-    print(f"Ray Data, one execution for {args.epochs} epochs: {streamed:8.1f} augmented images/s")
-    print(f"Ray Data, one execution per epoch:   {per_epoch:8.1f} augmented images/s")
-    print(f"torch DataLoader:                    {torch_rate:8.1f} augmented images/s")
-    ratio, ratio_per_epoch = streamed / torch_rate, per_epoch / torch_rate
-    print(f"ratio Ray Data / DataLoader: {ratio:.2f} (one execution per epoch: {ratio_per_epoch:.2f})")
+    ratios, ratios_per_epoch = [], []
+    for r in range(args.rounds):
+        if r % 2:  # the DataLoader first in odd rounds: drift in the machine's speed favours neither side
+            torch_rate = run_torch(args.epochs)
+            streamed, per_epoch = run_ray_both()
+        else:
+            streamed, per_epoch = run_ray_both()
+            torch_rate = run_torch(args.epochs)
+        ratios.append(streamed / torch_rate)
+        ratios_per_epoch.append(per_epoch / torch_rate)
+        print(
+            f"round {r + 1}: Ray Data {streamed:7.1f} (one execution per epoch {per_epoch:7.1f}), "
+            f"DataLoader {torch_rate:7.1f} augmented images/s; ratio {ratios[-1]:.2f} ({ratios_per_epoch[-1]:.2f})"
+        )
+    print(
+        f"ratio Ray Data / DataLoader, median of {args.rounds} rounds: {statistics.median(ratios):.2f} "
+        f"(range {min(ratios):.2f}-{max(ratios):.2f}); one execution per epoch: "
+        f"{statistics.median(ratios_per_epoch):.2f}"
+    )
 
 
 if __name__ == "__main__":
