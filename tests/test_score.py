@@ -532,8 +532,19 @@ def test_preprocessing_on_the_gpu_agrees_with_the_cpu(small_corpus):
 def test_model_actors_and_batch_follow_the_cluster_unless_set():
     base = {"archive": "a", "classifier": "c", "out": "o"}
     plan = score.ScoreConfig(**base).actor_plan
-    assert plan({"CPU": 2.0}) == (1, 32)  # one core decodes, one runs the model
-    assert plan({"CPU": 16.0}) == (12, 32) and plan({"CPU": 1.0}) == (1, 32)
+    assert plan({"CPU": 16.0}) == (12, 32) and plan({"CPU": 4.0}) == (3, 32)  # a quarter of the cores decodes
+    assert plan({"CPU": 2.0}) == (2, 32) and plan({"CPU": 1.0}) == (1, 32)  # under four, every core runs a model
+    shares = score.ScoreConfig(**base).cpu_shares
+    assert shares({"CPU": 16.0}, 12) == (1.0, 1.0) and shares({"CPU": 4.0}, 3) == (1.0, 1.0)
+    # no core left beside the actors: actors and a decode task share the cores, and never hold them all
+    for cpus, actors in ((1.0, 1), (2.0, 2), (3.0, 3), (4.0, 4), (2.0, 5)):
+        actor, decode = shares({"CPU": cpus}, actors)
+        assert actor == decode < 1 and actors * actor + decode <= cpus and actors * actor + decode > 0.99 * cpus
+    assert score.ScoreConfig(**base, gpus_per_actor=1).cpu_shares({"CPU": 2.0, "GPU": 2.0}, 2) == (0.0, 1.0)
+    # several nodes (three of one core): a core is kept for decoding, and --concurrency that leaves none is refused
+    assert plan({"CPU": 3.0}, 3) == (2, 32) and shares({"CPU": 3.0}, 2, 3) == (1.0, 1.0)
+    with pytest.raises(ValueError, match=r"^--concurrency 3: .* at most 2$"):
+        score.ScoreConfig(**base, concurrency=3).cpu_shares({"CPU": 3.0}, 3, 3)
     gpu = score.ScoreConfig(**base, gpus_per_actor=1).actor_plan
     assert gpu({"CPU": 16.0, "GPU": 4.0}) == (4, 256)
     assert score.ScoreConfig(**base, gpus_per_actor=0.5).actor_plan({"CPU": 16.0, "GPU": 2.0}) == (4, 256)
@@ -544,6 +555,26 @@ def test_model_actors_and_batch_follow_the_cluster_unless_set():
     for bad, msg in (({"concurrency": -1}, "--concurrency"), ({"preprocess_on": "gpu"}, "--preprocess-on")):
         with pytest.raises(ValueError, match=msg):
             score.ScoreConfig(**base, **bad).validate()
+
+
+def test_a_one_core_cluster_scores_the_archive(archive, artifacts, tmp_path):
+    """On one core a model actor holding it left no core for the decode tasks it waits on: the run
+    never ended. The actor and the decoding now share the core."""
+    root, n_images = archive
+    clf, _ = artifacts
+    code = (
+        "import ray, sys\n"
+        "from msc_ray import score\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        f"s = score.score_archive(score.ScoreConfig(archive={str(root)!r}, classifier={list(clf)!r}, "
+        f"out={str(tmp_path / 'report')!r}))\n"
+        "print('scored', s.scored, s.errors)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"scored {n_images} 2" in res.stdout
+    assert len(score.read_report(str(tmp_path / "report"))) == n_images
 
 
 def _read_block(uris: list[str], endpoint_url: str | None, read_attempts: int) -> dict:

@@ -3,6 +3,7 @@ its key fields (vessel, day, position) and the metadata sheet joined to them."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -149,20 +150,45 @@ class ScoreConfig:
     def entries(self) -> list[tuple[str | None, str]]:
         return classifier_entries(self.classifier)
 
-    def actor_plan(self, cluster: dict[str, float]) -> tuple[int, int]:
+    def actor_plan(self, cluster: dict[str, float], nodes: int = 1) -> tuple[int, int]:
         """(model actors, images per model call) for a cluster's resources (``ray.cluster_resources()``);
         a setting above 0 is kept. Actors: on GPUs as many as the cluster's GPUs hold at
         ``gpus_per_actor`` each (their decode tasks take every CPU); on CPUs one per core, less a
-        quarter of the cores (at least one) kept for decoding — a model call costs far more CPU than
-        decoding its images (bench_score: about 13 ms against 1.5 ms an image for a ResNet-18 at 128 px
-        from 256-px PNGs). Batch: 256 on a GPU (the bare bfloat16 forward's measured best), 32 on a CPU."""
+        quarter of the cores kept for decoding — a model call costs far more CPU than decoding its
+        images (bench_score: about 13 ms against 1.5 ms an image for a ResNet-18 at 128 px from 256-px
+        PNGs). On one node (``nodes``: nodes with CPUs) under four cores that quarter is no core: every
+        core runs an actor and the decoding shares them (:meth:`cpu_shares`); on two cores two actors
+        scored the quickstart's archive (classifier, detector, segmenter) in 71 s against 108 s for one
+        beside a core held for decoding. On several nodes at least one core is kept: shares there could
+        leave every node a piece too small for a decode task. Batch: 256 on a GPU (the bare bfloat16
+        forward's measured best), 32 on a CPU."""
         cpus, gpus = int(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
         if self.gpus_per_actor > 0:
             actors = max(1, int(gpus // self.gpus_per_actor))
         else:
-            actors = max(1, cpus - max(1, cpus // 4))
+            actors = max(1, cpus - (cpus // 4 if nodes <= 1 else max(1, cpus // 4)))
         batch = 256 if self.gpus_per_actor > 0 else 32
         return self.concurrency or actors, self.batch_size or batch
+
+    def cpu_shares(self, cluster: dict[str, float], actors: int, nodes: int = 1) -> tuple[float, float]:
+        """(CPUs each model actor holds, CPUs each decode task asks for) beside ``actors`` model actors.
+        A CPU actor holds a core and a decode task one while the cluster keeps a core for decoding beside
+        the actors; where one node does not (one core, or ``--concurrency`` as large as the cores), the
+        actors and one decode task share the cores equally — otherwise the actors held every core, waiting
+        for images that no task could decode, and the run never ended. Several nodes without that core
+        are refused, naming the option. GPU actors hold no CPU."""
+        if self.gpus_per_actor > 0:
+            return 0.0, 1.0
+        cpus = float(cluster.get("CPU", 1))
+        if actors + 1 <= cpus:
+            return 1.0, 1.0
+        if nodes > 1:
+            raise ValueError(
+                f"--concurrency {actors}: {actors} model actors leave no core of this cluster's {int(cpus)} "
+                f"to decode images; at most {max(1, int(cpus) - 1)}"
+            )
+        share = math.floor(cpus / (actors + 1) * 1e4) / 1e4  # Ray counts resources to 1e-4
+        return share, share
 
     @property
     def fits_on_actor(self) -> bool:

@@ -227,11 +227,15 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
     seg_stacks = tuple(st for st in here if sm.versions(st)[2])
     det_size = int(sm.detector["image_size"]) if det_stacks else None
     seg_size = int(sm.segmenter["image_size"]) if seg_stacks else None
+    cluster = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    actors, batch = cfg.actor_plan(cluster, nodes)
+    actor_cpus, decode_cpus = cfg.cpu_shares(cluster, actors, nodes)
     ds = _objects_dataset(todo, rows, stacks, cfg.decode_batch).map_batches(
         _preprocess,
         batch_size=cfg.decode_batch,
         batch_format="numpy",
-        num_cpus=1,
+        num_cpus=decode_cpus,
         # 0: a decode worker is reused without limit (Ray's default for tasks), said explicitly so that the
         # decode tasks and a CPU model actor differ in their remote arguments: Ray Data fuses stages whose
         # arguments match, and the one model actor then decoded every block itself, one after another,
@@ -251,8 +255,12 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
             "on_actor": cfg.fits_on_actor,
         },
     )
-    actors, batch = cfg.actor_plan(ray.cluster_resources())
-    log.info("%s: %d model actor(s), %d images per model call", "+".join(here), actors, batch)
+    shared = (
+        f", sharing {int(cluster.get('CPU', 1))} CPU(s) with the decoding"
+        if actor_cpus < 1 and not cfg.gpus_per_actor
+        else ""
+    )
+    log.info("%s: %d model actor(s)%s, %d images per model call", "+".join(here), actors, shared, batch)
     return ds.map_batches(
         ModelActor,
         fn_constructor_kwargs={
@@ -272,7 +280,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
             else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
         ),
         num_gpus=cfg.gpus_per_actor or None,
-        num_cpus=0 if cfg.gpus_per_actor else 1,
+        num_cpus=actor_cpus,
     )
 
 
