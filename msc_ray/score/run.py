@@ -255,11 +255,7 @@ def _pipeline(cfg: ScoreConfig, todo: list[ArchiveObject], rows: list[int], stac
             "on_actor": cfg.fits_on_actor,
         },
     )
-    shared = (
-        f", sharing {int(cluster.get('CPU', 1))} CPU(s) with the decoding"
-        if actor_cpus < 1 and not cfg.gpus_per_actor
-        else ""
-    )
+    shared = f", sharing {int(cluster.get('CPU', 1))} CPU(s) with the decoding" if 0 < actor_cpus < 1 else ""
     log.info("%s: %d model actor(s)%s, %d images per model call", "+".join(here), actors, shared, batch)
     return ds.map_batches(
         ModelActor,

@@ -145,10 +145,10 @@ def _run_experiment(
             ),
         )
     grid = fit_tuner(tuner, quiet=job.verbose == 0)
-    # A Ctrl-C ends the fit and returns what it has. Trials still running count as unfinished, but with
-    # --max-concurrent the generator makes trials only as slots free up, so a Ctrl-C that lands between
-    # one trial's end and the next one's creation leaves a grid of finished trials: it is short instead.
-    if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < expected_trials(param_space, num_samples):
+    # A Ctrl-C ends the fit and returns what it has: trials still running, or — with --max-concurrent the
+    # generator makes trials only as slots free up — none at all for the rest of the space. So the ended
+    # trials are counted against the trials the space makes, not against the grid returned.
+    if grid.num_terminated + grid.num_errors < expected_trials(param_space, num_samples):
         raise ValueError(f"the {name} experiment was interrupted; finish it with --resume (same --out)")
     results = _collect(grid)
     if results and all(r.error for r in results):
