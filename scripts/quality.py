@@ -142,6 +142,7 @@ def recipe(args, gpu: bool) -> dict:
         batch_size=32 if not gpu else 64,
         coverage=args.coverage,
         coverage_weight=args.coverage_weight,
+        average_epochs=args.average_epochs,
         precision=args.precision,
         gpus_per_trial=0.5 if gpu and torch.cuda.is_available() else 0.0,
         verbose=0,
@@ -235,6 +236,13 @@ def main() -> None:
         help="coverage supervision from the corpus's cell masks while the compact CNN trains",
     )
     ap.add_argument("--coverage-weight", type=float, default=3.0, help="weight of the coverage term")
+    ap.add_argument(
+        "--average-epochs",
+        type=float,
+        default=2.0,
+        help="classifiers judge and export a moving average of their weights over this many epochs of steps "
+        "(msc-ray tune --average-epochs; 0: the last step's weights)",
+    )
     ap.add_argument(
         "--precision", default="auto", help="training arithmetic of every model: auto, bf16 or fp32 (msc-ray tune)"
     )
@@ -342,6 +350,7 @@ def main() -> None:
             f"{args.patience}; multi-stack {args.mstack_max_epochs}, patience {args.mstack_patience}, starting "
             f"from {'a single-stack model' if args.mstack_init == 'sstack' else 'random weights'}), "
             f"coverage supervision {f'weight {args.coverage_weight:g}' if args.coverage else 'off'}, "
+            f"weights judged {f'averaged, {args.average_epochs:g} epochs' if args.average_epochs else 'last step'}, "
             f"training precision {args.precision} (bf16 here: {bf16}), "
             f"detector up to {args.detector_epochs} epochs, random init, "
             f"{'GPU' if gpu else '2 CPU cores'}"

@@ -243,6 +243,23 @@ def test_warmup_then_cosine_schedule():
     assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5, abs=0.02) and lrs[-1] < 0.02
 
 
+def test_weight_average_is_a_running_then_exponential_mean_of_weights_and_batchnorm_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    avg = engine.weight_average(model, horizon_steps=4)  # the plain mean of up to 4 steps, then 1/4 per step
+    seen, means = [1.0, 5.0, 3.0, 7.0, 2.0, 6.0], []
+    for v in seen:
+        with torch.no_grad():
+            model[0].weight.fill_(v)
+            model[1].running_mean.fill_(2 * v)
+        avg.update_parameters(model)
+        means.append(float(avg.module[0].weight[0, 0]))
+        assert torch.allclose(avg.module[1].running_mean, torch.full((2,), 2 * means[-1]))
+    assert means[:4] == pytest.approx([1.0, 3.0, 3.0, 4.0])  # running means of 1, 5, 3, 7
+    assert means[4] == pytest.approx(0.75 * 4.0 + 0.25 * 2.0)  # then exponential
+    assert means[5] == pytest.approx(0.75 * means[4] + 0.25 * 6.0)
+    assert torch.equal(model[0].weight, torch.full((2, 2), 6.0))  # the model itself is not touched
+
+
 def test_anchor_plan_follows_the_boxes():
     rng = np.random.default_rng(0)
     boxes = []

@@ -366,6 +366,8 @@ def test_job_settings_out_of_range_are_refused_naming_the_option():
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), stack="mstack").validate(classes)
     with pytest.raises(ValueError, match="--precision fp16: choose one of auto, bf16, fp32"):
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), precision="fp16").validate(classes)
+    with pytest.raises(ValueError, match="--average-epochs -1"):
+        mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), average_epochs=-1.0).validate(classes)
 
 
 def test_a_search_started_from_an_artifact_needs_its_backbone_and_loads_it_in_every_trial(tmp_path, monkeypatch):
@@ -445,3 +447,56 @@ def _fit_then_ctrl_c(tune, trainable, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the handler runs at the next bytecode of the main thread
+
+
+def _random_cache(n: int, side: int, seed: int = 0) -> engine.Cache:
+    rng = np.random.default_rng(seed)
+    return engine.Cache(
+        images=rng.integers(0, 255, (n, 3, side, side), dtype=np.uint8),
+        labels=np.arange(n) % 4,
+        rows=np.arange(n),
+        folds=np.arange(n) % 3,
+        keys=[f"i{i}" for i in range(n)],
+        confluence=np.full(n, np.nan, np.float32),
+    )
+
+
+def test_a_trial_validates_keeps_and_resumes_the_averaged_weights(tmp_path):
+    """``average_epochs`` > 0: what validates, what is kept as the best epoch and what the checkpoint
+    holds is the moving average of the weights, not the last step's; a resumed trial goes on with the
+    same average. Without it the model's own weights are judged."""
+    from ray import tune
+
+    job = mt.TuneJobConfig(
+        manifest="m",
+        out="o",
+        backbones=("compact_cnn",),
+        coverage=False,
+        size=32,
+        max_epochs=4,
+        min_epochs=1,
+        batch_size=4,
+        pretrained="none",
+        average_epochs=1.0,
+    )
+    config = {"job": dataclasses.asdict(job), "phase": "search", "backbone": "compact_cnn", "fold": 0, "folds": 3}
+    config.update(classes=["1", "2", "3", "4"], lr=1e-3, weight_decay=0.0)
+    cache = _random_cache(24, 32)
+    run = mt.ClassifierRun(config, {32: cache})
+    assert run.judged is run.average.module and run.average.n_averaged == 0
+    run.run_epoch(0)
+    assert int(run.average.n_averaged) == len(run.train) // job.batch_size  # one update per step
+    own, avg = run.model.state_dict(), run.judged.state_dict()
+    moved = [k for k in own if own[k].is_floating_point() and not torch.equal(own[k], avg[k])]
+    assert moved and "features.1.weight" in moved
+    assert run.stopper.best_epoch == 1
+    assert all(torch.equal(run.stopper.best_state[k], avg[k].cpu()) for k in avg)
+    run.save(str(tmp_path), 0, {})
+    again = mt.ClassifierRun(config, {32: cache})
+    again.restore(tune.Checkpoint.from_directory(str(tmp_path)))
+    assert again.start == 1 and int(again.average.n_averaged) == int(run.average.n_averaged)
+    back = again.judged.state_dict()
+    assert all(torch.equal(back[k], avg[k]) for k in avg)
+    last_step = dataclasses.asdict(dataclasses.replace(job, average_epochs=0.0))
+    plain = mt.ClassifierRun({**config, "job": last_step}, {32: cache})
+    assert plain.average is None and plain.judged is plain.model

@@ -86,6 +86,13 @@ def tune(
     coverage_weight: Annotated[
         float, typer.Option(help="Weight of the coverage term beside the band and confluence losses.")
     ] = 3.0,
+    average_epochs: Annotated[
+        float,
+        typer.Option(
+            help="Validate, keep and export a moving average of the weights over about this many epochs of "
+            "steps instead of the last step's weights (0: the last step's)."
+        ),
+    ] = 2.0,
     batch_size: Annotated[int, typer.Option(help="Images per optimisation step.")] = 32,
     augment_on: Annotated[
         str,
@@ -148,6 +155,7 @@ def tune(
         views=views,
         coverage=coverage,
         coverage_weight=coverage_weight,
+        average_epochs=average_epochs,
         channels=channels,
         pretrained=pretrained,
         asha=asha,

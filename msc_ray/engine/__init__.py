@@ -39,6 +39,7 @@ from .classifier import (
     train_one_epoch,
     view_mean,
     warmup_cosine,
+    weight_average,
 )
 from .detector import (
     anchor_plan,
@@ -101,4 +102,5 @@ __all__ = [
     "use_bf16",
     "view_mean",
     "warmup_cosine",
+    "weight_average",
 ]

@@ -145,6 +145,26 @@ class ClassifierLoss:
         return self.coverage_weight * bce
 
 
+def weight_average(model: nn.Module, horizon_steps: float) -> torch.optim.swa_utils.AveragedModel:
+    """A moving average of ``model``'s weights and BatchNorm statistics (torch's ``AveragedModel``,
+    ``use_buffers``): the plain mean of the steps so far until there are ``horizon_steps`` of them,
+    then exponential with that time constant (each update moves the average ``1 / horizon_steps`` of
+    the way to the model), so a short run's average does not hold on to its first steps' weights. The
+    average (``.module``) is what validates, is kept as the best epoch and is exported; training
+    steps the model itself."""
+    from torch.optim.swa_utils import AveragedModel
+
+    horizon = max(float(horizon_steps), 1.0)
+
+    @torch.no_grad()
+    def update(average: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        if not average.is_floating_point():  # counters (BatchNorm's batches seen) are the model's own
+            return current
+        return average.lerp(current, max(1.0 / horizon, 1.0 / (float(n) + 1.0)))
+
+    return AveragedModel(model, avg_fn=update, use_buffers=True)
+
+
 def balanced_weights(labels: np.ndarray, k: int) -> torch.Tensor:
     """scikit-learn's "balanced" class weights, 1 for a class absent from ``labels``."""
     from sklearn.utils.class_weight import compute_class_weight
@@ -167,8 +187,10 @@ def train_one_epoch(
     batch_size: int,
     device: torch.device,
     precision: str = "auto",
+    average: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict:
-    """One pass over the (augmented) training cache; the schedule steps per batch. Returns
+    """One pass over the (augmented) training cache; the schedule steps per batch, and ``average``
+    (:func:`weight_average`), when given, takes the weights after each step. Returns
     ``{"loss": mean loss, "images": count}``. A model with a coverage head (compact CNN) on a cache
     with covered pixels also learns the coverage map (:meth:`ClassifierLoss.coverage`). The forward
     pass runs under bfloat16 autocast where :func:`use_bf16` says so; losses are float32."""
@@ -192,6 +214,8 @@ def train_one_epoch(
         opt.step()
         if sched is not None:
             sched.step()
+        if average is not None:
+            average.update_parameters(model)
         total = total + loss.detach() * len(y)  # summed on the device: no host sync per step
         n += len(y)
     return {"loss": float(total) / max(n, 1), "images": n}

@@ -62,6 +62,10 @@ class ClassifierRun:
         self.aug_train = engine.Augmenter(dcfg, train=True, batched=batched)
         self.aug_eval = engine.Augmenter(dcfg, train=False, batched=batched)
         self.stopper = engine.EarlyStopping(job.patience)
+        # the weights that validate, are kept as the best epoch and are exported: the model's own, or their
+        # moving average over the last job.average_epochs epochs of steps (engine.weight_average)
+        self.average = engine.weight_average(self.model, job.average_epochs * steps) if job.average_epochs > 0 else None
+        self.judged = self.average.module if self.average is not None else self.model
         self.start = 0
 
     def restore(self, ckpt) -> None:
@@ -74,11 +78,14 @@ class ClassifierRun:
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         self.stopper.load_state_dict(saved["stopper"])
+        if self.average is not None and saved.get("average") is not None:
+            # a checkpoint without one (a run from before averaging) starts it from the next step's weights
+            self.average.load_state_dict(saved["average"])
         self.start = int(saved["epoch"])
 
     def predict(self, part: engine.Cache, views: int = 1) -> np.ndarray:
         return engine.predict(
-            self.model,
+            self.judged,
             part,
             self.aug_eval,
             batch_size=self.job.batch_size * 2,
@@ -102,6 +109,7 @@ class ClassifierRun:
             batch_size=self.job.batch_size,
             device=self.device,
             precision=self.precision,
+            average=self.average,
         )
         report = {
             "epoch": epoch + 1,
@@ -116,19 +124,19 @@ class ClassifierRun:
         }
         last = epoch + 1 == self.epochs
         if len(self.val) == 0:  # export: all images train, no early stopping
-            self.stopper.update(float(epoch), epoch + 1, self.model)
+            self.stopper.update(float(epoch), epoch + 1, self.judged)
             done = "epochs" if last else ""
         else:
             m = engine.evaluate(self.predict(self.val), self.val, self.classes)
             report.update({METRIC: m["roc_auc"], "val_acc": m["accuracy"], "val_pr_auc": m["pr_auc"]})
             if epoch + 1 >= (self.job.min_epochs or self.epochs // 2) or last:
-                self.stopper.update(m["roc_auc"], epoch + 1, self.model)
+                self.stopper.update(m["roc_auc"], epoch + 1, self.judged)
             done = "patience" if self.stopper.stop else "max_epochs" if last else ""
             report["best_val_auc"] = self.stopper.best
         extra = {}
         if done and len(self.test):
             predict = functools.partial(self.predict, views=self.job.views)
-            extra = _outer_figures(self.model, self.stopper.best_state, predict, self.val, self.test, self.classes)
+            extra = _outer_figures(self.judged, self.stopper.best_state, predict, self.val, self.test, self.classes)
             report.update({key: v for key, v in extra.items() if not isinstance(v, np.ndarray)})
         report.update(best_epoch=self.stopper.best_epoch, done_reason=done, epoch_seconds=time.perf_counter() - t0)
         return report, extra, done
@@ -141,6 +149,7 @@ class ClassifierRun:
                 "scheduler": self.sched.state_dict(),
                 "stopper": self.stopper.state_dict(),
                 "best_model": self.stopper.best_state,
+                "average": self.average.state_dict() if self.average is not None else None,
                 "confluence_output": self.regress,
                 "coverage_supervision": self.coverage,
                 "epoch": epoch + 1,
