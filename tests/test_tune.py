@@ -370,6 +370,18 @@ def test_job_settings_out_of_range_are_refused_naming_the_option():
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), average_epochs=-1.0).validate(classes)
 
 
+def _random_cache(n: int, side: int, seed: int = 0) -> engine.Cache:
+    rng = np.random.default_rng(seed)
+    return engine.Cache(
+        images=rng.integers(0, 255, (n, 3, side, side), dtype=np.uint8),
+        labels=np.arange(n) % 4,
+        rows=np.arange(n),
+        folds=np.arange(n) % 3,
+        keys=[f"i{i}" for i in range(n)],
+        confluence=np.full(n, np.nan, np.float32),
+    )
+
+
 def test_a_search_started_from_an_artifact_needs_its_backbone_and_loads_it_in_every_trial(tmp_path, monkeypatch):
     """``--pretrained ARTIFACT``: refused before any trial when a backbone of the search is not the
     artifact's; a trial (Ray-free) starts from the artifact's features, with a relative path too."""
@@ -383,16 +395,7 @@ def test_a_search_started_from_an_artifact_needs_its_backbone_and_loads_it_in_ev
         job.validate(classes)
     job = dataclasses.replace(job, backbones=("compact_cnn",), coverage=False, size=32, max_epochs=2)
     job.validate(classes)
-    n = 12
-    rng = np.random.default_rng(0)
-    cache = engine.Cache(
-        images=rng.integers(0, 255, (n, 3, 32, 32), dtype=np.uint8),
-        labels=np.arange(n) % 4,
-        rows=np.arange(n),
-        folds=np.arange(n) % 3,
-        keys=[f"i{i}" for i in range(n)],
-        confluence=np.full(n, np.nan, np.float32),
-    )
+    cache = _random_cache(12, 32)
     config = {"job": dataclasses.asdict(job), "phase": "search", "backbone": "compact_cnn", "fold": 0, "folds": 3}
     config.update(classes=classes["sstack"], lr=1e-3, weight_decay=0.0)
     run = mt.ClassifierRun(config, {32: cache})
@@ -447,18 +450,6 @@ def _fit_then_ctrl_c(tune, trainable, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the handler runs at the next bytecode of the main thread
-
-
-def _random_cache(n: int, side: int, seed: int = 0) -> engine.Cache:
-    rng = np.random.default_rng(seed)
-    return engine.Cache(
-        images=rng.integers(0, 255, (n, 3, side, side), dtype=np.uint8),
-        labels=np.arange(n) % 4,
-        rows=np.arange(n),
-        folds=np.arange(n) % 3,
-        keys=[f"i{i}" for i in range(n)],
-        confluence=np.full(n, np.nan, np.float32),
-    )
 
 
 def test_a_trial_validates_keeps_and_resumes_the_averaged_weights(tmp_path):

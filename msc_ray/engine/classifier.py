@@ -157,12 +157,17 @@ def weight_average(model: nn.Module, horizon_steps: float) -> torch.optim.swa_ut
     horizon = max(float(horizon_steps), 1.0)
 
     @torch.no_grad()
-    def update(average: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        if not average.is_floating_point():  # counters (BatchNorm's batches seen) are the model's own
-            return current
-        return average.lerp(current, max(1.0 / horizon, 1.0 / (float(n) + 1.0)))
+    def update(averages: list[torch.Tensor], currents: list[torch.Tensor], n: torch.Tensor) -> None:
+        # one call per (device, dtype) group; the step's weight stays a tensor on the device (no host sync)
+        if not averages[0].is_floating_point():  # counters (BatchNorm's batches seen) are the model's own
+            for a, c in zip(averages, currents, strict=True):
+                a.copy_(c)
+            return
+        w = torch.clamp(1.0 / (n.to(averages[0].dtype) + 1.0), min=1.0 / horizon)
+        for a, c in zip(averages, currents, strict=True):
+            a.lerp_(c, w)
 
-    return AveragedModel(model, avg_fn=update, use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def balanced_weights(labels: np.ndarray, k: int) -> torch.Tensor:

@@ -62,11 +62,15 @@ class ClassifierRun:
         self.aug_train = engine.Augmenter(dcfg, train=True, batched=batched)
         self.aug_eval = engine.Augmenter(dcfg, train=False, batched=batched)
         self.stopper = engine.EarlyStopping(job.patience)
-        # the weights that validate, are kept as the best epoch and are exported: the model's own, or their
-        # moving average over the last job.average_epochs epochs of steps (engine.weight_average)
+        # moving average of the weights over job.average_epochs epochs of steps (engine.weight_average), or none
         self.average = engine.weight_average(self.model, job.average_epochs * steps) if job.average_epochs > 0 else None
-        self.judged = self.average.module if self.average is not None else self.model
         self.start = 0
+
+    @property
+    def judged(self) -> torch.nn.Module:
+        """The weights that validate, are kept as the best epoch and are exported: the average's, where
+        there is one, else the model's own."""
+        return self.average.module if self.average is not None else self.model
 
     def restore(self, ckpt) -> None:
         """Continue where an interrupted trial stopped (a Tune checkpoint, or None)."""
