@@ -325,14 +325,20 @@ class Detector:
 
 class Segmenter:
     """A segmenter artifact on a device: an image → cell and nucleus instance maps at the image's own
-    size, read at the artifact's score thresholds (chosen on the inner validation folds)."""
+    size, read at the artifact's score thresholds (chosen on the inner validation folds). ``views``
+    (1, 4 or 8; a U-Net's): test-time views instead of the artifact's own (0)."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None, device=None):
-        from . import models
+    def __init__(self, uri: str, endpoint_url: str | None = None, device=None, views: int = 0):
+        from . import check_views, models
 
         self.uri = uri
         self.device = device or default_device()
         self.model, self.config = models.load_segmenter(uri, endpoint_url)
+        if views:
+            check_views(views, f"--views {views}")
+            if not hasattr(self.model, "views"):
+                raise ValueError(f"--views {views}: {uri} is not a U-Net segmenter (it has no test-time views)")
+            self.model.views = views
         float32_boxes(self.model).to(self.device)
         self.size = int(self.config["image_size"])
         self.thresholds = self.config["score_thresholds"]

@@ -211,7 +211,7 @@ def _measure_chunk(items: list[tuple[str, str, str, str | None]], endpoint_url: 
 
 
 def _segment_chunk(
-    items: list[tuple[str, str, str, str]], segmenter: str, endpoint_url: str | None
+    items: list[tuple[str, str, str, str]], segmenter: str, endpoint_url: str | None, views: int = 0
 ) -> tuple[list, list]:
     """Ray task: ``(stack, stem, image URI, path)`` → (cell rows, image rows) measured on the instance
     maps a segmenter predicts (loaded once per task). An unreadable image is an image row with
@@ -220,7 +220,7 @@ def _segment_chunk(
     from .images import ImageError, decode
     from .inference import Segmenter
 
-    seg = Segmenter(segmenter, endpoint_url)
+    seg = Segmenter(segmenter, endpoint_url, views=views)
     cells_out, images_out = [], []
     for stack, stem, uri, path in items:
         base = {"stack": stack, "stem": stem, "mask": f"predicted by {seg.version or segmenter}"}
@@ -254,12 +254,18 @@ def _metadata(corpus: str, endpoint_url: str | None) -> dict[tuple[str, str], di
 
 
 def measure_corpus(
-    corpus: str, out: str, endpoint_url: str | None = None, chunk: int = 64, segmenter: str | None = None
+    corpus: str,
+    out: str,
+    endpoint_url: str | None = None,
+    chunk: int = 64,
+    segmenter: str | None = None,
+    views: int = 0,
 ) -> dict:
     """Every instance mask of ``corpus`` (``masks/<stack>/<stem>.png``; nuclei, when present, in
     ``masks/<stack>/nuclei/<stem>.png``) → ``OUT/cells.parquet`` and ``OUT/images.parquet`` (with the
     image's metadata.csv columns). With ``segmenter`` (an artifact), every image of the corpus is
-    segmented instead and its predicted masks are measured (images need no masks). Returns
+    segmented instead and its predicted masks are measured (images need no masks), on ``views``
+    test-time views (0: the artifact's own). Returns
     ``n_images``, ``n_cells``, ``errors`` and the two tables' URIs (``images``, ``cells``)."""
     import pyarrow.fs as pafs
     import ray
@@ -274,7 +280,7 @@ def measure_corpus(
         items = [(r["stack"], r["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0], r["uri"], r["path"]) for r in rows]
         task = ray.remote(num_cpus=1)(_segment_chunk)
         parts = ray.get(
-            [task.remote(items[i : i + chunk], segmenter, endpoint_url) for i in range(0, len(items), chunk)]
+            [task.remote(items[i : i + chunk], segmenter, endpoint_url, views) for i in range(0, len(items), chunk)]
         )
         return _write_tables(corpus, out, parts, endpoint_url)
     loc = storage.resolve(storage.join(corpus, "masks"), endpoint_url)

@@ -254,6 +254,12 @@ def _write_table(rows: list[dict], summary: dict, thresholds: dict, job: Segment
             f" The U-Net's maps are the mean of {job.views} test-time views (outer folds and inner thresholds)."
             if job.backbone in models.UNET_WIDTHS
             else ""
+        )
+        + (
+            f" Trained on random {job.crop}-px windows of the {job.size}-px images (early stopping on the centred"
+            f" {job.crop}-px window of each inner image); the outer folds and inner thresholds read whole images."
+            if job.crop
+            else ""
         ),
     ]
     (out / "metrics.md").write_text("\n".join(md) + "\n")

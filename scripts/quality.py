@@ -5,7 +5,7 @@ calibrated on. Then the exported models score a corpus of new vessels (another s
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
     .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 400] [--folds 5]  # CPU, about 23 min
-    .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 23 min
+    .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 20 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
 ``--stages segmenter`` is the morphology/potency chain: the segmenter (U-Net + watershed by default,
@@ -75,7 +75,11 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     """Segmenter on corpus A (outer folds), then potency on new vessels from its predicted masks."""
     from msc_ray import corpus, morphology, potency, segment, synth
 
-    n, size = args.seg_n or (1000 if gpu else 600), args.seg_size or (256 if gpu else 128)
+    n, size = args.seg_n or (1000 if gpu else 600), args.seg_size or 256
+    # CPU: 128-px training crops of the 256-px images, so an epoch costs what 128-px images did while the
+    # outer fold, the artifact and the potency corpus are read whole (README "Morphology and potency")
+    crop = args.seg_crop if args.seg_crop is not None else (0 if gpu else 128)
+    views = args.potency_views if args.potency_views is not None else (0 if gpu else 1)
     backbone = args.segmenter_backbone or ("unet_wide" if gpu else "unet")
     mask_rcnn = not backbone.startswith("unet")  # Mask R-CNN's measured recipe: batch 2, lr 1e-3
     synth.synthesize(out / "seg-corpus", synth.SynthConfig(n=n, size=size, stack="sstack", seed=7, workers=WORKERS))
@@ -92,6 +96,7 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
             gpu=gpu,
             backbone=backbone,
             size=size,
+            crop=crop,
             batch_size=2 if mask_rcnn else 8,
             lr=1e-3 if mask_rcnn else 3e-3,
             precision=args.precision,
@@ -108,7 +113,9 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     for what, seg_art in (("predicted masks", seg["artifact"]), ("exact masks", None)):
         t0 = time.perf_counter()
         tag = "pred" if seg_art else "exact"
-        feats = morphology.measure_corpus(str(out / "pot-corpus"), str(out / f"morph-{tag}"), segmenter=seg_art)
+        feats = morphology.measure_corpus(
+            str(out / "pot-corpus"), str(out / f"morph-{tag}"), segmenter=seg_art, views=views if seg_art else 0
+        )
         fit = potency.train_potency(
             potency.PotencyJobConfig(features=feats["images"], out=str(out / f"potency-{tag}"), folds=args.folds)
         )
@@ -119,10 +126,11 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
             f"{m['spearman']:.3f}, MAE {m['mae']:.2f} on held-out vessels ({res[f'potency_{tag}']['minutes']:.1f} min)"
         )
     print(
-        f"settings: segmenter {backbone} on {n} images at {size}px, outer folds "
+        f"settings: segmenter {backbone} on {n} images at {size}px (training crops {crop or 'off'}), outer folds "
         f"{args.segmenter_folds or ('all' if gpu else '0')}, "
         f"up to {args.segmenter_epochs} epochs, training precision {args.precision} (bf16 here: {bf16}); "
-        f"potency on {pot_n} images of new vessels, {args.folds} folds by vessel"
+        f"potency on {pot_n} images of new vessels at {size}px read on {views or 'the artifact’s'} view(s), "
+        f"{args.folds} folds by vessel"
     )
     return res
 
@@ -258,7 +266,11 @@ def main() -> None:
         default=None,
         help="unet (CPU default), unet_wide (GPU default), or Mask R-CNN: compact_fpn (CPUs), resnet50_fpn (GPUs)",
     )
-    ap.add_argument("--seg-size", type=int, default=None, help="segmenter image side (CPU 128, GPU 256)")
+    ap.add_argument("--seg-size", type=int, default=None, help="segmenter and potency image side (256)")
+    ap.add_argument("--seg-crop", type=int, default=None, help="segmenter training crop side (CPU 128; GPU 0: whole)")
+    ap.add_argument(
+        "--potency-views", type=int, default=None, help="views the potency corpus is segmented on (CPU 1; GPU 0: 8)"
+    )
     # 60 (was 40 before the U-Net trained channels-last, in about the same minutes): chosen on new vessels
     # of another seed (scripts/segmenter_limits.py, seed 1234), not on this benchmark's outer fold
     ap.add_argument("--segmenter-epochs", type=int, default=60, help="segmenter epochs (patience may stop sooner)")

@@ -114,13 +114,20 @@ def test_a_failing_tune_names_the_real_error_in_one_line(tmp_path):
 
 
 def test_a_wrong_training_option_is_named_before_the_corpus_is_indexed(tmp_path):
-    """train-detector and train-segmenter check their options first: a wrong one is a one-line error
-    naming it, and the corpus is not indexed (no manifest is written under --out)."""
+    """train-detector, train-segmenter and morphology check their options first: a wrong one is a
+    one-line error naming it, and the corpus is not indexed (no manifest is written under --out)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     _run(["synth", "c", "--n", "8", "--size", "64", "--stack", "sstack"], tmp_path)
-    for command, option, value in (("train-detector", "--precision", "fp16"), ("train-segmenter", "--views", "3")):
+    for command, option, value, more in (
+        ("train-detector", "--precision", "fp16", []),
+        ("train-segmenter", "--views", "3", []),
+        ("train-segmenter", "--crop", "200", ["--size", "128"]),  # a crop larger than the images
+        ("train-detector", "--crop", "8", []),  # smaller than a few cells
+        ("morphology", "--views", "3", ["--segmenter", "art"]),
+        ("morphology", "--views", "4", []),  # views of the corpus's own masks
+    ):
         proc = subprocess.run(
-            [sys.executable, "-m", "msc_ray.cli", command, "c", "--out", command, option, value],
+            [sys.executable, "-m", "msc_ray.cli", command, "c", "--out", command, option, value, *more],
             cwd=tmp_path,
             capture_output=True,
             text=True,

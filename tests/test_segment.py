@@ -74,6 +74,87 @@ def test_mask_ap_is_one_for_the_truth_lower_for_a_miss_and_zero_for_nothing():
     assert n == {"cell_mask_ap50": 0.0, "cell_mask_ap": 0.0, "nucleus_mask_ap50": 0.0, "nucleus_mask_ap": 0.0}
 
 
+def _drawn_cells(side: int = 96, n: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Instance maps (2, side, side) of ``n`` rectangles, and an image drawn from them (cells white)."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((2, side, side), np.uint16)
+    for k in range(1, n + 1):
+        y, x = rng.integers(0, side - 8, 2)
+        ids[0, y : y + rng.integers(3, 9), x : x + rng.integers(3, 12)] = k
+    ids[1] = np.where(ids[0] % 3 == 0, ids[0], 0)
+    return np.repeat((ids[0] > 0)[None] * 255, 3, 0).astype(np.uint8), ids
+
+
+def _one_image_cache(img: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> engine.Cache:
+    return engine.Cache(
+        images=img[None],
+        labels=np.zeros(1, np.int64),
+        rows=np.zeros(1, np.int64),
+        folds=np.zeros(1, np.int64),
+        keys=["sstack/1/a.png"],
+        confluence=np.full(1, np.nan, np.float32),
+        boxes=[boxes],
+        masks=ids[None],
+    )
+
+
+def test_training_crops_keep_the_instance_maps_on_their_pixels_and_move_every_epoch():
+    """With a training crop a sample is a crop × crop window of the cached image with its instance maps
+    (or boxes) cut and turned alike: an image drawn from its own cell map stays aligned through the
+    crop, the rotation and the flips, and the window moves from epoch to epoch. Evaluation reads whole
+    images. The centred window of a cache (what early stopping reads) cuts images, maps and boxes at
+    known places, and drops a box left with no area."""
+    img, ids = _drawn_cells()
+    cfg = segment.SegmentJobConfig(manifest="m", out="o", size=96, crop=48).data_config()
+    aug = engine.Augmenter(cfg, train=True, boxes=True, crop=48)
+    windows = []
+    for epoch in range(6):
+        x, m = engine.augment_with_masks(aug, img, ids, "sstack/1/a.png", epoch)
+        assert x.shape == (3, 48, 48) and m.shape == (2, 48, 48)
+        r = np.corrcoef(x[0].flatten().numpy(), (m[0] > 0).flatten().float().numpy())[0, 1]
+        assert r > 0.6, (epoch, r)
+        windows.append(frozenset(torch.unique(m[0]).tolist()))
+    assert len(set(windows)) > 1  # not the same window every epoch
+    whole = engine.Augmenter(cfg, train=False, boxes=True, crop=48)
+    x, m = engine.augment_with_masks(whole, img, ids, "sstack/1/a.png", 0)
+    assert x.shape == (3, 96, 96) and torch.equal(m, torch.from_numpy(ids.astype(np.int64)))
+    boxes = np.array([[0, 0, 30, 30], [10, 10, 20, 20], [60, 60, 90, 90]], np.float32)
+    xb, b = aug.one(img, "sstack/1/a.png", 2, boxes)  # the detector's samples: boxes cut with the image
+    assert xb.shape == (3, 48, 48) and len(b) <= 3 and (b >= 0).all() and (b <= 48).all()
+
+    cache = _one_image_cache(img, ids, boxes)
+    c = cache.centre_crop(48)  # the window 24–72 in both directions
+    assert np.array_equal(c.images[0], img[:, 24:72, 24:72]) and np.array_equal(c.masks[0], ids[:, 24:72, 24:72])
+    assert c.boxes[0].tolist() == [[0, 0, 6, 6], [36, 36, 48, 48]]
+    assert cache.centre_crop(0) is cache and cache.centre_crop(96) is cache
+
+
+def test_a_fold_run_with_a_crop_trains_on_crops_and_stops_early_on_centred_windows():
+    """The DDP worker's state with ``crop``: its training samples are crops, its inner validation part
+    the centred windows, and one epoch runs and is scored there. Without a crop both are whole."""
+    from msc_ray.detect.worker import DetectorRun
+
+    parts = [_drawn_cells(seed=s) for s in range(8)]
+    cache = engine.Cache(
+        images=np.stack([p[0] for p in parts]),
+        labels=np.zeros(8, np.int64),
+        rows=np.arange(8),
+        folds=np.arange(8) % 4,
+        keys=[f"sstack/1/{i}.png" for i in range(8)],
+        confluence=np.full(8, np.nan, np.float32),
+        masks=np.stack([p[1] for p in parts]),
+    )
+    job = segment.SegmentJobConfig(manifest="m", out="o", size=96, crop=48, epochs=1, min_epochs=1, batch_size=2)
+    run = DetectorRun(job, 0, 4, cache, None)
+    assert run.aug_train.crop == 48 and run.val.images.shape[1:] == (3, 48, 48) and run.val.masks.shape[-1] == 48
+    imgs, targets, _ = next(engine.detection_batches(run.train, run.aug_train, 2, epoch=0))
+    assert [tuple(i.shape) for i in imgs] == [(3, 48, 48)] * 2 and targets[0]["masks"].shape[-1] == 48
+    report = run.run_epoch(0)
+    assert report["images"] == 4 and np.isfinite(report["loss"]) and "val_map50" in report
+    plain = DetectorRun(segment.SegmentJobConfig(manifest="m", out="o", size=96), 0, 4, cache, None)
+    assert plain.aug_train.crop == 0 and plain.val.images.shape[-1] == 96
+
+
 def test_count_thresholds_are_chosen_where_counts_come_out_right():
     # two images: true cells score 0.7-0.9, spurious ones 0.2-0.3 → any threshold in (0.3, 0.7] is exact
     preds = [
@@ -322,6 +403,7 @@ def test_the_unet_builds_its_targets_and_trains_on_a_gpu():
 
 
 def test_a_segmenter_saved_before_the_offsets_still_loads(tmp_path):
+    TH = {"cell": 0.5, "nucleus": 0.5}
     old = models.build_segmenter("unet", offsets=False)
     models.save_artifact(
         tmp_path / "art",
@@ -342,9 +424,24 @@ def test_a_segmenter_saved_before_the_offsets_still_loads(tmp_path):
     models.save_artifact(
         tmp_path / "views",
         new.state_dict(),
-        {"kind": "segmenter", "architecture": "unet", "image_size": 64, "views": 8},
+        {"kind": "segmenter", "architecture": "unet", "image_size": 64, "views": 8, "score_thresholds": TH},
     )
     assert models.load_segmenter(tmp_path / "views")[0].views == 8
+    # morphology --views: the artifact read on other views than its own, and refused where it has none
+    from msc_ray.inference import Segmenter
+
+    assert Segmenter(str(tmp_path / "views"), views=1).model.views == 1
+    assert Segmenter(str(tmp_path / "views")).model.views == 8
+    with pytest.raises(ValueError, match="--views 3: choose one of"):
+        Segmenter(str(tmp_path / "views"), views=3)
+    rcnn = models.build_segmenter("compact_fpn", image_size=64, anchors=None)
+    models.save_artifact(
+        tmp_path / "rcnn",
+        rcnn.state_dict(),
+        {"kind": "segmenter", "architecture": "compact_fpn", "image_size": 64, "score_thresholds": TH},
+    )
+    with pytest.raises(ValueError, match="is not a U-Net segmenter"):
+        Segmenter(str(tmp_path / "rcnn"), views=4)
     # an artifact of the earlier default widths (16 channels at full resolution) keeps them
     narrow = models.UNetWatershed((16, 32, 64, 128))
     models.save_artifact(

@@ -91,6 +91,16 @@ MinEpochsOpt = Annotated[
 ]
 
 
+CropOpt = Annotated[
+    int,
+    typer.Option(
+        help="Train on random crop × crop windows of the --size images (their masks or boxes with them) and "
+        "stop early on the centred window of each inner image; the outer folds and the artifact read whole "
+        "images. Sharper images at the cost of smaller ones. 0: whole images."
+    ),
+]
+
+
 LrOpt = Annotated[float, typer.Option(help="AdamW learning rate (after a one-epoch warm-up; cosine decay).")]
 
 
@@ -174,7 +184,7 @@ def _per_fold_job(cls, corpus_or_manifest: str, out: str, folds: int, only_folds
     from dataclasses import replace
 
     out = _absolute(out)
-    shared = ("epochs", "patience", "min_epochs", "workers", "gpu", "cpus_per_worker", "backbone", "size")
+    shared = ("epochs", "patience", "min_epochs", "workers", "gpu", "cpus_per_worker", "backbone", "size", "crop")
     job = cls(
         manifest=corpus_or_manifest,
         out=out,

@@ -11,6 +11,7 @@ from .common import (
     PRECISION_CHOICES,
     AddressOpt,
     CpusPerWorkerOpt,
+    CropOpt,
     EndpointOpt,
     FoldsOpt,
     GpuOpt,
@@ -207,6 +208,7 @@ def train_detector(
         str, typer.Option(help="compact_fpn (default, CPUs), resnet18_fpn or resnet50_fpn (GPUs).")
     ] = "compact_fpn",
     size: Annotated[int, typer.Option(help="Image side the detector sees.")] = 128,
+    crop: CropOpt = 0,
     batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 4,
     lr: LrOpt = 1e-3,
     seed: SeedOpt = 0,
@@ -263,6 +265,7 @@ def train_segmenter(
     size: Annotated[
         int, typer.Option(help="Image side the segmenter sees (keep the corpus's own: nuclei are small).")
     ] = 128,
+    crop: CropOpt = 0,
     batch_size: Annotated[int, typer.Option(help="Images per worker per step.")] = 8,
     lr: LrOpt = 3e-3,
     views: Annotated[

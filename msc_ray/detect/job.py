@@ -16,6 +16,8 @@ from ..config import DataConfig, from_dict
 
 log = logging.getLogger(__name__)
 
+MIN_CROP = 32  # the smallest training crop (px): a few cells across
+
 
 @dataclass(frozen=True)
 class DetectJobConfig:
@@ -38,6 +40,9 @@ class DetectJobConfig:
     backbone: str = "compact_fpn"
     size: int = 128  # abnormal cells are large: 128 px keeps them 20–50 px across
     batch_size: int = 4  # small batches: more steps per epoch (measured: found cells by epoch 10, not 20)
+    # training samples: random crop × crop windows of the --size images (0: whole images); early stopping
+    # then reads the centred window of each inner image, so an epoch costs what a crop-sized corpus would
+    crop: int = 0
     lr: float = 1e-3
     grad_clip: float = 10.0  # gradient-norm cap
     weight_decay: float = 1e-4
@@ -58,6 +63,8 @@ class DetectJobConfig:
             raise ValueError(f"--placement must be PACK or SPREAD, got {self.placement!r}")
         if self.workers < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--workers, --epochs and --batch-size must be at least 1")
+        if self.crop and not MIN_CROP <= self.crop <= self.size:
+            raise ValueError(f"--crop {self.crop}: 0 (whole images) or {MIN_CROP} to --size ({self.size}) px")
         engine.check_precision(self.precision)
 
     def build_model(self, anchors: dict, **kwargs) -> torch.nn.Module:

@@ -47,6 +47,7 @@ class DetectorRun:
     ):
         self.job, self.fold, self.rank, self.world, self.anchors = job, fold, rank, world, anchors
         self.train, self.val, _ = cache.split(fold, folds)
+        self.val = self.val.centre_crop(job.crop)  # early stopping's part at the training crop's side
         if len(self.train) < world:
             raise ValueError(f"fold {fold}: {len(self.train)} training images for {world} workers")
         dcfg = job.data_config()
@@ -56,7 +57,7 @@ class DetectorRun:
         steps = max(-(-(len(self.train) // world) // job.batch_size), 1)
         self.sched = engine.warmup_cosine(self.opt, job.epochs * steps, steps)
         self.stopper = engine.EarlyStopping(job.patience)
-        self.aug_train = engine.Augmenter(dcfg, train=True, boxes=True)
+        self.aug_train = engine.Augmenter(dcfg, train=True, boxes=True, crop=job.crop)
         self.aug_eval = engine.Augmenter(dcfg, train=False, boxes=True)
         self.start = 0
         self.ddp, self.device = self.model, torch.device("cpu")

@@ -4,7 +4,7 @@ images with their labels, folds and masks, and the augmentation from it (per ima
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -92,6 +92,28 @@ class Cache:
             covered_ok=self.covered_ok[idx] if self.covered_ok is not None else None,
         )
 
+    def centre_crop(self, side: int) -> Cache:
+        """The same images cut to their centred ``side`` × ``side`` window (images, masks, covered pixels
+        and boxes with them; a box left with no area is dropped). ``side`` 0 or not smaller: unchanged."""
+        s = self.images.shape[-1]
+        if not side or side >= s:
+            return self
+        o = (s - side) // 2
+        win = (..., slice(o, o + side), slice(o, o + side))
+        boxes = None
+        if self.boxes is not None:
+            boxes = []
+            for b in self.boxes:
+                b = np.clip(np.asarray(b, np.float32).reshape(-1, 4) - o, 0, side)
+                boxes.append(b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])])
+        return replace(
+            self,
+            images=np.ascontiguousarray(self.images[win]),
+            masks=None if self.masks is None else np.ascontiguousarray(self.masks[win]),
+            covered=None if self.covered is None else np.ascontiguousarray(self.covered[win]),
+            boxes=boxes,
+        )
+
     def split(self, outer: int, folds: int) -> tuple[Cache, Cache, Cache]:
         """(training, inner validation, outer test) for validation fold ``outer``: the outer fold is
         the test part nothing is chosen on; the next fold is the inner validation part used for early
@@ -119,15 +141,21 @@ class Augmenter:
     """The study's augmentations (training) or nothing (evaluation), then normalisation, applied to
     cached uint8 images. ``boxes``: detection samples (box-aware, boxes that leave the image dropped)."""
 
-    def __init__(self, cfg: DataConfig, *, train: bool, boxes: bool = False, batched: bool = False):
+    def __init__(self, cfg: DataConfig, *, train: bool, boxes: bool = False, batched: bool = False, crop: int = 0):
         self.cfg, self.train, self.with_boxes = cfg, train, boxes
+        # crop: training samples are a random crop × crop window of the cached image (its instance maps or
+        # boxes with it) before the study's augmentations; 0 or evaluation: whole images
+        self.crop = int(crop) if train else 0
+        crop_steps: list[v2.Transform] = [v2.RandomCrop(self.crop)] if self.crop else []
         # batched: whole batches at once on the training device (augment.BatchAugment) instead of one
         # image at a time on the CPU; classification only
         self.batched = bool(batched) and not boxes
         self.batch_tf = augment.BatchAugment(cfg) if self.batched and train else None
         steps: list[v2.Transform] = []
         if train:
-            steps = augment.geometric(cfg) + augment.photometric()
+            steps = crop_steps + augment.geometric(cfg) + augment.photometric()
+        # samples with instance maps (augment_with_masks): the same steps without the box clean-up
+        self.mask_tf = v2.Compose(crop_steps + augment.geometric(cfg) + augment.photometric()) if train else None
         if boxes:
             steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=2.0)]
         self.tf = v2.Compose(steps) if steps else None
@@ -173,14 +201,14 @@ def augment_batch(aug: Augmenter, images_u8: np.ndarray, keys: list[str], epoch:
 
 
 def augment_with_masks(aug: Augmenter, img: np.ndarray, masks: np.ndarray, key: str, epoch: int):
-    """uint8 (C, S, S) and uint16 (2, S, S) instance maps → normalised float32 (C, S, S) and int64
-    (2, S, S), the same geometric augmentation applied to both (nearest neighbour for the ids)."""
+    """uint8 (C, S, S) and uint16 (2, S, S) instance maps → normalised float32 (C, S', S') and int64
+    (2, S', S'), the same geometric augmentation applied to both (nearest neighbour for the ids); S' is
+    the training crop's side where ``aug`` has one, else S."""
     x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
     m = torch.from_numpy(masks.astype(np.int64))
     if aug.train:
-        tf = aug.tf if not aug.with_boxes else v2.Compose(augment.geometric(aug.cfg) + augment.photometric())
         out = augment.apply(
-            tf,
+            aug.mask_tf,
             {"image": tv_tensors.Image(x), "masks": tv_tensors.Mask(m)},
             augment.sample_seed(aug.cfg.seed, epoch, key),
         )
