@@ -5,7 +5,7 @@ calibrated on. Then the exported models score a corpus of new vessels (another s
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
     .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 400] [--folds 5]  # CPU, about 23 min
-    .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 20 min
+    .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 26 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
 ``--stages segmenter`` is the morphology/potency chain: the segmenter (U-Net + watershed by default,
@@ -80,6 +80,10 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     # outer fold, the artifact and the potency corpus are read whole (README "Morphology and potency")
     crop = args.seg_crop if args.seg_crop is not None else (0 if gpu else 128)
     views = args.potency_views if args.potency_views is not None else (0 if gpu else 1)
+    # CPU: no early stopping before three quarters of the schedule. The crops' inner windows hold a quarter
+    # of the instances and their score stalled mid-schedule (a run stopped at 36 of 60, best 30), while on
+    # development corpora 45 epochs beat 30 (docs/measurements.md "Finer pixels")
+    min_epochs = args.segmenter_min_epochs if args.segmenter_min_epochs is not None else (0 if gpu else 45)
     backbone = args.segmenter_backbone or ("unet_wide" if gpu else "unet")
     mask_rcnn = not backbone.startswith("unet")  # Mask R-CNN's measured recipe: batch 2, lr 1e-3
     synth.synthesize(out / "seg-corpus", synth.SynthConfig(n=n, size=size, stack="sstack", seed=7, workers=WORKERS))
@@ -92,6 +96,7 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
             out=str(out / "segmenter"),
             folds=tuple(int(f) for f in (args.segmenter_folds or ("" if gpu else "0")).split(",") if f),
             epochs=args.segmenter_epochs,
+            min_epochs=min_epochs,
             workers=2 if not gpu else 1,
             gpu=gpu,
             backbone=backbone,
@@ -128,7 +133,8 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
     print(
         f"settings: segmenter {backbone} on {n} images at {size}px (training crops {crop or 'off'}), outer folds "
         f"{args.segmenter_folds or ('all' if gpu else '0')}, "
-        f"up to {args.segmenter_epochs} epochs, training precision {args.precision} (bf16 here: {bf16}); "
+        f"up to {args.segmenter_epochs} epochs (early stopping from epoch {min_epochs or 'half'}), "
+        f"training precision {args.precision} (bf16 here: {bf16}); "
         f"potency on {pot_n} images of new vessels at {size}px read on {views or 'the artifact’s'} view(s), "
         f"{args.folds} folds by vessel"
     )
@@ -274,6 +280,9 @@ def main() -> None:
     # 60 (was 40 before the U-Net trained channels-last, in about the same minutes): chosen on new vessels
     # of another seed (scripts/segmenter_limits.py, seed 1234), not on this benchmark's outer fold
     ap.add_argument("--segmenter-epochs", type=int, default=60, help="segmenter epochs (patience may stop sooner)")
+    ap.add_argument(
+        "--segmenter-min-epochs", type=int, default=None, help="epochs before early stopping (CPU 45; GPU half)"
+    )
     ap.add_argument("--segmenter-folds", default=None, help="outer folds of the segmentation table (CPU 0; GPU all)")
     ap.add_argument("--potency-n", type=int, default=None, help="new-vessel images for potency (CPU 1800, GPU 2000)")
     args = ap.parse_args()
