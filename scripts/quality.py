@@ -119,7 +119,7 @@ def segmenter_stage(out: Path, args, gpu: bool) -> dict:
         t0 = time.perf_counter()
         tag = "pred" if seg_art else "exact"
         feats = morphology.measure_corpus(
-            str(out / "pot-corpus"), str(out / f"morph-{tag}"), segmenter=seg_art, views=views if seg_art else 0
+            str(out / "pot-corpus"), str(out / f"morph-{tag}"), segmenter=seg_art, views=views
         )
         fit = potency.train_potency(
             potency.PotencyJobConfig(features=feats["images"], out=str(out / f"potency-{tag}"), folds=args.folds)

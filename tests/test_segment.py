@@ -85,16 +85,18 @@ def _drawn_cells(side: int = 96, n: int = 30, seed: int = 0) -> tuple[np.ndarray
     return np.repeat((ids[0] > 0)[None] * 255, 3, 0).astype(np.uint8), ids
 
 
-def _one_image_cache(img: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> engine.Cache:
+def _cells_cache(parts: list[tuple[np.ndarray, np.ndarray]], boxes: list[np.ndarray] | None = None) -> engine.Cache:
+    """A segmentation cache of ``(image, instance maps)`` pairs (:func:`_drawn_cells`), folds 0–3 in turn."""
+    n = len(parts)
     return engine.Cache(
-        images=img[None],
-        labels=np.zeros(1, np.int64),
-        rows=np.zeros(1, np.int64),
-        folds=np.zeros(1, np.int64),
-        keys=["sstack/1/a.png"],
-        confluence=np.full(1, np.nan, np.float32),
-        boxes=[boxes],
-        masks=ids[None],
+        images=np.stack([p[0] for p in parts]),
+        labels=np.zeros(n, np.int64),
+        rows=np.arange(n),
+        folds=np.arange(n) % 4,
+        keys=[f"sstack/1/{i}.png" for i in range(n)],
+        confluence=np.full(n, np.nan, np.float32),
+        boxes=boxes,
+        masks=np.stack([p[1] for p in parts]),
     )
 
 
@@ -122,7 +124,7 @@ def test_training_crops_keep_the_instance_maps_on_their_pixels_and_move_every_ep
     xb, b = aug.one(img, "sstack/1/a.png", 2, boxes)  # the detector's samples: boxes cut with the image
     assert xb.shape == (3, 48, 48) and len(b) <= 3 and (b >= 0).all() and (b <= 48).all()
 
-    cache = _one_image_cache(img, ids, boxes)
+    cache = _cells_cache([(img, ids)], [boxes])
     c = cache.centre_crop(48)  # the window 24–72 in both directions
     assert np.array_equal(c.images[0], img[:, 24:72, 24:72]) and np.array_equal(c.masks[0], ids[:, 24:72, 24:72])
     assert c.boxes[0].tolist() == [[0, 0, 6, 6], [36, 36, 48, 48]]
@@ -134,16 +136,7 @@ def test_a_fold_run_with_a_crop_trains_on_crops_and_stops_early_on_centred_windo
     the centred windows, and one epoch runs and is scored there. Without a crop both are whole."""
     from msc_ray.detect.worker import DetectorRun
 
-    parts = [_drawn_cells(seed=s) for s in range(8)]
-    cache = engine.Cache(
-        images=np.stack([p[0] for p in parts]),
-        labels=np.zeros(8, np.int64),
-        rows=np.arange(8),
-        folds=np.arange(8) % 4,
-        keys=[f"sstack/1/{i}.png" for i in range(8)],
-        confluence=np.full(8, np.nan, np.float32),
-        masks=np.stack([p[1] for p in parts]),
-    )
+    cache = _cells_cache([_drawn_cells(seed=s) for s in range(8)])
     job = segment.SegmentJobConfig(manifest="m", out="o", size=96, crop=48, epochs=1, min_epochs=1, batch_size=2)
     run = DetectorRun(job, 0, 4, cache, None)
     assert run.aug_train.crop == 48 and run.val.images.shape[1:] == (3, 48, 48) and run.val.masks.shape[-1] == 48

@@ -39,9 +39,9 @@ def morphology(
     one per image."""
     from .. import morphology as morph
 
-    if views and not segmenter:
-        raise UserError(f"--views {views} needs --segmenter (the corpus's own masks have no views)")
-    if views:
+    if views:  # checked before Ray starts
+        if not segmenter:
+            raise UserError(f"--views {views} needs --segmenter (the corpus's own masks have no views)")
         check_views(views, f"--views {views}")
     _ensure_ray(address)
     seg = _absolute(segmenter) if segmenter else None

@@ -154,8 +154,8 @@ class Augmenter:
         steps: list[v2.Transform] = []
         if train:
             steps = crop_steps + augment.geometric(cfg) + augment.photometric()
-        # samples with instance maps (augment_with_masks): the same steps without the box clean-up
-        self.mask_tf = v2.Compose(crop_steps + augment.geometric(cfg) + augment.photometric()) if train else None
+        # samples with instance maps (augment_with_masks): the same steps without the box clean-up below
+        self.mask_tf = v2.Compose(list(steps)) if train else None
         if boxes:
             steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=2.0)]
         self.tf = v2.Compose(steps) if steps else None
