@@ -188,15 +188,20 @@ MAP_GROUPS = {
 
 
 @torch.no_grad()
-def map_limits(model, cache: engine.Cache, aug: engine.Augmenter, *, batch_size: int, device) -> dict[str, dict]:
+def map_limits(
+    model, cache: engine.Cache, aug: engine.Augmenter, *, batch_size: int, device
+) -> tuple[dict[str, dict], dict[str, list[dict]]]:
     """Mask AP of a six-map U-Net (:class:`msc_ray.models.UNetWatershed`) on ``cache`` with its maps as
     they are and with each group of them (:data:`MAP_GROUPS`) replaced by the truth's, the rest and the
     instance drawing unchanged: where the masks are lost, in the network's maps or in the drawing.
-    Per group, :func:`engine.mask_ap_summary`'s four figures."""
+    Returns per group, :func:`engine.mask_ap_summary`'s four figures; and per class (``cell``,
+    ``nucleus``) the U-Net's own recall by the true instance's visible area (:func:`engine.recall_by_area`:
+    ``{"min_area", "max_area" (None: open), "true", "found"}`` per bin), which instances it cannot reach."""
     if not getattr(model, "offsets", False):
         raise ValueError("map limits need a six-map U-Net segmenter (--backbone unet or unet_wide)")
     model.eval()
     metrics_of = {name: engine.mask_ap_metric() for name in MAP_GROUPS}
+    counts = np.zeros((2, 2, len(engine.AREA_EDGES)), np.int64)
     for imgs, targets, _ in engine.detection_batches(cache, aug, batch_size):
         maps = model.maps(torch.stack(imgs).to(device)).cpu().numpy()
         for p, t in zip(maps, targets, strict=True):
@@ -204,8 +209,19 @@ def map_limits(model, cache: engine.Cache, aug: engine.Augmenter, *, batch_size:
             for name, group in MAP_GROUPS.items():
                 q = p.copy()
                 q[list(group)] = truth[list(group)]
-                engine._instance_record(model.instances(q), t, float("nan"), metrics_of[name], with_masks=True)
-    return {name: engine.mask_ap_summary(m) for name, m in metrics_of.items()}
+                r = model.instances(q)
+                engine._instance_record(r, t, float("nan"), metrics_of[name], with_masks=True)
+                if not group:
+                    counts += engine.recall_by_area(r, t)
+    edges = list(engine.AREA_EDGES) + [None]
+    recall = {
+        name: [
+            {"min_area": lo, "max_area": hi, "true": int(counts[c, 0, i]), "found": int(counts[c, 1, i])}
+            for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+        ]
+        for c, name in enumerate(("cell", "nucleus"))
+    }
+    return {name: engine.mask_ap_summary(m) for name, m in metrics_of.items()}, recall
 
 
 def _table(results: list[SegFoldResult], thresholds: dict) -> tuple[list[dict], dict]:

@@ -148,6 +148,27 @@ def test_a_fold_run_with_a_crop_trains_on_crops_and_stops_early_on_centred_windo
     assert plain.aug_train.crop == 0 and plain.val.images.shape[-1] == 96
 
 
+def test_recall_by_area_counts_true_instances_per_size_and_those_a_mask_of_their_class_covers():
+    ids = np.zeros((2, 32, 32), np.int64)
+    ids[0, 2:22, 2:22] = 1  # 400 px
+    ids[0, 25:28, 25:28] = 2  # 9 px
+    ids[0, 30, 0:3] = 3  # 3 px: below the targets' 4
+    ids[1, 5:9, 5:13] = 1  # a nucleus of 32 px
+    t = engine.instance_targets(torch.from_numpy(ids))
+    small = torch.zeros(32, 32, dtype=torch.bool)
+    small[24:29, 24:28] = True  # covers the 9-px cell, IoU 9 / 20: no match
+    masks = torch.stack([torch.from_numpy(ids[0] == 1), small, torch.from_numpy(ids[1] == 1)])[:, None].float()
+    as_cell = {"masks": masks, "labels": torch.tensor([1, 1, 1])}  # the nucleus's mask said to be a cell
+    r = engine.recall_by_area(as_cell, t)
+    assert engine.AREA_EDGES == (4, 16, 32, 64, 128, 256) and r.shape == (2, 2, 6)
+    assert r[0, 0].tolist() == [1, 0, 0, 0, 0, 1] and r[0, 1].tolist() == [0, 0, 0, 0, 0, 1]
+    assert r[1, 0].tolist() == [0, 0, 1, 0, 0, 0] and r[1, 1].sum() == 0
+    r = engine.recall_by_area({**as_cell, "labels": torch.tensor([1, 1, 2])}, t)
+    assert r[1, 1].tolist() == [0, 0, 1, 0, 0, 0]
+    nothing = {"masks": torch.zeros(0, 1, 32, 32), "labels": torch.zeros(0, dtype=torch.int64)}
+    assert engine.recall_by_area(nothing, t)[:, 1].sum() == 0 and engine.recall_by_area(nothing, t)[:, 0].sum() == 3
+
+
 def test_count_thresholds_are_chosen_where_counts_come_out_right():
     # two images: true cells score 0.7-0.9, spurious ones 0.2-0.3 → any threshold in (0.3, 0.7] is exact
     preds = [
@@ -515,8 +536,17 @@ def test_a_short_training_finds_cells_and_nuclei_on_held_out_images(ray_session,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert proc.returncode == 0, proc.stderr[-1500:]
-    limits = json.loads((tmp_path / "limits" / "limits.json").read_text())["limits"]
+    res = json.loads((tmp_path / "limits" / "limits.json").read_text())
+    limits = res["limits"]
     assert set(limits) == set(segment.MAP_GROUPS) and "| exact offsets |" in proc.stdout
+    # the recall by visible area: every true instance of the 12 images in one bin, whole cells found most
+    assert "| ≥ 256 |" in proc.stdout
+    assert [b["min_area"] for b in res["recall_by_area"]["cell"]] == [4, 16, 32, 64, 128, 256]
+    for name in ("cell", "nucleus"):
+        bins = res["recall_by_area"][name]
+        assert all(0 <= b["found"] <= b["true"] for b in bins) and sum(b["true"] for b in bins) > 12
+    big = res["recall_by_area"]["cell"][-1]
+    assert big["true"] > 0 and big["found"] / big["true"] > 0.3, big
     exact, own = limits["exact maps (the instance drawing's ceiling)"], limits["the U-Net's maps"]
     for k in ("cell_mask_ap50", "nucleus_mask_ap50"):
         assert exact[k] > 0.9 and 0 < own[k] < exact[k] - 0.2, (k, exact, own)

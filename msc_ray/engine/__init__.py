@@ -50,6 +50,7 @@ from .detector import (
     train_detector_epoch,
 )
 from .instances import (
+    AREA_EDGES,
     SCORE_GRID,
     _instance_record,
     choose_count_thresholds,
@@ -60,9 +61,11 @@ from .instances import (
     mask_ap_metric,
     mask_ap_summary,
     predict_instances,
+    recall_by_area,
 )
 
 __all__ = [
+    "AREA_EDGES",
     "Augmenter",
     "Cache",
     "ClassifierLoss",
@@ -96,6 +99,7 @@ __all__ = [
     "predict",
     "predict_detections",
     "predict_instances",
+    "recall_by_area",
     "rank_slice",
     "train_detector_epoch",
     "train_one_epoch",

@@ -123,6 +123,37 @@ def _instance_record(p: dict, t: dict, confluence: float, metric, with_masks: bo
     return rec
 
 
+# visible-part areas (px) that recall_by_area counts between: a cell mostly under its neighbours, a sliver
+# of a nucleus under another cell, up to whole ones
+AREA_EDGES = (4, 16, 32, 64, 128, 256)
+
+
+def recall_by_area(pred: dict, target: dict, edges: tuple[int, ...] = AREA_EDGES) -> np.ndarray:
+    """One image's detections (``masks`` (K, 1, H, W) probabilities, ``labels``) and its truth
+    (:func:`instance_targets`) → int (2 classes, 2, len(edges)): per class (cell, nucleus) and area bin
+    (``edges[i]`` ≤ area < ``edges[i + 1]``, the last bin open), the true instances ``[:, 0]`` and those
+    a predicted mask of the same class covers at mask IoU ≥ 0.5 ``[:, 1]`` (COCO's AP@0.5 match, without
+    its one-to-one ranking: which instances are out of reach, by size). Sum over images."""
+    out = np.zeros((2, 2, len(edges)), np.int64)
+    masks = pred["masks"][:, 0].float().cpu() >= 0.5
+    for c, label in enumerate((1, 2)):
+        true = target["masks"][target["labels"] == label].bool()
+        if not len(true):
+            continue
+        area = true.flatten(1).sum(1)
+        bins = np.searchsorted(np.asarray(edges), area.numpy(), side="right") - 1
+        found = np.zeros(len(true), bool)
+        mine = masks[pred["labels"].cpu() == label]
+        if len(mine):
+            inter = mine.flatten(1).float() @ true.flatten(1).float().T  # (predicted, true) shared pixels
+            union = mine.flatten(1).sum(1)[:, None] + area[None, :] - inter
+            found = ((inter / union.clamp(min=1)) >= 0.5).any(0).numpy()
+        ok = bins >= 0  # instances under edges[0] px are no targets
+        np.add.at(out[c, 0], bins[ok], 1)
+        np.add.at(out[c, 1], bins[ok & found], 1)
+    return out
+
+
 def instance_box_ap(preds: list[dict], label: int) -> float:
     """Box AP@0.5 (VOC, :func:`metrics.average_precision`) of one class from :func:`predict_instances`."""
     return metrics.average_precision(
