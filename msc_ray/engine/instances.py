@@ -134,20 +134,23 @@ def recall_by_area(pred: dict, target: dict, edges: tuple[int, ...] = AREA_EDGES
     (``edges[i]`` ≤ area < ``edges[i + 1]``, the last bin open), the true instances ``[:, 0]`` and those
     a predicted mask of the same class covers at mask IoU ≥ 0.5 ``[:, 1]`` (COCO's AP@0.5 match, without
     its one-to-one ranking: which instances are out of reach, by size). Sum over images."""
+    from pycocotools import mask as coco_mask
+
+    def rle(m: torch.Tensor) -> list:  # (K, H, W) bool → COCO run-length encodings
+        return coco_mask.encode(np.asfortranarray(m.permute(1, 2, 0).numpy().astype(np.uint8)))
+
     out = np.zeros((2, 2, len(edges)), np.int64)
     masks = pred["masks"][:, 0].float().cpu() >= 0.5
     for c, label in enumerate((1, 2)):
         true = target["masks"][target["labels"] == label].bool()
         if not len(true):
             continue
-        area = true.flatten(1).sum(1)
-        bins = np.searchsorted(np.asarray(edges), area.numpy(), side="right") - 1
+        true_rle = rle(true)
+        bins = np.searchsorted(np.asarray(edges), coco_mask.area(true_rle), side="right") - 1
         found = np.zeros(len(true), bool)
         mine = masks[pred["labels"].cpu() == label]
-        if len(mine):
-            inter = mine.flatten(1).float() @ true.flatten(1).float().T  # (predicted, true) shared pixels
-            union = mine.flatten(1).sum(1)[:, None] + area[None, :] - inter
-            found = ((inter / union.clamp(min=1)) >= 0.5).any(0).numpy()
+        if len(mine):  # COCO's mask IoU, (predicted, true)
+            found = (np.asarray(coco_mask.iou(rle(mine), true_rle, [0] * len(true))) >= 0.5).any(0)
         ok = bins >= 0  # instances under edges[0] px are no targets
         np.add.at(out[c, 0], bins[ok], 1)
         np.add.at(out[c, 1], bins[ok & found], 1)
