@@ -4,7 +4,7 @@ corpus, with nested folds: every figure is on outer folds that nothing trained, 
 calibrated on. Then the exported models score a corpus of new vessels (another seed) against its
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
-    .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 400] [--folds 5]  # CPU, about 23 min
+    .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 400] [--folds 5]  # CPU, about 28 min
     .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 26 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
@@ -260,7 +260,12 @@ def main() -> None:
     ap.add_argument(
         "--precision", default="auto", help="training arithmetic of every model: auto, bf16 or fp32 (msc-ray tune)"
     )
-    ap.add_argument("--backbones", default=None, help="CPU compact_cnn; GPU inception_v3,resnet50,vit_b_16")
+    ap.add_argument(
+        "--backbones", default=None, help="single-stack: CPU coverage_unet; GPU inception_v3,resnet50,vit_b_16"
+    )
+    ap.add_argument(
+        "--mstack-backbones", default=None, help="multi-stack: CPU compact_cnn; GPU inception_v3,resnet50,vit_b_16"
+    )
     ap.add_argument("--detector-epochs", type=int, default=24)
     ap.add_argument("--detector-folds", default=None, help="outer folds of Table 2 (CPU 0,1; GPU all)")
     ap.add_argument("--heldout-n", type=int, default=200, help="held-out images per stack (new vessels)")
@@ -301,7 +306,11 @@ def main() -> None:
         "sstack": args.input_size or (224 if gpu else 64),
         "mstack": args.mstack_input_size or (224 if gpu else 128),
     }
-    backbones = tuple((args.backbones or ("inception_v3,resnet50,vit_b_16" if gpu else "compact_cnn")).split(","))
+    study = "inception_v3,resnet50,vit_b_16"
+    backbones = {
+        "sstack": tuple((args.backbones or (study if gpu else "coverage_unet")).split(",")),
+        "mstack": tuple((args.mstack_backbones or (study if gpu else "compact_cnn")).split(",")),
+    }
 
     import ray
 
@@ -331,17 +340,17 @@ def main() -> None:
         t0 = time.perf_counter()
         init = "none"
         if stack == "mstack" and args.mstack_init == "sstack":
-            init = init_model(out, args, size, input_size["mstack"], backbones, gpu)
+            init = init_model(out, args, size, input_size["mstack"], backbones["mstack"], gpu)
         job = mt.TuneJobConfig(
             manifest=manifest_for(stack, n[stack]),
             out=str(out / f"run-{stack}"),
             stack=stack,
-            backbones=backbones,
+            backbones=backbones[stack],
             max_epochs=args.mstack_max_epochs if stack == "mstack" else args.max_epochs,
             patience=args.mstack_patience if stack == "mstack" else args.patience,
             size=input_size[stack],
             pretrained=init,
-            asha=len(backbones) > 1,
+            asha=len(backbones[stack]) > 1,
             **recipe(args, gpu),
         )
         outcome = mt.run_search(job)
@@ -367,7 +376,8 @@ def main() -> None:
             f"settings: {n['sstack']} single-stack, {n['mstack']} multi-stack and {n['detector']} detector "
             f"images at {size}px (classifier input {input_size['sstack']}px single-stack, "
             f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
-            f"inner validation), backbones {','.join(backbones)}, up to {args.max_epochs} epochs (patience "
+            f"inner validation), backbones {','.join(backbones['sstack'])} single-stack, "
+            f"{','.join(backbones['mstack'])} multi-stack, up to {args.max_epochs} epochs (patience "
             f"{args.patience}; multi-stack {args.mstack_max_epochs}, patience {args.mstack_patience}, starting "
             f"from {'a single-stack model' if args.mstack_init == 'sstack' else 'random weights'}), "
             f"coverage supervision {f'weight {args.coverage_weight:g}' if args.coverage else 'off'}, "

@@ -42,15 +42,21 @@ def test_nested_split_keeps_outer_inner_and_training_vessels_apart(cache):
 
 
 def _compact_recipe(
-    train: engine.Cache, epochs: int, bs: int, coverage_head: bool = False, batched: bool = False, device: str = "cpu"
+    train: engine.Cache,
+    epochs: int,
+    bs: int,
+    coverage_head: bool = False,
+    batched: bool = False,
+    device: str = "cpu",
+    name: str = "compact_cnn",
 ):
-    """The trial's recipe for the compact CNN at 64 px, seeded: model, AMSGrad Adam, warm-up then cosine,
-    the class-weighted loss, training and plain augmenters (``batched``: whole batches at once, the GPU
-    trials' path), on ``device``."""
+    """The trial's recipe for the compact CNN (or ``name``) at 64 px, seeded: model, AMSGrad Adam, warm-up
+    then cosine, the class-weighted loss, training and plain augmenters (``batched``: whole batches at
+    once, the GPU trials' path), on ``device``."""
     torch.manual_seed(0)
     cfg = DataConfig(size=64, seed=0)
     dev = torch.device(device)
-    model = models.build_classifier("compact_cnn", 4, image_size=64, extra_outputs=1, coverage_head=coverage_head)
+    model = models.build_classifier(name, 4, image_size=64, extra_outputs=1, coverage_head=coverage_head)
     model = model.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, amsgrad=True)
     sched = engine.warmup_cosine(opt, epochs * (len(train) // bs), 2 * (len(train) // bs))
@@ -150,6 +156,23 @@ def test_coverage_supervision_learns_a_map_that_reads_confluence_on_held_out_ves
         assert torch.allclose(exported.eval()(x), out)
     with pytest.raises(ValueError, match="no coverage head"):
         models.build_classifier("resnet18", 4, coverage_head=True)
+
+
+def test_the_coverage_unet_learns_bands_and_confluence_from_its_map_on_held_out_vessels(cache):
+    """coverage_unet, the trial's recipe with its map trained per pixel from the cell masks, 20 epochs on
+    three folds (120 images): on the outer fold the bands beat chance (0.25) by far and confluence — the
+    map's mean probability — is read to a few points (measured 0.84 and 3.2 points). Fails when the model
+    does not learn: trained on other images' bands, confluence and masks it read 0.18 and 17 points."""
+    c, _ = cache
+    train, _, test = c.split(0, 5)
+    epochs, bs = 20, 16
+    model, opt, sched, loss_fn, aug, plain, dev = _compact_recipe(
+        train, epochs, bs, coverage_head=True, name="coverage_unet"
+    )
+    for epoch in range(epochs):
+        engine.train_one_epoch(model, train, aug, opt, sched, loss_fn, epoch=epoch, batch_size=bs, device=dev)
+    m = engine.evaluate(engine.predict(model, test, plain, batch_size=64, device=dev), test, CLASSES)
+    assert m["accuracy"] >= 0.6 and m["confluence_mae"] <= 6.0, m
 
 
 def test_coverage_term_by_hand_and_covered_pixels_follow_the_image(cache):

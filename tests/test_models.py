@@ -119,7 +119,7 @@ def test_artifact_round_trip_local_and_s3(tmp_path, s3_server):
         models.load_classifier(tmp_path / "nothing-here")
 
 
-@pytest.mark.parametrize("name", ["compact_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["compact_cnn", "coverage_unet", "resnet18"])
 def test_classifiers_come_in_channels_last_memory_and_compute_the_same(name):
     """The builders' layout (``models.channels_last``): 4-D weights are NHWC, the outputs match the same
     weights in NCHW, the state dict loads into an NCHW model, and the version hash ignores the layout."""
@@ -166,3 +166,40 @@ def test_the_unet_segmenter_comes_in_channels_last_memory_and_computes_the_same_
     with torch.no_grad():
         torch.testing.assert_close(again.logits(x), out, rtol=1e-4, atol=1e-4)
     assert models.state_digest(unet.state_dict()) == models.state_digest(plain.state_dict())
+
+
+def test_the_coverage_unet_reads_its_bands_and_confluence_from_the_mean_of_its_map(monkeypatch):
+    """coverage_unet has no study head: the confluence output is the logit of the map's mean probability,
+    and the bands are that value's cumulative-link probabilities (they sum to 1, thresholds start at the
+    band edges, in order, and the band rises with the covered fraction). Maps set by hand: a quarter of
+    the pixels covered → band 0 with the confluence output at 0.25; and so on up the bands. The exported
+    state keeps the map (it is the model's output), and one input channel adapts the first convolution."""
+    from msc_ray import BAND_EDGES
+
+    torch.manual_seed(0)
+    m = models.build_classifier("coverage_unet", 4, image_size=64, extra_outputs=1, coverage_head=True).eval()
+    assert models.supports_coverage("coverage_unet") and not models.supports_coverage("resnet18")
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        out, cov = m.forward_with_coverage(x)
+        assert out.shape == (3, 5) and cov.shape == (3, 1, 32, 32)  # half the input's side
+        torch.testing.assert_close(out, m(x))
+        torch.testing.assert_close(torch.sigmoid(out[:, 4]), torch.sigmoid(cov).mean((1, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[:, :4].exp().sum(1), torch.ones(3), rtol=1e-4, atol=1e-4)
+        theta = torch.cat([m.theta0, m.theta0 + torch.cumsum(torch.nn.functional.softplus(m.gaps), 0)])
+        torch.testing.assert_close(theta, torch.tensor(BAND_EDGES[1:-1], dtype=torch.float32))
+    bands = []
+    for share in (0.25, 0.5, 0.7, 0.9):
+        covered = (torch.arange(64 * 64).view(1, 1, 64, 64) < share * 64 * 64).float()
+        monkeypatch.setattr(m, "coverage_logits", lambda x, covered=covered: (covered - 0.5) * 40)
+        with torch.no_grad():
+            o = m(x[:1])
+        assert abs(float(torch.sigmoid(o[0, 4])) - share) < 1e-3, (share, o)
+        bands.append(int(o[0, :4].argmax()))
+    assert bands == [0, 1, 2, 3]
+    three = models.build_classifier("coverage_unet", 3, in_channels=1, image_size=32)
+    assert three.down[0][0].in_channels == 1
+    with torch.no_grad():
+        assert three.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+    t3 = torch.cat([three.theta0, three.theta0 + torch.cumsum(torch.nn.functional.softplus(three.gaps), 0)])
+    torch.testing.assert_close(t3, torch.tensor([1 / 3, 2 / 3]))

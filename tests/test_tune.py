@@ -43,25 +43,17 @@ def tune_warnings():
     logger.removeHandler(handler)
 
 
+def _tiny_job(manifest: str, out, **over) -> mt.TuneJobConfig:
+    """Two-epoch single-stack search at 64 px, one fixed learning rate, random weights."""
+    base = dict(stack="sstack", max_epochs=2, patience=2, samples=1, lr_min=2e-3, lr_max=2e-3, size=64)
+    base.update(batch_size=16, pretrained="none", verbose=0)
+    return mt.TuneJobConfig(manifest=manifest, out=str(out), **{**base, **over})
+
+
 @pytest.fixture(scope="module")
 def tiny_search(ray_session, sstack_manifest, tmp_path_factory, tune_warnings):
     manifest, _ = sstack_manifest
-    out = tmp_path_factory.mktemp("run")
-    job = mt.TuneJobConfig(
-        manifest=manifest,
-        out=str(out),
-        stack="sstack",
-        backbones=("compact_cnn", "mobilenet_v3_small"),
-        max_epochs=2,
-        patience=2,
-        samples=1,
-        lr_min=2e-3,
-        lr_max=2e-3,
-        size=64,
-        batch_size=16,
-        pretrained="none",
-        verbose=0,
-    )
+    job = _tiny_job(manifest, tmp_path_factory.mktemp("run"), backbones=("compact_cnn", "coverage_unet"))
     return job, mt.run_search(job)
 
 
@@ -70,7 +62,7 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     out = Path(job.out)
     assert {(t.backbone, t.fold) for t in outcome.search} == {(b, f) for b in job.backbones for f in (0, 1, 2)}
     table = (out / "table.md").read_text()
-    assert "compact_cnn" in table and "mobilenet_v3_small" in table and "outer folds" in table
+    assert "compact_cnn" in table and "coverage_unet" in table and "outer folds" in table
     winner_rows = [r for r in outcome.table if r["run"].startswith("winner")]
     assert len(winner_rows) == 1 and winner_rows[0]["folds_complete"] == "3/3"
     # the winner's outer-fold figures are the mean of its fold trials' outer figures
@@ -85,14 +77,15 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     model, cfg = models.load_classifier(out / "artifact")
     assert cfg["architecture"] == outcome.winner["backbone"] and cfg["classes"] == ["1", "2", "3", "4"]
     assert cfg["confluence_output"] is True  # the synthetic corpus carries measured confluence
-    # the synthetic corpus has cell masks: the compact CNN trains a coverage map beside its heads, which
-    # the exported model leaves out (other backbones train without one)
-    assert cfg["coverage_supervision"] is (cfg["architecture"] == "compact_cnn")
-    assert not [k for k in models.read_artifact(out / "artifact")[1] if k.startswith("coverage.")]
+    # the synthetic corpus has cell masks: both backbones train a coverage map from them; the compact CNN's
+    # only shapes its features and the exported model leaves it out, the coverage U-Net's is its output
+    assert cfg["coverage_supervision"] is True
+    kept = [k for k in models.read_artifact(out / "artifact")[1] if k.startswith("coverage.")]
+    assert bool(kept) is (cfg["architecture"] == "coverage_unet")
     for t in outcome.final:
         saved = torch.load(os.path.join(t.checkpoint, "state.pt"), map_location="cpu", weights_only=True)
-        assert saved["coverage_supervision"] is (t.backbone == "compact_cnn")
-        assert any(k.startswith("coverage.") for k in saved["model"]) is (t.backbone == "compact_cnn")
+        assert saved["coverage_supervision"] is True
+        assert any(k.startswith("coverage.") for k in saved["model"])
     dcfg = from_dict(DataConfig, cfg["data"])
     _, mf = sstack_manifest
     x, _, _ = next(data.torch_batches(data.make_dataset(data.select(mf, stack="sstack"), dcfg, train=False), 4))
@@ -111,6 +104,37 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     # the band probabilities further: the confluence output (no temperature) tells the views apart
     assert np.allclose(conf, torch.sigmoid(mean[:, 4]).numpy(), atol=1e-6)
     assert not np.allclose(conf, torch.sigmoid(one[:, 4]).numpy(), atol=1e-6)
+
+
+def test_a_coverage_unet_search_exports_the_map_its_bands_and_confluence_come_from(
+    ray_session, sstack_manifest, tmp_path
+):
+    """coverage_unet has no head of its own: its pixel map is the model, so the artifact keeps the map the
+    export run trained (the compact CNN's is left out), and the loaded model reads confluence as the map's
+    mean probability, as scoring does."""
+    manifest, table = sstack_manifest
+    job = _tiny_job(manifest, tmp_path / "run", backbones=("coverage_unet",), views=1)
+    outcome = mt.run_search(job)
+    assert outcome.winner["backbone"] == "coverage_unet"
+    model, cfg = models.load_classifier(tmp_path / "run" / "artifact")
+    assert cfg["coverage_supervision"] is True and cfg["confluence_output"] is True
+    state = models.read_artifact(tmp_path / "run" / "artifact")[1]
+    export = [p for p in (tmp_path / "run").rglob("state.pt") if "export" in str(p)]
+    assert len(export) == 1, export
+    saved = torch.load(export[0], map_location="cpu", weights_only=True)["best_model"]
+    assert torch.equal(state["coverage.weight"], saved["coverage.weight"].to(state["coverage.weight"].dtype))
+    x, _, _ = next(
+        data.torch_batches(
+            data.make_dataset(data.select(table, stack="sstack"), from_dict(DataConfig, cfg["data"]), train=False), 6
+        )
+    )
+    with torch.no_grad():
+        out, cov = model.forward_with_coverage(x)
+    assert torch.allclose(torch.sigmoid(out[:, 4]), torch.sigmoid(cov).mean((1, 2, 3)), atol=1e-5)
+    # scoring (one view, as the artifact says) reads the same covered fraction
+    probs, conf = inference.Classifier(str(tmp_path / "run" / "artifact"), device=torch.device("cpu"))(x.numpy())
+    assert np.allclose(conf, torch.sigmoid(cov).mean((1, 2, 3)).numpy(), atol=1e-5)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
 def test_a_trial_faster_than_the_checkpoint_interval_checkpoints_once_when_it_ends(tiny_search):

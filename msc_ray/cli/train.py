@@ -46,7 +46,7 @@ def tune(
         ),
     ],
     stack: Annotated[str, typer.Option(help="sstack or mstack (a stack folder of the corpus).")] = "sstack",
-    backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "compact_cnn,resnet18",
+    backbones: Annotated[str, typer.Option(help="Comma-separated registry names.")] = "coverage_unet,compact_cnn",
     folds: FoldsOpt = 5,
     max_epochs: Annotated[
         int, typer.Option(help="Epochs per trial at most (0: by stack — 25 single-stack, 60 multi-stack).")

@@ -15,7 +15,7 @@ class QuickstartConfig:
     heldout_n: int = 400
     size: int = 128  # stored image side (the detector's input)
     input_size: int = 64  # classifier input side: confluence is a low-frequency property
-    backbones: tuple[str, ...] = ("compact_cnn", "mobilenet_v3_small")
+    backbones: tuple[str, ...] = ("coverage_unet", "compact_cnn")  # confluence read from a pixel map, or pooled
     folds: int = 5
     max_epochs: int = 16
     patience: int = 4

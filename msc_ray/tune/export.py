@@ -59,8 +59,11 @@ def _export_artifact(job, export: TrialResult, winner, classes, calib, oof_metri
     weights_file = models.resolve_pretrained(winner["backbone"], job.pretrained)
     dcfg = _data_config(job, winner["backbone"], models.imagenet_sized(weights_file))
     regress = bool(saved.get("confluence_output", False))
-    # the coverage map only trained the features: the exported model is the classifier without it
-    state = {k: v for k, v in saved["best_model"].items() if not k.startswith("coverage.")}
+    # the compact CNN's coverage map only trained the features: its exported model is the classifier without
+    # it; the coverage U-Net's map is its output (no head of its own) and stays
+    state = saved["best_model"]
+    if models.backbone(winner["backbone"]).head:
+        state = {k: v for k, v in state.items() if not k.startswith("coverage.")}
     return models.save_artifact(
         storage.join(job.out, "artifact"),
         state,

@@ -30,7 +30,7 @@ class TuneJobConfig:
     manifest: str  # manifest URI (the CLI indexes a corpus into RUN/manifest.parquet first)
     out: str  # run folder: a local path (a shared mount on a cluster) or s3://bucket/prefix
     stack: str = "sstack"
-    backbones: tuple[str, ...] = ("compact_cnn", "resnet18")
+    backbones: tuple[str, ...] = ("coverage_unet", "compact_cnn")
     max_epochs: int = 0  # 0: by stack (STACK_DEFAULTS), set when the config is made
     patience: int = 6
     # no best epoch is kept and no trial stops before this epoch (0: half of max_epochs): mid-schedule, at
