@@ -103,7 +103,7 @@ class CoverageUNet(nn.Module):
     trains against the covered share of each position (coverage supervision, :meth:`forward_with_coverage`),
     and it is part of the exported model. Without masks the map learns from the bands and the measured
     confluence alone. On development corpora (single-stack, 64 px) a map at the full input side read
-    confluence no better than at half of it and cost 1.6 times the training time (README)."""
+    confluence no better than at half of it and cost 1.6 times the training time (docs/measurements.md)."""
 
     def __init__(
         self,
@@ -120,10 +120,8 @@ class CoverageUNet(nn.Module):
         self.down = nn.ModuleList(
             nn.Sequential(*_conv_bn(3 if i == 0 else widths[i - 1], w), *_conv_bn(w, w)) for i, w in enumerate(widths)
         )
-        ups, c = (
-            [],
-            widths[-1],
-        )  # one block per level up from the deepest; fewer levels than the encoder's: a coarser map
+        # one block per level up from the deepest; fewer levels than the encoder has: a coarser map
+        ups, c = [], widths[-1]
         for level, w in zip(range(len(widths) - 2, -1, -1), decoder, strict=False):
             ups.append(nn.Sequential(*_conv_bn(c + widths[level], w)))
             c = w
