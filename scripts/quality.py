@@ -4,7 +4,7 @@ corpus, with nested folds: every figure is on outer folds that nothing trained, 
 calibrated on. Then the exported models score a corpus of new vessels (another seed) against its
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
-    .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 400] [--folds 5]  # CPU, about 28 min
+    .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 400] [--folds 5]  # CPU, about 29 min
     .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 26 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
