@@ -186,8 +186,7 @@ def test_the_coverage_unet_reads_its_bands_and_confluence_from_the_mean_of_its_m
         torch.testing.assert_close(out, m(x))
         torch.testing.assert_close(torch.sigmoid(out[:, 4]), torch.sigmoid(cov).mean((1, 2, 3)), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out[:, :4].exp().sum(1), torch.ones(3), rtol=1e-4, atol=1e-4)
-        theta = torch.cat([m.theta0, m.theta0 + torch.cumsum(torch.nn.functional.softplus(m.gaps), 0)])
-        torch.testing.assert_close(theta, torch.tensor(BAND_EDGES[1:-1], dtype=torch.float32))
+        torch.testing.assert_close(m.thresholds(), torch.tensor(BAND_EDGES[1:-1], dtype=torch.float32))
     bands = []
     for share in (0.25, 0.5, 0.7, 0.9):
         covered = (torch.arange(64 * 64).view(1, 1, 64, 64) < share * 64 * 64).float()
@@ -201,5 +200,4 @@ def test_the_coverage_unet_reads_its_bands_and_confluence_from_the_mean_of_its_m
     assert three.down[0][0].in_channels == 1
     with torch.no_grad():
         assert three.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 3)
-    t3 = torch.cat([three.theta0, three.theta0 + torch.cumsum(torch.nn.functional.softplus(three.gaps), 0)])
-    torch.testing.assert_close(t3, torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(three.thresholds(), torch.tensor([1 / 3, 2 / 3]))

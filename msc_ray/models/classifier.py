@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .unet import _double_conv
+
 log = logging.getLogger(__name__)
 
 
@@ -84,10 +86,6 @@ class CompactCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(f), 1)), self.coverage(f)
 
 
-def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-
-
 class CoverageUNet(nn.Module):
     """Confluence measured, not guessed: a small U-Net (the compact CNN's four blocks as its encoder, one
     convolution per decoder level, ``decoder`` widths going up from the deepest level: two levels by
@@ -117,13 +115,12 @@ class CoverageUNet(nn.Module):
         from .. import BAND_EDGES
 
         self.norm = nn.InstanceNorm2d(3, affine=False)
-        self.down = nn.ModuleList(
-            nn.Sequential(*_conv_bn(3 if i == 0 else widths[i - 1], w), *_conv_bn(w, w)) for i, w in enumerate(widths)
-        )
-        # one block per level up from the deepest; fewer levels than the encoder has: a coarser map
+        self.down = nn.ModuleList(_double_conv(3 if i == 0 else widths[i - 1], w) for i, w in enumerate(widths))
+        # one convolution per level up from the deepest; fewer levels than the encoder has: a coarser map
         ups, c = [], widths[-1]
         for level, w in zip(range(len(widths) - 2, -1, -1), decoder, strict=False):
-            ups.append(nn.Sequential(*_conv_bn(c + widths[level], w)))
+            conv = nn.Conv2d(c + widths[level], w, 3, padding=1, bias=False)
+            ups.append(nn.Sequential(conv, nn.BatchNorm2d(w), nn.ReLU(inplace=True)))
             c = w
         self.up = nn.ModuleList(ups)
         self.coverage = nn.Conv2d(c, 1, 1)
@@ -149,11 +146,14 @@ class CoverageUNet(nn.Module):
             x = block(torch.cat([x, skip], 1))
         return self.coverage(x)
 
+    def thresholds(self) -> torch.Tensor:
+        """The band thresholds θ (K − 1,), in order: the first, then softplus-positive gaps."""
+        return torch.cat([self.theta0, self.theta0 + torch.cumsum(nn.functional.softplus(self.gaps), 0)])
+
     def head(self, cov: torch.Tensor) -> torch.Tensor:
         """Coverage logits (N, 1, h, w) → outputs (N, num_classes + extra_outputs), in float32."""
         c = torch.sigmoid(cov.float()).mean((1, 2, 3))
-        theta = torch.cat([self.theta0, self.theta0 + torch.cumsum(nn.functional.softplus(self.gaps), 0)])
-        above = torch.sigmoid((c[:, None] - theta[None]) / self.log_width.exp())  # P(band ≥ j), j = 1 … K−1
+        above = torch.sigmoid((c[:, None] - self.thresholds()[None]) / self.log_width.exp())  # P(band ≥ j), j = 1 … K−1
         ones, zeros = torch.ones_like(c[:, None]), torch.zeros_like(c[:, None])
         cum = torch.cat([ones, above, zeros], 1)
         out = [torch.log((cum[:, :-1] - cum[:, 1:]).clamp(min=1e-6))]
@@ -356,12 +356,7 @@ def build_classifier(
             raise ValueError(f"{name}: no coverage head (only {able})")
         kwargs["coverage"] = True
     if not b.head:  # a model with its own outputs (the coverage U-Net): no study head to put on
-        model = b.builder(num_classes=num_classes, extra_outputs=extra_outputs, **kwargs)
-        if in_channels != 3:
-            adapt_input_channels(model, in_channels)
-        if weights_file is not None:
-            _load_backbone_of(model, name, weights_file, weights_endpoint_url)
-        return channels_last(model)
+        kwargs.update(num_classes=num_classes, extra_outputs=extra_outputs)
     model = b.builder(**kwargs) if b.builder else get_model(name, weights=None, **kwargs)
     artifact = weights_file is not None and is_artifact(weights_file)
     if weights_file is not None and not artifact:
@@ -371,11 +366,12 @@ def build_classifier(
             raise ValueError(
                 f"{weights_file}: does not match {name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-    parent, last = _get_parent(model, b.head)
-    old = _get(parent, last)
-    if not isinstance(old, nn.Linear):
-        raise TypeError(f"{name}: {b.head} is {type(old).__name__}, expected Linear")
-    _set(parent, last, study_head(old.in_features, num_classes + extra_outputs, dropout))
+    if b.head:
+        parent, last = _get_parent(model, b.head)
+        old = _get(parent, last)
+        if not isinstance(old, nn.Linear):
+            raise TypeError(f"{name}: {b.head} is {type(old).__name__}, expected Linear")
+        _set(parent, last, study_head(old.in_features, num_classes + extra_outputs, dropout))
     if in_channels != 3:
         adapt_input_channels(model, in_channels)
     if artifact:
