@@ -4,7 +4,7 @@ corpus, with nested folds: every figure is on outer folds that nothing trained, 
 calibrated on. Then the exported models score a corpus of new vessels (another seed) against its
 truth. Prints the tables, the held-out figures and the settings; writes quality.json.
 
-    .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 400] [--folds 5]  # CPU, about 29 min
+    .venv/bin/python scripts/quality.py [--n 1600] [--mstack-n 500] [--folds 5]  # CPU, about 28 min
     .venv/bin/python scripts/quality.py --stages segmenter                    # CPU, about 26 min
     python scripts/quality.py --gpu                                            # the study's scale on a GPU
 
@@ -203,7 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="the study's scale: 1000 images per stack, 224 px, GPUs")
     ap.add_argument("--n", type=int, default=None, help="single-stack classifier corpus (CPU 1600, GPU 1000 images)")
-    ap.add_argument("--mstack-n", type=int, default=None, help="multi-stack classifier corpus (CPU 400, GPU 1000)")
+    ap.add_argument("--mstack-n", type=int, default=None, help="multi-stack classifier corpus (CPU 500, GPU 1000)")
     ap.add_argument("--detector-n", type=int, default=None, help="detector corpus, single-stack (CPU 300, GPU 1000)")
     ap.add_argument("--size", type=int, default=None, help="stored image side (CPU 128, GPU 512)")
     ap.add_argument("--input-size", type=int, default=None, help="single-stack classifier input (CPU 64, GPU 224)")
@@ -298,7 +298,7 @@ def main() -> None:
     gpu = args.gpu
     n = {
         "sstack": args.n or (1000 if gpu else 1600),  # CPU: the most that keeps the whole run within 30 min
-        "mstack": args.mstack_n or (1000 if gpu else 400),
+        "mstack": args.mstack_n or (1000 if gpu else 500),
         "detector": args.detector_n or (1000 if gpu else 300),
     }
     size = args.size or (512 if gpu else 128)

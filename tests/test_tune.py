@@ -113,14 +113,15 @@ def test_a_coverage_unet_search_exports_the_map_its_bands_and_confluence_come_fr
     export run trained (the compact CNN's is left out), and the loaded model reads confluence as the map's
     mean probability, as scoring does."""
     manifest, table = sstack_manifest
-    job = _tiny_job(manifest, tmp_path / "run", backbones=("coverage_unet",), views=1)
+    job = _tiny_job(manifest, tmp_path / "run", backbones=("coverage_unet",), views=1, wd_min=1e-5, wd_max=1e-5)
     outcome = mt.run_search(job)
     assert outcome.winner["backbone"] == "coverage_unet"
     model, cfg = models.load_classifier(tmp_path / "run" / "artifact")
     assert cfg["coverage_supervision"] is True and cfg["confluence_output"] is True
     state = models.read_artifact(tmp_path / "run" / "artifact")[1]
-    export = [p for p in (tmp_path / "run").rglob("state.pt") if "export" in str(p)]
-    assert len(export) == 1, export
+    # one backbone and one learning rate: the export run (fold -1) trained in the search's experiment
+    export = list((tmp_path / "run" / "search").glob("coverage_unet-fold-1-*/checkpoint_*/state.pt"))
+    assert len(export) == 1 and not (tmp_path / "run" / "export").exists(), export
     saved = torch.load(export[0], map_location="cpu", weights_only=True)["best_model"]
     assert torch.equal(state["coverage.weight"], saved["coverage.weight"].to(state["coverage.weight"].dtype))
     x, _, _ = next(
@@ -135,6 +136,37 @@ def test_a_coverage_unet_search_exports_the_map_its_bands_and_confluence_come_fr
     probs, conf = inference.Classifier(str(tmp_path / "run" / "artifact"), device=torch.device("cpu"))(x.numpy())
     assert np.allclose(conf, torch.sigmoid(cov).mean((1, 2, 3)).numpy(), atol=1e-5)
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_a_search_with_one_configuration_trains_its_export_beside_the_fold_trials(
+    ray_session, sstack_manifest, tmp_path
+):
+    """One backbone, one learning rate and weight decay: the winner is known before any trial runs, so the
+    export run is one more trial of the search's experiment instead of an experiment alone after it, and
+    it trains exactly the model a separate export run trains."""
+    manifest, table = sstack_manifest
+    job = _tiny_job(manifest, tmp_path / "run", backbones=("compact_cnn",), views=1, wd_min=1e-5, wd_max=1e-5)
+    assert mt.known_winner(job) == {"backbone": "compact_cnn", "lr": 2e-3, "weight_decay": 1e-5}
+    assert mt.known_winner(dataclasses.replace(job, wd_max=1e-3)) is None  # the tiny job's default: sampled
+    assert mt.known_winner(dataclasses.replace(job, backbones=("compact_cnn", "coverage_unet"))) is None
+    assert mt.known_winner(dataclasses.replace(job, lr_max=3e-3)) is None
+    outcome = mt.run_search(job)
+    assert sorted(t.fold for t in outcome.search) == [0, 1, 2] and outcome.winner["backbone"] == "compact_cnn"
+    assert [t.fold for t in outcome.final] == [0, 1, 2]  # the search's own fold trials, not trained again
+    trials = sorted(
+        p.name.split("-fold")[1].rsplit("-", 1)[0] for p in (tmp_path / "run" / "search").iterdir() if p.is_dir()
+    )
+    assert trials == ["-1", "0", "1", "2"] and not (tmp_path / "run" / "export").exists()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs_run"] == {"search": 3 * job.max_epochs, "final": 3 * job.max_epochs}
+
+    alone = dataclasses.replace(job, out=str(tmp_path / "alone"))
+    caches = mt.build_caches(mt.absolute(alone), corpus.read_manifest(manifest))
+    export = mt.export_phase(alone, 3, ["1", "2", "3", "4"], caches, outcome.winner, job.max_epochs, resume=False)
+    assert (tmp_path / "alone" / "export").is_dir()
+    separate = torch.load(Path(export.checkpoint) / "state.pt", map_location="cpu", weights_only=True)["best_model"]
+    exported = models.read_artifact(tmp_path / "run" / "artifact")[1]
+    assert exported and all(torch.equal(v, separate[k].to(v.dtype)) for k, v in exported.items())
 
 
 def test_a_trial_faster_than_the_checkpoint_interval_checkpoints_once_when_it_ends(tiny_search):
@@ -366,8 +398,8 @@ def test_a_search_knows_how_many_trials_a_finished_experiment_holds(monkeypatch)
 
     seen = {}
 
-    def capture(job, name, space, caches, *, asha, resume, num_samples=1):
-        seen.update(space=space, num_samples=num_samples)
+    def capture(job, name, space, caches, *, asha, resume, num_samples=1, ranked=True):
+        seen.update(space=space, num_samples=num_samples, asha=asha, ranked=ranked)
         return []
 
     monkeypatch.setattr(search_mod, "_run_experiment", capture)
@@ -377,6 +409,13 @@ def test_a_search_knows_how_many_trials_a_finished_experiment_holds(monkeypatch)
     fixed = dataclasses.replace(job, lr_min=job.lr_max, wd_min=job.wd_max)  # nothing to sample: one per cell
     mt.search_phase(fixed, 4, ["1", "2", "3", "4"], caches={})
     assert expected_trials(seen["space"], seen["num_samples"]) == 2 * 4
+    # one backbone too: the export joins the experiment as a fifth trial, which reports no validation metric
+    one = dataclasses.replace(fixed, backbones=("compact_cnn",))
+    mt.search_phase(one, 4, ["1", "2", "3", "4"], caches={}, with_export=True)
+    assert expected_trials(seen["space"], seen["num_samples"]) == 4 + 1
+    assert seen["space"]["fold"] == {"grid_search": [-1, 0, 1, 2, 3]} and not seen["ranked"] and not seen["asha"]
+    with pytest.raises(ValueError, match="known before it runs"):
+        mt.search_phase(fixed, 4, ["1", "2", "3", "4"], caches={}, with_export=True)
 
 
 def test_job_settings_out_of_range_are_refused_naming_the_option():

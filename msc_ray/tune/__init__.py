@@ -32,7 +32,7 @@ from .export import calibration, export_phase
 from .final import TABLE_KEYS, build_table, final_phase
 from .job import AUGMENT_ON, METRIC, STACK_DEFAULTS, TuneJobConfig, absolute, build_caches
 from .run import run_search
-from .search import pick_winner, search_phase
+from .search import known_winner, pick_winner, search_phase
 from .trial import ClassifierRun, classifier_trial
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "export_phase",
     "final_phase",
     "fit_tuner",
+    "known_winner",
     "per_fold_asha",
     "pick_winner",
     "run_search",

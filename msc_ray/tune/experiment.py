@@ -104,11 +104,20 @@ def _resources(job: TuneJobConfig) -> dict:
 
 
 def _run_experiment(
-    job: TuneJobConfig, name: str, param_space: dict, caches: dict, *, asha: bool, resume: bool, num_samples: int = 1
+    job: TuneJobConfig,
+    name: str,
+    param_space: dict,
+    caches: dict,
+    *,
+    asha: bool,
+    resume: bool,
+    num_samples: int = 1,
+    ranked: bool = True,
 ):
     """One resumable Tune experiment under ``RUN/name``. Trials ask for their own resources and
     queue for them (``--max-concurrent`` caps how many run at once; nothing reads the cluster's
-    current size), and get the decoded images through Ray's object store (``tune.with_parameters``)."""
+    current size), and get the decoded images through Ray's object store (``tune.with_parameters``).
+    ``ranked``: every trial reports the validation metric (not so where an export run takes part)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -126,8 +135,8 @@ def _run_experiment(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=METRIC if name != "export" else None,
-                mode="max" if name != "export" else None,
+                metric=METRIC if ranked and name != "export" else None,
+                mode="max" if ranked and name != "export" else None,
                 num_samples=num_samples,
                 scheduler=per_fold_asha(job) if asha else None,
                 # seeded sampling: the same job samples the same learning rates and weight decays

@@ -15,7 +15,7 @@ from .experiment import SearchOutcome
 from .export import _export_artifact, calibration, export_phase
 from .final import _outputs, _plot_winner, _write_table, build_table, final_phase
 from .job import TuneJobConfig, absolute, build_caches
-from .search import pick_winner, search_phase
+from .search import known_winner, pick_winner, search_phase
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,11 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     out = Path(tempfile.mkdtemp(prefix="msc-ray-tune-") if remote else job.out)
     out.mkdir(parents=True, exist_ok=True)
     caches = build_caches(job, manifest)  # tune.with_parameters puts them in Ray's object store once
-    search = search_phase(job, folds, classes, caches, resume=resume)
+    # one configuration per fold: the winner is known, and its export trains beside the fold trials
+    joined = known_winner(job) is not None
+    search = search_phase(job, folds, classes, caches, resume=resume, with_export=joined)
+    joined_export = next((t for t in search if t.fold < 0), None)
+    search = [t for t in search if t.fold >= 0]
     for t in search:
         if t.error:
             log.warning("trial %s fold %d failed: %s", t.backbone, t.fold, t.error)
@@ -42,7 +46,12 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     # are settled (0.87-0.88 over the last eight); with no validation part, a median "best epoch"
     # lands wherever the swing is
     epochs = job.max_epochs
-    export = export_phase(job, folds, classes, caches, winner, epochs, resume=resume)
+    if joined_export is None:
+        export = export_phase(job, folds, classes, caches, winner, epochs, resume=resume)
+    elif joined_export.checkpoint is None:
+        raise RuntimeError(f"the export run left no checkpoint: {joined_export.error}")
+    else:
+        export = joined_export
 
     table = build_table(search, final, folds, winner)
     outputs = _write_table(table, out)

@@ -33,11 +33,33 @@ def pick_winner(search: list[TrialResult], folds: int) -> dict:
     return {"backbone": best, "lr": top.lr, "weight_decay": top.weight_decay, "mean_search_auc": scores[best]}
 
 
+def known_winner(job: TuneJobConfig) -> dict | None:
+    """The winner's configuration when the search holds one per fold (one backbone, one learning rate
+    and weight decay, nothing sampled): known before any trial runs, so its export can train beside
+    the fold trials. None when the search has a choice to make."""
+    if len(job.backbones) != 1 or job.lr_max > job.lr_min or job.wd_max > job.wd_min:
+        return None
+    return {"backbone": job.backbones[0], "lr": job.lr_min, "weight_decay": job.wd_min}
+
+
 def search_phase(
-    job: TuneJobConfig, folds: int, classes: list[str], caches: dict, *, resume: bool = False, name: str = "search"
+    job: TuneJobConfig,
+    folds: int,
+    classes: list[str],
+    caches: dict,
+    *,
+    resume: bool = False,
+    name: str = "search",
+    with_export: bool = False,
 ) -> list[TrialResult]:
-    """The backbone × outer fold × sampled-hyper-parameter trials (ASHA per fold when ``job.asha``)."""
+    """The backbone × outer fold × sampled-hyper-parameter trials (ASHA per fold when ``job.asha``).
+    ``with_export`` (only where :func:`known_winner` names the winner): the export run (fold -1: all
+    images, the whole schedule) is one more trial of the same experiment, started first — the longest
+    trial — so that it trains while the fold trials do, instead of alone after them."""
     from ray import tune
+
+    if with_export and known_winner(job) is None:
+        raise ValueError("the export can only join a search whose winner is known before it runs")
 
     lr = tune.loguniform(job.lr_min, job.lr_max) if job.lr_max > job.lr_min else job.lr_min
     wd = tune.loguniform(job.wd_min, job.wd_max) if job.wd_max > job.wd_min else job.wd_min
@@ -47,9 +69,13 @@ def search_phase(
         folds,
         classes,
         backbone=tune.grid_search(list(job.backbones)),
-        fold=tune.grid_search(list(range(folds))),
+        fold=tune.grid_search(([-1] if with_export else []) + list(range(folds))),
         lr=lr,
         weight_decay=wd,
     )
     samples = job.samples if (job.lr_max > job.lr_min or job.wd_max > job.wd_min) else 1
-    return _run_experiment(job, name, space, caches, asha=job.asha, resume=resume, num_samples=samples)
+    # one trial per fold leaves ASHA nothing to compare; the export run reports no validation metric
+    asha = job.asha and not with_export
+    return _run_experiment(
+        job, name, space, caches, asha=asha, resume=resume, num_samples=samples, ranked=not with_export
+    )

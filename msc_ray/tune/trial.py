@@ -22,8 +22,10 @@ class ClassifierRun:
 
     def __init__(self, config: dict, caches: dict):
         job = self.job = from_dict(TuneJobConfig, config["job"])
-        self.phase, self.name = config["phase"], config["backbone"]
+        self.name = config["backbone"]
         self.fold, folds = int(config["fold"]), int(config["folds"])
+        # fold -1 trains on every image: the export run, also where it joins the search's experiment
+        self.phase = "export" if self.fold < 0 else config["phase"]
         self.classes = list(config["classes"])
         k = len(self.classes)
         weights_file = models.resolve_pretrained(self.name, job.pretrained)
