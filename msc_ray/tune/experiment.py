@@ -135,8 +135,8 @@ def _run_experiment(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=METRIC if ranked and name != "export" else None,
-                mode="max" if ranked and name != "export" else None,
+                metric=METRIC if ranked else None,
+                mode="max" if ranked else None,
                 num_samples=num_samples,
                 scheduler=per_fold_asha(job) if asha else None,
                 # seeded sampling: the same job samples the same learning rates and weight decays

@@ -26,7 +26,12 @@ def export_phase(job, folds, classes, caches, winner, epochs: int, *, resume: bo
         weight_decay=winner["weight_decay"],
         epochs=epochs,
     )
-    (export,) = _run_experiment(job, "export", space, caches, asha=False, resume=resume)
+    (export,) = _run_experiment(job, "export", space, caches, asha=False, resume=resume, ranked=False)
+    return checked_export(export)
+
+
+def checked_export(export: TrialResult) -> TrialResult:
+    """The export run's result, once it is known to have left its model (a checkpoint)."""
     if export.checkpoint is None:
         raise RuntimeError(f"the export run left no checkpoint: {export.error}")
     return export

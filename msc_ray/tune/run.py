@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import corpus, engine, metrics, storage
 from .experiment import SearchOutcome
-from .export import _export_artifact, calibration, export_phase
+from .export import _export_artifact, calibration, checked_export, export_phase
 from .final import _outputs, _plot_winner, _write_table, build_table, final_phase
 from .job import TuneJobConfig, absolute, build_caches
 from .search import known_winner, pick_winner, search_phase
@@ -48,10 +48,8 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     epochs = job.max_epochs
     if joined_export is None:
         export = export_phase(job, folds, classes, caches, winner, epochs, resume=resume)
-    elif joined_export.checkpoint is None:
-        raise RuntimeError(f"the export run left no checkpoint: {joined_export.error}")
     else:
-        export = joined_export
+        export = checked_export(joined_export)
 
     table = build_table(search, final, folds, winner)
     outputs = _write_table(table, out)
