@@ -211,24 +211,23 @@ def test_winner_and_table_use_inner_validation_and_mark_cut_backbones():
     assert rows["b"]["folds_complete"] == "1/2"
 
 
-def test_no_best_epoch_nor_early_stop_before_min_epochs(ray_session, sstack_manifest, tmp_path, monkeypatch):
-    """Mid-schedule inner-validation figures swing: a trial keeps no best epoch and cannot stop before
-    min_epochs. With a falling validation ROC-AUC and patience 1, it would otherwise stop at epoch 2
-    with epoch 1's weights."""
+def _falling_run(sstack_manifest, tmp_path, monkeypatch, *, min_epochs: int, patience: int) -> mt.ClassifierRun:
+    """A six-epoch compact-CNN trial of outer fold 0 whose inner-validation ROC-AUC falls every epoch
+    (0.9, 0.8, ...; then 0.0, also for the outer fold)."""
     manifest, table = sstack_manifest
     job = mt.TuneJobConfig(
         manifest=manifest,
         out=str(tmp_path),
         backbones=("compact_cnn",),
         max_epochs=6,
-        min_epochs=4,
-        patience=1,
+        min_epochs=min_epochs,
+        patience=patience,
         size=64,
         batch_size=16,
         pretrained="none",
     )
     caches = mt.build_caches(job, table)
-    falling = itertools.chain([0.9, 0.8, 0.7, 0.6, 0.5], itertools.repeat(0.0))  # then the outer fold's
+    falling = itertools.chain([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], itertools.repeat(0.0))
     evaluate = engine.evaluate
 
     def falling_auc(out, part, classes, *args):
@@ -245,13 +244,40 @@ def test_no_best_epoch_nor_early_stop_before_min_epochs(ray_session, sstack_mani
         "lr": 2e-3,
         "weight_decay": 1e-5,
     }
-    run = mt.ClassifierRun(config, caches)
+    return mt.ClassifierRun(config, caches)
+
+
+def test_no_best_epoch_nor_early_stop_before_min_epochs(ray_session, sstack_manifest, tmp_path, monkeypatch):
+    """Mid-schedule inner-validation figures swing: a trial keeps no best epoch and cannot stop before
+    min_epochs. With a falling validation ROC-AUC and patience 1, it would otherwise stop at epoch 2
+    with epoch 1's weights."""
+    run = _falling_run(sstack_manifest, tmp_path, monkeypatch, min_epochs=4, patience=1)
     reasons = [run.run_epoch(e)[2] for e in range(4)]
     assert reasons == ["", "", "", ""]
     assert run.stopper.best_epoch == 4 and run.stopper.best == pytest.approx(0.6)
     report, extra, done = run.run_epoch(4)
     assert done == "patience" and report["best_epoch"] == 4
     assert extra["test_outputs"].shape[0] == len(run.test)  # the outer fold scored once, with epoch 4's weights
+
+
+def test_a_trial_whose_patience_is_its_schedule_runs_to_the_end_and_keeps_its_best_epoch(
+    ray_session, sstack_manifest, tmp_path, monkeypatch
+):
+    """Multi-stack's default (patience = the whole schedule): a falling inner-validation ROC-AUC does not
+    stop the trial; it trains every epoch, and the outer fold is scored once at the end with the best
+    epoch's weights (the first one kept, at min_epochs), not the last epoch's."""
+    run = _falling_run(sstack_manifest, tmp_path, monkeypatch, min_epochs=3, patience=6)
+    kept = None
+    reasons = []
+    for e in range(6):
+        report, extra, done = run.run_epoch(e)
+        reasons.append(done)
+        if e == 2:  # the best epoch's weights, as the trial holds them
+            kept = {k: v.clone() for k, v in run.judged.state_dict().items()}
+    assert reasons == ["", "", "", "", "", "max_epochs"]
+    assert report["best_epoch"] == 3 and run.stopper.best == pytest.approx(0.7)
+    assert extra["test_outputs"].shape[0] == len(run.test)
+    assert all(torch.equal(run.judged.state_dict()[k], v) for k, v in kept.items())  # epoch 3's, loaded back
 
 
 def test_asha_compares_trials_only_within_their_fold():
@@ -469,19 +495,22 @@ def test_a_search_started_from_an_artifact_needs_its_backbone_and_loads_it_in_ev
     assert rel.pretrained == str(art)
 
 
-def test_input_size_and_epochs_default_by_stack_and_explicit_values_are_kept():
-    """Left at 0 (the CLI's defaults), the input side and the epochs are the stack's measured ones:
-    multi-stack cells vanish at the 64 px that serve single-stack images; saved configs hold the values."""
+def test_input_size_epochs_and_patience_default_by_stack_and_explicit_values_are_kept():
+    """Left at 0 (the CLI's defaults), the input side, the epochs and the patience are the stack's measured
+    ones: multi-stack cells vanish at the 64 px that serve single-stack images, and multi-stack trials run
+    their whole schedule (patience = epochs) whatever its length; saved configs hold the values."""
     single = mt.TuneJobConfig(manifest="m", out="o", stack="sstack")
     multi = mt.TuneJobConfig(manifest="m", out="o", stack="mstack")
-    assert (single.size, single.max_epochs) == (64, 25)
-    assert (multi.size, multi.max_epochs) == (128, 60)
-    explicit = mt.TuneJobConfig(manifest="m", out="o", stack="mstack", size=96, max_epochs=3)
-    assert (explicit.size, explicit.max_epochs) == (96, 3)
+    assert (single.size, single.max_epochs, single.patience) == (64, 25, 6)
+    assert (multi.size, multi.max_epochs, multi.patience) == (128, 60, 60)
+    explicit = mt.TuneJobConfig(manifest="m", out="o", stack="mstack", size=96, max_epochs=3, patience=2)
+    assert (explicit.size, explicit.max_epochs, explicit.patience) == (96, 3, 2)
+    longer = mt.TuneJobConfig(manifest="m", out="o", stack="mstack", max_epochs=80)
+    assert longer.patience == 80
     other = mt.TuneJobConfig(manifest="m", out="o", stack="nsc")  # a corpus's own stack name: single-layer's
-    assert (other.size, other.max_epochs) == (64, 25)
+    assert (other.size, other.max_epochs, other.patience) == (64, 25, 6)
     again = from_dict(mt.TuneJobConfig, dataclasses.asdict(multi))
-    assert (again.size, again.max_epochs) == (128, 60)
+    assert (again.size, again.max_epochs, again.patience) == (128, 60, 60)
 
 
 def test_a_ctrl_c_after_a_fit_interrupts_the_program_and_is_not_swallowed(ray_session, tmp_path):

@@ -52,8 +52,12 @@ def tune(
         int, typer.Option(help="Epochs per trial at most (0: by stack — 25 single-stack, 60 multi-stack).")
     ] = 0,
     patience: Annotated[
-        int, typer.Option(help="Epochs without a better inner-validation ROC-AUC before a trial stops.")
-    ] = 6,
+        int,
+        typer.Option(
+            help="Epochs without a better inner-validation ROC-AUC before a trial stops (0: by stack — 6 "
+            "single-stack; multi-stack trials run their whole schedule and keep their best epoch)."
+        ),
+    ] = 0,
     min_epochs: Annotated[
         int,
         typer.Option(help="Epochs before a best epoch is kept and a trial can stop early (0: half of --max-epochs)."),
