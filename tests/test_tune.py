@@ -195,6 +195,50 @@ def test_outer_folds_are_never_trained_on(tiny_search, sstack_manifest):
         assert len(rows) and set(folds[rows]) == {t.fold}
 
 
+def test_table_1_pools_the_outer_folds_each_calibrated_with_its_own_fold_temperature(tiny_search, sstack_manifest):
+    job, outcome = tiny_search
+    _, table = sstack_manifest
+    from msc_ray import metrics
+
+    probs, labels = [], []
+    for t in outcome.final:
+        with np.load(os.path.join(t.checkpoint, "outputs.npz"), allow_pickle=False) as z:
+            # the fold's temperature is the one its own inner validation part fits, whatever the pooled one is
+            own = metrics.fit_temperature(z["val_outputs"][:, :4], z["val_labels"])
+            assert np.allclose(z["test_temperature"], own) and len(z["test_temperature"]) == len(z["test_labels"])
+            probs.append(metrics.calibrated(z["test_outputs"][:, :4], own))
+            labels.append(z["test_labels"])
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    pooled = json.loads((Path(job.out) / "summary.json").read_text())["outer_folds"]
+    assert pooled["images"] == len(labels) == table.num_rows  # every image once, on the fold that held it out
+    assert pooled["held_out_ece"] == pytest.approx(metrics.expected_calibration_error(labels, probs))
+    assert pooled["held_out_ece_floor"] == pytest.approx(metrics.ece_floor(probs))
+    md = (Path(job.out) / "table.md").read_text()
+    assert f"pooled ({len(labels)} images" in md and f"ECE {pooled['held_out_ece']:.3f}" in md
+
+
+def test_pooled_held_out_ece_uses_each_fold_temperature_not_a_shared_one():
+    from msc_ray import metrics
+    from msc_ray.tune.run import pooled_outer_figures
+
+    rng = np.random.default_rng(0)
+    # labels drawn from softmax(base): base is calibrated at temperature 1. Fold A's logits are four times too
+    # sharp (its temperature 4 gives base back), fold B's are base itself (1)
+    base = 2 * rng.normal(size=(400, 4))
+    labels = (rng.random((400, 1)) > np.cumsum(metrics.calibrated(base), 1)).sum(1).clip(max=3)
+    logits = np.concatenate([4 * base[:200], base[200:]])
+    temps = np.concatenate([np.full(200, 4.0), np.full(200, 1.0)])
+    outs = {"test_outputs": logits, "test_labels": labels, "test_temperature": temps}
+    own = np.concatenate([metrics.calibrated(logits[:200], 4.0), metrics.calibrated(logits[200:], 1.0)])
+    shared = pooled_outer_figures(outs, ["1", "2", "3", "4"], temperature=1.0)
+    assert shared["held_out_ece"] == pytest.approx(metrics.expected_calibration_error(labels, own))
+    # one temperature for both folds leaves fold A overconfident; each fold's own does not
+    assert metrics.expected_calibration_error(labels, metrics.calibrated(logits, 1.0)) > shared["held_out_ece"] + 0.05
+    # figures saved before the folds' temperatures were kept: no pooled held-out ECE rather than a wrong one
+    del outs["test_temperature"]
+    assert "held_out_ece" not in pooled_outer_figures(outs, ["1", "2", "3", "4"], temperature=1.0)
+
+
 def test_winner_and_table_use_inner_validation_and_mark_cut_backbones():
     t = mt.TrialResult
     search = [

@@ -63,7 +63,9 @@ def _row(name: str, what: str, trials: list[TrialResult], folds: int, status: st
     return row
 
 
-def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
+def _write_table(rows: list[dict], out: Path, pooled: dict | None = None) -> dict[str, str]:
+    """Table 1 as CSV and Markdown; ``pooled`` (tune.run.pooled_outer_figures) adds the winner's outer
+    folds taken together, each calibrated with its own fold's temperature."""
     csv_path, md_path = out / "table.csv", out / "table.md"
     metrics.write_csv(rows, csv_path)
     lines = [
@@ -88,6 +90,13 @@ def _write_table(rows: list[dict], out: Path) -> dict[str, str]:
         "ECE a perfectly calibrated model would show on the same images (labels drawn from its own "
         "probabilities); ECE is biased upwards on small folds, so read the calibrated ECE against it.",
     ]
+    if pooled and "held_out_ece" in pooled:
+        lines += [
+            "",
+            f"Winner's outer folds pooled ({pooled['images']} images, each fold calibrated with its own "
+            f"temperature): accuracy {pooled['accuracy']:.3f}, ECE {pooled['held_out_ece']:.3f} (floor "
+            f"{pooled['held_out_ece_floor']:.3f}).",
+        ]
     md_path.write_text("\n".join(lines) + "\n")
     return {"table_csv": str(csv_path), "table_md": str(md_path)}
 
@@ -104,7 +113,8 @@ def _outputs(job: TuneJobConfig, final: list[TrialResult]) -> dict[str, np.ndarr
                 parts.append({k: z[k] for k in z.files})
     if not parts:
         raise RuntimeError("the winner's fold runs left no outputs")
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    common = set.intersection(*(set(p) for p in parts))  # a resumed run may hold folds saved by an older version
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k in common}
 
 
 def _plot_winner(outs: dict, classes: list[str], temperature: float, title: str, dest: Path) -> str:

@@ -52,10 +52,10 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
         export = checked_export(joined_export)
 
     table = build_table(search, final, folds, winner)
-    outputs = _write_table(table, out)
     outs = _outputs(job, final)
     calib = calibration(outs, classes)
     oof = pooled_outer_figures(outs, classes, calib["temperature"])
+    outputs = _write_table(table, out, pooled=oof)
     outputs["plots"] = _plot_winner(
         outs,
         classes,
@@ -100,10 +100,20 @@ def _publish_outputs(job: TuneJobConfig, out: Path, outputs: dict, remote: bool)
 
 def pooled_outer_figures(outs: dict, classes: list[str], temperature: float) -> dict:
     """The winner's outer-fold outputs pooled over the folds, calibrated with the export's temperature:
-    micro figures, per-class precision/recall/F1/ROC-AUC and (with a confluence output) its MAE."""
+    micro figures, per-class precision/recall/F1/ROC-AUC and (with a confluence output) its MAE.
+
+    ``held_out_ece`` (and its floor): the same pooled images, each fold's outputs calibrated with that
+    fold's own temperature (fitted on its inner validation part only), so no image's probability came
+    from a temperature that saw it — Table 1's per-fold ECE on all the outer images at once, where the
+    15-bin ECE's upward bias (its floor) is about half that of a 1/k share."""
     k = len(classes)
     probs = metrics.calibrated(outs["test_outputs"][:, :k], temperature)
     oof = metrics.classification_metrics(outs["test_labels"], probs)
+    oof["images"] = len(probs)
+    if "test_temperature" in outs:  # absent from fold runs saved before the fold's temperature was kept
+        own = metrics.calibrated(outs["test_outputs"][:, :k], outs["test_temperature"][:, None])
+        oof["held_out_ece"] = metrics.expected_calibration_error(outs["test_labels"], own)
+        oof["held_out_ece_floor"] = metrics.ece_floor(own)
     oof["per_class"] = metrics.per_class_metrics(outs["test_labels"], probs, classes)
     if outs["test_outputs"].shape[1] > k:
         pct = engine.confluence_from_outputs(outs["test_outputs"], classes, temperature)

@@ -220,6 +220,9 @@ def _outer_figures(model, best_model, predict, val, test, classes) -> dict:
         "val_outputs": out_val,
         "val_labels": val.labels,
         "test_outputs": out_test,
+        # the fold's own temperature beside each outer-fold row, so the folds' calibrated outputs can be
+        # pooled (tune.run.pooled_outer_figures): a held-out ECE over every outer image, not 1/k of them
+        "test_temperature": np.full(len(out_test), temperature, dtype=np.float64),
         "test_labels": test.labels,
         "test_rows": test.rows,
         "test_confluence": test.confluence,
