@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from msc_ray import corpus, data, engine, inference, models, synth
+from msc_ray import corpus, data, engine, inference, metrics, models, synth
 from msc_ray import tune as mt
 from msc_ray.config import DataConfig, from_dict
 
@@ -198,8 +198,6 @@ def test_outer_folds_are_never_trained_on(tiny_search, sstack_manifest):
 def test_table_1_pools_the_outer_folds_each_calibrated_with_its_own_fold_temperature(tiny_search, sstack_manifest):
     job, outcome = tiny_search
     _, table = sstack_manifest
-    from msc_ray import metrics
-
     probs, labels = [], []
     for t in outcome.final:
         with np.load(os.path.join(t.checkpoint, "outputs.npz"), allow_pickle=False) as z:
@@ -218,7 +216,6 @@ def test_table_1_pools_the_outer_folds_each_calibrated_with_its_own_fold_tempera
 
 
 def test_pooled_held_out_ece_uses_each_fold_temperature_not_a_shared_one():
-    from msc_ray import metrics
     from msc_ray.tune.run import pooled_outer_figures
 
     rng = np.random.default_rng(0)

@@ -114,7 +114,7 @@ def _outputs(job: TuneJobConfig, final: list[TrialResult]) -> dict[str, np.ndarr
     if not parts:
         raise RuntimeError("the winner's fold runs left no outputs")
     common = set.intersection(*(set(p) for p in parts))  # a resumed run may hold folds saved by an older version
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k in common}
+    return {k: np.concatenate([p[k] for p in parts]) for k in common}
 
 
 def _plot_winner(outs: dict, classes: list[str], temperature: float, title: str, dest: Path) -> str:
