@@ -93,9 +93,12 @@ def test_tune_reads_multi_stack_images_at_their_own_input_size_by_default(tmp_pa
     _run(["synth", "c", "--n", "24", "--size", "64", "--stack", "mstack", "--seed", "5"], tmp_path)
     tiny = ["--stack", "mstack", "--backbones", "compact_cnn", "--max-epochs", "1", "--samples", "1", "--folds", "3"]
     tiny += ["--lr", "1e-3", "--pretrained", "none", "--no-coverage", "--views", "1"]
-    _run(["tune", "c", "--out", "run", *tiny], tmp_path)
+    # one configuration (one backbone, --lr, --weight-decay): the inner fold may train (--inner-fold train)
+    _run(["tune", "c", "--out", "run", *tiny, "--weight-decay", "1e-5", "--inner-fold", "train"], tmp_path)
     config = json.loads((tmp_path / "run" / "artifact" / "config.json").read_text())
     assert config["data"]["size"] == 128 and config["data"]["equalize"] is True, config["data"]
+    assert config["hyperparameters"] == {"lr": 1e-3, "weight_decay": 1e-5}
+    assert config["calibration"]["fitted_on"].startswith("pooled outer folds"), config["calibration"]
 
 
 def test_a_failing_tune_names_the_real_error_in_one_line(tmp_path):

@@ -236,6 +236,72 @@ def test_pooled_held_out_ece_uses_each_fold_temperature_not_a_shared_one():
     assert "held_out_ece" not in pooled_outer_figures(outs, ["1", "2", "3", "4"], temperature=1.0)
 
 
+def test_cross_fitted_temperatures_come_from_the_other_folds_only():
+    rng = np.random.default_rng(1)
+    base = 2 * rng.normal(size=(900, 4))
+    labels = (rng.random((900, 1)) > np.cumsum(metrics.calibrated(base), 1)).sum(1).clip(max=3)
+    # every fold's logits three times too sharp: each cross-fitted temperature finds about 3
+    parts = {f: {"test_outputs": 3 * base[f::3], "test_labels": labels[f::3]} for f in range(3)}
+    temps = mt.fold_temperatures(parts, 4)
+    assert all(2.5 < t < 3.6 for t in temps.values()), temps
+    for f in range(3):
+        others = [parts[g] for g in range(3) if g != f]
+        fitted = metrics.fit_temperature(
+            np.concatenate([p["test_outputs"] for p in others]), np.concatenate([p["test_labels"] for p in others])
+        )
+        assert temps[f] == pytest.approx(fitted)
+    # a fold's own outputs never enter its temperature: made ten times sharper, fold 0 moves the other two
+    sharper = {**parts, 0: {**parts[0], "test_outputs": 30 * base[0::3]}}
+    moved = mt.fold_temperatures(sharper, 4)
+    assert moved[0] == pytest.approx(temps[0]) and moved[1] > temps[1] + 1 and moved[2] > temps[2] + 1
+    with pytest.raises(ValueError, match="at least two outer folds"):
+        mt.fold_temperatures({0: parts[0]}, 4)
+
+
+def test_a_cross_fitted_search_trains_each_fold_on_every_other_fold(ray_session, sstack_manifest, tmp_path):
+    """--inner-fold train: each fold's model trains on every fold but its outer one for its whole schedule;
+    Table 1 calibrates fold k with the temperature the other folds' outer outputs fit, the export with the
+    one all the outer outputs fit."""
+    manifest, table = sstack_manifest
+    job = _tiny_job(
+        manifest, tmp_path / "run", backbones=("compact_cnn",), views=1, wd_min=1e-5, wd_max=1e-5, inner_fold="train"
+    )
+    outcome = mt.run_search(job)
+    folds = table.column("fold").to_numpy()
+    parts = {}
+    for t in outcome.final:
+        assert t.done_reason == "epochs" and t.epochs_run == job.max_epochs and np.isnan(t.best_val_auc)
+        last = json.loads((Path(t.checkpoint).parent / "result.json").read_text().splitlines()[-1])
+        assert last["train_images"] == int((folds != t.fold).sum())  # the inner fold trained too
+        with np.load(os.path.join(t.checkpoint, "outputs.npz"), allow_pickle=False) as z:
+            parts[t.fold] = {k: z[k] for k in z.files}
+        assert set(folds[parts[t.fold]["test_rows"]]) == {t.fold} and "val_outputs" not in parts[t.fold]
+    summary = json.loads((Path(job.out) / "summary.json").read_text())
+    probs, labels = [], []
+    for t in outcome.final:
+        others = [parts[f] for f in parts if f != t.fold]
+        temp = metrics.fit_temperature(
+            np.concatenate([p["test_outputs"][:, :4] for p in others]),
+            np.concatenate([p["test_labels"] for p in others]),
+        )
+        own = metrics.calibrated(parts[t.fold]["test_outputs"][:, :4], temp)
+        assert t.test_ece_after == pytest.approx(metrics.expected_calibration_error(parts[t.fold]["test_labels"], own))
+        assert t.test_acc == pytest.approx(np.mean(own.argmax(1) == parts[t.fold]["test_labels"]))
+        probs.append(own)
+        labels.append(parts[t.fold]["test_labels"])
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    assert summary["outer_folds"]["held_out_ece"] == pytest.approx(metrics.expected_calibration_error(labels, probs))
+    assert summary["calibration"]["ece_after"] == pytest.approx(summary["outer_folds"]["held_out_ece"])
+    pooled = np.concatenate([parts[f]["test_outputs"][:, :4] for f in sorted(parts)])
+    pooled_labels = np.concatenate([parts[f]["test_labels"] for f in sorted(parts)])
+    assert summary["calibration"]["temperature"] == pytest.approx(metrics.fit_temperature(pooled, pooled_labels))
+    assert models.read_config(Path(job.out) / "artifact")["temperature"] == summary["calibration"]["temperature"]
+    rows = {r["run"].split(",")[0]: r for r in outcome.table}
+    assert all(r["folds_complete"] == "3/3" and r["status"] == "complete" for r in outcome.table)
+    assert rows["winner"]["ece_after_mean"] == pytest.approx(np.mean([t.test_ece_after for t in outcome.final]))
+    assert "cross-fitted calibration" in (Path(job.out) / "table.md").read_text()
+
+
 def test_winner_and_table_use_inner_validation_and_mark_cut_backbones():
     t = mt.TrialResult
     search = [
@@ -498,6 +564,14 @@ def test_job_settings_out_of_range_are_refused_naming_the_option():
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), precision="fp16").validate(classes)
     with pytest.raises(ValueError, match="--average-epochs -1"):
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), average_epochs=-1.0).validate(classes)
+    with pytest.raises(ValueError, match="--inner-fold test: choose one of validate, train"):
+        mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), inner_fold="test").validate(classes)
+    one = dict(manifest="m", out="o", backbones=("compact_cnn",), lr_min=2e-3, lr_max=2e-3, wd_min=1e-5, wd_max=1e-5)
+    mt.TuneJobConfig(**one, inner_fold="train").validate(classes)
+    # a choice between backbones or sampled hyper-parameters needs the inner validation fold
+    for other in (dict(backbones=("compact_cnn", "coverage_unet")), dict(lr_max=3e-3), dict(wd_max=1e-3)):
+        with pytest.raises(ValueError, match="--inner-fold train: only for a search with one configuration"):
+            mt.TuneJobConfig(**{**one, **other}, inner_fold="train").validate(classes)
 
 
 def _random_cache(n: int, side: int, seed: int = 0) -> engine.Cache:

@@ -66,6 +66,18 @@ def tune(
     lr: Annotated[
         str, typer.Option(help="Learning rate, or a range LO:HI sampled log-uniformly per trial.")
     ] = "1e-3:3e-3",
+    weight_decay: Annotated[
+        str, typer.Option(help="Weight decay, or a range LO:HI sampled log-uniformly per trial.")
+    ] = "1e-6:1e-3",
+    inner_fold: Annotated[
+        str,
+        typer.Option(
+            help="What the fold after each outer fold does: validate (backbone choice, ASHA, best epoch and "
+            "temperature are read on it; three of five folds train) or train (only with one backbone, one "
+            "--lr and one --weight-decay: four of five folds train for the whole schedule, and each outer "
+            "fold's temperature is fitted on the other folds' outer outputs)."
+        ),
+    ] = "validate",
     warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up before cosine decay.")] = 2,
     size: Annotated[
         int,
@@ -139,6 +151,7 @@ def tune(
     for b in names:
         models.backbone(b)
     lr_min, lr_max = _range(lr, "--lr")
+    wd_min, wd_max = _range(weight_decay, "--weight-decay")
     out = _absolute(out)
     manifest = _manifest_for(corpus_or_manifest, out, folds, seed, endpoint_url, reuse=resume)
     job = tune_mod.TuneJobConfig(
@@ -152,6 +165,9 @@ def tune(
         samples=samples,
         lr_min=lr_min,
         lr_max=lr_max,
+        wd_min=wd_min,
+        wd_max=wd_max,
+        inner_fold=inner_fold,
         warmup_epochs=warmup_epochs,
         batch_size=batch_size,
         augment_on=augment_on,

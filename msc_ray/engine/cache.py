@@ -114,15 +114,18 @@ class Cache:
             boxes=boxes,
         )
 
-    def split(self, outer: int, folds: int) -> tuple[Cache, Cache, Cache]:
+    def split(self, outer: int, folds: int, *, inner_trains: bool = False) -> tuple[Cache, Cache, Cache]:
         """(training, inner validation, outer test) for validation fold ``outer``: the outer fold is
         the test part nothing is chosen on; the next fold is the inner validation part used for early
-        stopping, thresholds and temperatures; the rest train. ``outer < 0``: all images train and the
-        two other parts are empty."""
+        stopping, thresholds and temperatures; the rest train. ``inner_trains``: there is nothing to
+        choose on an inner part, so every fold but the outer one trains and the validation part is
+        empty. ``outer < 0``: all images train and the two other parts are empty."""
         if outer < 0:
             return self, self.subset([]), self.subset([])
-        inner = (outer + 1) % folds
         test = np.flatnonzero(self.folds == outer)
+        if inner_trains:
+            return self.subset(np.flatnonzero(self.folds != outer)), self.subset([]), self.subset(test)
+        inner = (outer + 1) % folds
         val = np.flatnonzero(self.folds == inner)
         train = np.flatnonzero((self.folds != outer) & (self.folds != inner))
         return self.subset(train), self.subset(val), self.subset(test)

@@ -4,7 +4,10 @@ Three Tune experiments under ``RUN/``, each resumable with ``Tuner.restore``:
 
 Nested evaluation: for outer fold k, fold k is the test part (Table 1's figures; nothing is
 trained, stopped, selected or calibrated on it), fold k+1 is the inner validation part (early
-stopping, ASHA, backbone choice, temperature), the other folds train.
+stopping, ASHA, backbone choice, temperature), the other folds train. Where the search holds one
+configuration per fold there is nothing to choose, and ``inner_fold="train"`` lets fold k+1 train too
+(:mod:`.crossfit`): each fold's model runs its whole schedule on every fold but k, and fold k is calibrated
+with a temperature fitted on the other folds' outer outputs.
 
 1. ``search``: one trial per (backbone, outer fold, sampled learning rate and weight decay). AMSGrad
    Adam (its ``weight_decay`` is L2 regularisation), warm-up then cosine learning rate, class-weighted
@@ -24,19 +27,22 @@ tasks while it trains, so trials only ask for their own CPUs (and GPU share) and
 
 Modules: :mod:`.job` (options, the stack's defaults, the caches), :mod:`.trial` (the trainable),
 :mod:`.experiment` (one Tune experiment, ASHA per fold), :mod:`.search`, :mod:`.final` (with Table 1),
-:mod:`.export` (with the temperature and the artifact) and :mod:`.run` (the three in order).
+:mod:`.export` (with the temperature and the artifact), :mod:`.crossfit` (cross-fitted calibration) and
+:mod:`.run` (the three in order).
 """
 
+from .crossfit import cross_fit, fold_temperatures
 from .experiment import SNAPSHOT_WARNING, SearchOutcome, TrialResult, _run_experiment, _space, fit_tuner, per_fold_asha
 from .export import calibration, export_phase
 from .final import TABLE_KEYS, build_table, final_phase
-from .job import AUGMENT_ON, METRIC, STACK_DEFAULTS, TuneJobConfig, absolute, build_caches
+from .job import AUGMENT_ON, INNER_FOLD, METRIC, STACK_DEFAULTS, TuneJobConfig, absolute, build_caches
 from .run import run_search
 from .search import known_winner, pick_winner, search_phase
 from .trial import ClassifierRun, classifier_trial
 
 __all__ = [
     "AUGMENT_ON",
+    "INNER_FOLD",
     "METRIC",
     "SNAPSHOT_WARNING",
     "STACK_DEFAULTS",
@@ -52,9 +58,11 @@ __all__ = [
     "build_table",
     "calibration",
     "classifier_trial",
+    "cross_fit",
     "export_phase",
     "final_phase",
     "fit_tuner",
+    "fold_temperatures",
     "known_winner",
     "per_fold_asha",
     "pick_winner",

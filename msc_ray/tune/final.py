@@ -29,9 +29,9 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
     for name, trials in by_backbone.items():
         picked, cut = [], []
         for f in range(folds):
-            complete = [t for t in trials if t.fold == f and t.complete and not math.isnan(t.best_val_auc)]
+            complete = [t for t in trials if t.fold == f and t.complete and _validated_or_alone(t, trials)]
             if complete:
-                picked.append(max(complete, key=lambda t: t.best_val_auc))
+                picked.append(max(complete, key=lambda t: -math.inf if math.isnan(t.best_val_auc) else t.best_val_auc))
             else:
                 cut.append(f)
         status = "complete" if not cut else f"cut by ASHA on fold(s) {','.join(map(str, cut))}: no mean"
@@ -53,6 +53,12 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
     return rows
 
 
+def _validated_or_alone(t: TrialResult, trials: list[TrialResult]) -> bool:
+    """A trial Table 1 may pick on its fold: one the inner validation scored, or, where nothing was
+    validated (cross-fitted folds: one configuration), the fold's only trial."""
+    return not math.isnan(t.best_val_auc) or sum(u.fold == t.fold for u in trials) == 1
+
+
 def _row(name: str, what: str, trials: list[TrialResult], folds: int, status: str, complete: int) -> dict:
     row = {"backbone": name, "run": what, "folds_complete": f"{complete}/{folds}"}
     for key in TABLE_KEYS:
@@ -63,9 +69,17 @@ def _row(name: str, what: str, trials: list[TrialResult], folds: int, status: st
     return row
 
 
-def _write_table(rows: list[dict], out: Path, pooled: dict | None = None) -> dict[str, str]:
+CHOSEN_ON = {
+    "validate": "Early stopping, ASHA, backbone choice and the temperature used the inner validation fold.",
+    "train": "One configuration, nothing chosen: each fold's model trained on every other fold for its whole "
+    "schedule, and its temperature was fitted on the other folds' outer outputs (cross-fitted calibration).",
+}
+
+
+def _write_table(rows: list[dict], out: Path, pooled: dict | None = None, inner_fold: str = "validate") -> dict:
     """Table 1 as CSV and Markdown; ``pooled`` (tune.run.pooled_outer_figures) adds the winner's outer
-    folds taken together, each calibrated with its own fold's temperature."""
+    folds taken together, each calibrated with its own fold's temperature; ``inner_fold`` says what the
+    temperatures and choices were read on (``TuneJobConfig.inner_fold``)."""
     csv_path, md_path = out / "table.csv", out / "table.md"
     metrics.write_csv(rows, csv_path)
     lines = [
@@ -85,10 +99,10 @@ def _write_table(rows: list[dict], out: Path, pooled: dict | None = None) -> dic
         )
     lines += [
         "",
-        "Figures are on the outer folds: nothing was trained, stopped or calibrated on them. Early "
-        "stopping, ASHA, backbone choice and the temperature used the inner validation fold. ECE floor: the "
-        "ECE a perfectly calibrated model would show on the same images (labels drawn from its own "
-        "probabilities); ECE is biased upwards on small folds, so read the calibrated ECE against it.",
+        "Figures are on the outer folds: nothing was trained, stopped or calibrated on them. "
+        + CHOSEN_ON[inner_fold]
+        + " ECE floor: the ECE a perfectly calibrated model would show on the same images (labels drawn from "
+        "its own probabilities); ECE is biased upwards on small folds, so read the calibrated ECE against it.",
     ]
     if pooled and "held_out_ece" in pooled:
         lines += [
@@ -101,20 +115,26 @@ def _write_table(rows: list[dict], out: Path, pooled: dict | None = None) -> dic
     return {"table_csv": str(csv_path), "table_md": str(md_path)}
 
 
-def _outputs(job: TuneJobConfig, final: list[TrialResult]) -> dict[str, np.ndarray]:
-    """The winner's inner-validation and outer-fold outputs of every fold, concatenated."""
-    parts = []
+def fold_outputs(job: TuneJobConfig, final: list[TrialResult]) -> dict[int, dict[str, np.ndarray]]:
+    """The winner's saved outputs (``outputs.npz``) per outer fold, for the folds that left them."""
+    parts = {}
     for t in final:
         if not t.checkpoint:
             continue
         raw = storage.read_checkpoint_file(job.out, t.checkpoint, "outputs.npz", job.endpoint_url)
         if raw is not None:
             with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                parts.append({k: z[k] for k in z.files})
+                parts[t.fold] = {k: z[k] for k in z.files}
     if not parts:
         raise RuntimeError("the winner's fold runs left no outputs")
-    common = set.intersection(*(set(p) for p in parts))  # a resumed run may hold folds saved by an older version
-    return {k: np.concatenate([p[k] for p in parts]) for k in common}
+    return parts
+
+
+def _outputs(parts: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The folds' inner-validation and outer-fold outputs (:func:`fold_outputs`), concatenated."""
+    ordered = [parts[f] for f in sorted(parts)]
+    common = set.intersection(*(set(p) for p in ordered))  # a resumed run may hold folds saved by an older version
+    return {k: np.concatenate([p[k] for p in ordered]) for k in common}
 
 
 def _plot_winner(outs: dict, classes: list[str], temperature: float, title: str, dest: Path) -> str:

@@ -17,6 +17,9 @@ METRIC = "val_auc"
 AUGMENT_ON = ("auto", "cpu", "device")
 
 
+INNER_FOLD = ("validate", "train")
+
+
 # (input side, epochs, patience) per stack where a job leaves them at 0. Single-stack: 64 px holds
 # confluence (96 px gained nothing, at twice the cost). Multi-stack: its cells are one-pixel edges that
 # 64 px loses — the compact CNN, 30 epochs, read 400 new-vessel images at 0.82 / 0.76 from 64 px against
@@ -42,6 +45,14 @@ class TuneJobConfig:
     # 0.47 0.71), so a best epoch picked there is a lucky draw and patience ends the trial on a dip long
     # before the cosine decay settles the weights (see README, "Why these defaults")
     min_epochs: int = 0
+    # what the fold after each outer fold does. "validate" (default): it is the inner validation part —
+    # backbone choice, ASHA, the best epoch and the temperature are read on it, and three of five folds
+    # train. "train": only for a search with one configuration per fold (one backbone, one learning rate
+    # and weight decay: nothing to choose), where it trains too, so each fold's model learns from four of
+    # five folds, runs its whole schedule and keeps its last (averaged) weights; each outer fold is then
+    # calibrated with a temperature fitted on the other folds' outer outputs (tune.crossfit), which never
+    # see it. Multi-stack learns from more images more than from anything else tried (README)
+    inner_fold: str = "validate"
     warmup_epochs: int = 2
     confluence_head: bool = True  # a regression output where the corpus carries measured confluence
     # coverage supervision: where the corpus has cell masks (masks/<stack>/, as the synthetic corpus and
@@ -116,12 +127,29 @@ class TuneJobConfig:
             raise ValueError(f"--average-epochs {self.average_epochs}: must be at least 0")
         if self.max_epochs < 1 or self.patience < 1 or self.samples < 1:
             raise ValueError("--max-epochs, --patience and --samples must be at least 1")
+        if self.inner_fold not in INNER_FOLD:
+            raise ValueError(f"--inner-fold {self.inner_fold}: choose one of {', '.join(INNER_FOLD)}")
+        if self.inner_fold == "train" and not self.one_configuration:
+            raise ValueError(
+                "--inner-fold train: only for a search with one configuration per fold (one --backbones, "
+                "--lr-min = --lr-max, --wd-min = --wd-max); a choice needs the inner validation fold"
+            )
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
         check_views(self.views, f"--views {self.views}")
         engine.check_precision(self.precision)
         if self.pretrained_is_path and models.is_artifact(self.pretrained):
             self._check_transfer()
+
+    @property
+    def one_configuration(self) -> bool:
+        """Whether the search holds one configuration per fold: one backbone, nothing sampled."""
+        return len(self.backbones) == 1 and self.lr_max <= self.lr_min and self.wd_max <= self.wd_min
+
+    @property
+    def cross_fitted(self) -> bool:
+        """Whether the inner fold trains and each outer fold's temperature comes from the other folds."""
+        return self.inner_fold == "train"
 
     @property
     def pretrained_is_path(self) -> bool:

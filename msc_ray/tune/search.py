@@ -42,7 +42,7 @@ def known_winner(job: TuneJobConfig) -> dict | None:
     """The winner's configuration when the search holds one per fold (one backbone, one learning rate
     and weight decay, nothing sampled): known before any trial runs, so its export can train beside
     the fold trials. None when the search has a choice to make."""
-    if len(job.backbones) != 1 or _sampled(job):
+    if not job.one_configuration:
         return None
     return {"backbone": job.backbones[0], "lr": job.lr_min, "weight_decay": job.wd_min}
 

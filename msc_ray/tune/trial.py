@@ -30,7 +30,7 @@ class ClassifierRun:
         k = len(self.classes)
         weights_file = models.resolve_pretrained(self.name, job.pretrained)
         dcfg = _data_config(job, self.name, models.imagenet_sized(weights_file))
-        self.train, self.val, self.test = caches[dcfg.size].split(self.fold, folds)
+        self.train, self.val, self.test = caches[dcfg.size].split(self.fold, folds, inner_trains=job.cross_fitted)
         self.device = inference.default_device()
         # job.precision resolved once for this device: training and prediction alike
         self.precision = "bf16" if engine.use_bf16(self.device, job.precision) else "fp32"
@@ -129,7 +129,7 @@ class ClassifierRun:
             "bf16": self.precision == "bf16",
         }
         last = epoch + 1 == self.epochs
-        if len(self.val) == 0:  # export: all images train, no early stopping
+        if len(self.val) == 0:  # export, or a cross-fitted fold: no validation part, the last weights are kept
             self.stopper.update(float(epoch), epoch + 1, self.judged)
             done = "epochs" if last else ""
         else:
@@ -200,31 +200,45 @@ def classifier_trial(config: dict, caches: dict | None = None) -> None:
 
 def _outer_figures(model, best_model, predict, val, test, classes) -> dict:
     """The best epoch's model on the inner validation part (temperature) and once on the outer
-    fold: Table 1's figures, with ECE after calibration on data the temperature never saw."""
+    fold: Table 1's figures, with ECE after calibration on data the temperature never saw. With no
+    validation part (a cross-fitted fold: the inner fold trained) the outer outputs alone; the fold's
+    temperature and figures follow once every fold has its outputs (:func:`tune.crossfit.cross_fit`)."""
     model.load_state_dict(best_model)
-    out_val, out_test = predict(val), predict(test)
+    out_test = predict(test)
+    arrays = {
+        "test_outputs": out_test,
+        "test_labels": test.labels,
+        "test_rows": test.rows,
+        "test_confluence": test.confluence,
+    }
+    if len(val) == 0:
+        return {"test_acc": engine.evaluate(out_test, test, classes)["accuracy"], **arrays}
+    out_val = predict(val)
+    temperature = metrics.fit_temperature(out_val[:, : len(classes)], val.labels)
+    return {
+        **outer_fold_figures(out_test, test, classes, temperature),
+        "val_outputs": out_val,
+        "val_labels": val.labels,
+        **arrays,
+    }
+
+
+def outer_fold_figures(out_test: np.ndarray, test, classes: list[str], temperature: float) -> dict:
+    """Table 1's figures of one outer fold, its outputs calibrated with ``temperature`` (fitted on data
+    that holds none of its images); ``test`` has the fold's ``labels`` and ``confluence``."""
     k = len(classes)
-    temperature = metrics.fit_temperature(out_val[:, :k], val.labels)
     m = engine.evaluate(out_test, test, classes, temperature)
-    raw = engine.evaluate(out_test, test, classes)
-    figures = {
+    return {
         "test_auc": m["roc_auc"],
         "test_acc": m["accuracy"],
         "test_pr_auc": m["pr_auc"],
-        "test_ece_before": raw["ece"],
+        "test_ece_before": engine.evaluate(out_test, test, classes)["ece"],
         "test_ece_after": m["ece"],
         # what a calibrated model would show on this many images (only here: not on every epoch's validation)
         "test_ece_floor": metrics.ece_floor(metrics.calibrated(out_test[:, :k], temperature)),
         "temperature": temperature,
         "test_confluence_mae": m.get("confluence_mae", float("nan")),
-        "val_outputs": out_val,
-        "val_labels": val.labels,
-        "test_outputs": out_test,
         # the fold's own temperature beside each outer-fold row, so the folds' calibrated outputs can be
         # pooled (tune.run.pooled_outer_figures): a held-out ECE over every outer image, not 1/k of them
         "test_temperature": np.full(len(out_test), temperature, dtype=np.float64),
-        "test_labels": test.labels,
-        "test_rows": test.rows,
-        "test_confluence": test.confluence,
     }
-    return figures
