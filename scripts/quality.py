@@ -414,11 +414,12 @@ def main() -> None:
             if args.mstack_patience
             else "the whole schedule, best epoch kept"
         )
+        inner_note = "" if mstack_inner == "validate" else " single-stack, training multi-stack"
         print(
             f"settings: {n['sstack']} single-stack, {n['mstack']} multi-stack and {n['detector']} detector "
             f"images at {size}px (classifier input {input_size['sstack']}px single-stack, "
             f"{input_size['mstack']}px multi-stack), {args.folds} folds grouped by vessel (outer test, next fold "
-            f"inner validation), backbones {','.join(backbones['sstack'])} single-stack, "
+            f"inner validation{inner_note}), backbones {','.join(backbones['sstack'])} single-stack, "
             f"{','.join(backbones['mstack'])} multi-stack, up to {args.max_epochs} epochs (patience "
             f"{args.patience}; multi-stack {args.mstack_max_epochs}, {mstack_stop}, starting "
             f"from {'a single-stack model' if args.mstack_init == 'sstack' else 'random weights'}), "

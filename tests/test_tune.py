@@ -277,6 +277,7 @@ def test_a_cross_fitted_search_trains_each_fold_on_every_other_fold(ray_session,
             parts[t.fold] = {k: z[k] for k in z.files}
         assert set(folds[parts[t.fold]["test_rows"]]) == {t.fold} and "val_outputs" not in parts[t.fold]
     summary = json.loads((Path(job.out) / "summary.json").read_text())
+    assert summary["winner"] == {"backbone": "compact_cnn", "lr": 2e-3, "weight_decay": 1e-5, "mean_search_auc": None}
     probs, labels = [], []
     for t in outcome.final:
         others = [parts[f] for f in parts if f != t.fold]
@@ -298,6 +299,7 @@ def test_a_cross_fitted_search_trains_each_fold_on_every_other_fold(ray_session,
     assert models.read_config(Path(job.out) / "artifact")["temperature"] == summary["calibration"]["temperature"]
     rows = {r["run"].split(",")[0]: r for r in outcome.table}
     assert all(r["folds_complete"] == "3/3" and r["status"] == "complete" for r in outcome.table)
+    assert set(rows) == {"search: one trial per fold", "winner"}
     assert rows["winner"]["ece_after_mean"] == pytest.approx(np.mean([t.test_ece_after for t in outcome.final]))
     assert "cross-fitted calibration" in (Path(job.out) / "table.md").read_text()
 

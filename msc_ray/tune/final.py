@@ -16,12 +16,18 @@ from .job import TuneJobConfig
 TABLE_KEYS = ("test_auc", "test_acc", "test_pr_auc", "test_ece_after", "test_ece_floor", "test_confluence_mae")
 
 
-def build_table(search: list[TrialResult], final: list[TrialResult], folds: int, winner: dict) -> list[dict]:
+def build_table(
+    search: list[TrialResult], final: list[TrialResult], folds: int, winner: dict, inner_fold: str = "validate"
+) -> list[dict]:
     """Table 1: per backbone, mean ± SD over the outer folds. On each fold the trial picked is the
     complete one with the best *inner* validation ROC-AUC, and its figures are those of the outer
     fold, which nothing chose. A backbone that ASHA cut short on any fold is marked cut and gets no
     mean (averaging only the folds it survived would flatter it). The winner's row comes from its
-    complete run on every fold."""
+    complete run on every fold. ``inner_fold`` "train": one trial per fold, validated on nothing."""
+    what = {
+        "validate": "search: best trial per fold by inner validation",
+        "train": "search: one trial per fold, the inner fold trained",
+    }[inner_fold]
     rows = []
     by_backbone: dict[str, list[TrialResult]] = defaultdict(list)
     for t in search:
@@ -38,7 +44,7 @@ def build_table(search: list[TrialResult], final: list[TrialResult], folds: int,
         rows.append(
             _row(
                 name,
-                "search: best trial per fold by inner validation",
+                what,
                 [] if cut else picked,
                 folds,
                 status,

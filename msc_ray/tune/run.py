@@ -40,7 +40,7 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
         if t.error:
             log.warning("trial %s fold %d failed: %s", t.backbone, t.fold, t.error)
     if job.cross_fitted:  # one configuration, validated on nothing: the winner is the job's own
-        winner = {**known_winner(job), "mean_search_auc": float("nan")}
+        winner = {**known_winner(job), "mean_search_auc": None}
     else:
         winner = pick_winner(search, folds)
         log.info("winner: %s (mean inner-validation ROC-AUC %.3f)", winner["backbone"], winner["mean_search_auc"])
@@ -60,7 +60,7 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     else:
         export = checked_export(joined_export)
 
-    table = build_table(search, final, folds, winner)
+    table = build_table(search, final, folds, winner, job.inner_fold)
     outs = _outputs(parts)
     calib = calibration(outs, classes, cross_fitted=job.cross_fitted)
     oof = pooled_outer_figures(outs, classes, calib["temperature"])
