@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import engine, metrics
 from .experiment import TrialResult
+from .final import TABLE_KEYS
 from .trial import outer_fold_figures
 
 
@@ -48,8 +49,5 @@ def cross_fit(trials: list[TrialResult], parts: dict[int, dict], classes: list[s
         )
         figures = outer_fold_figures(p["test_outputs"], part, classes, temps[t.fold])
         outs[t.fold] = {**p, "test_temperature": figures["test_temperature"]}
-        done.append(dataclasses.replace(t, **{f: figures[f] for f in _FIELDS}))
+        done.append(dataclasses.replace(t, **{f: figures[f] for f in TABLE_KEYS}))
     return done, outs
-
-
-_FIELDS = ("test_auc", "test_acc", "test_pr_auc", "test_ece_after", "test_ece_floor", "test_confluence_mae")

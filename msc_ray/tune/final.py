@@ -37,7 +37,7 @@ def build_table(
         for f in range(folds):
             complete = [t for t in trials if t.fold == f and t.complete and _validated_or_alone(t, trials)]
             if complete:
-                picked.append(max(complete, key=lambda t: -math.inf if math.isnan(t.best_val_auc) else t.best_val_auc))
+                picked.append(max(complete, key=lambda t: t.best_val_auc))  # a NaN only where it stands alone
             else:
                 cut.append(f)
         status = "complete" if not cut else f"cut by ASHA on fold(s) {','.join(map(str, cut))}: no mean"

@@ -131,8 +131,8 @@ class TuneJobConfig:
             raise ValueError(f"--inner-fold {self.inner_fold}: choose one of {', '.join(INNER_FOLD)}")
         if self.inner_fold == "train" and not self.one_configuration:
             raise ValueError(
-                "--inner-fold train: only for a search with one configuration per fold (one --backbones, "
-                "--lr-min = --lr-max, --wd-min = --wd-max); a choice needs the inner validation fold"
+                "--inner-fold train: only for a search with one configuration per fold (one --backbones, one "
+                "--lr and one --weight-decay value); a choice needs the inner validation fold"
             )
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"--augment-on {self.augment_on}: choose one of {', '.join(AUGMENT_ON)}")
@@ -142,9 +142,14 @@ class TuneJobConfig:
             self._check_transfer()
 
     @property
+    def sampled(self) -> bool:
+        """Whether the search samples a learning rate or weight decay (else each is one fixed value)."""
+        return self.lr_max > self.lr_min or self.wd_max > self.wd_min
+
+    @property
     def one_configuration(self) -> bool:
         """Whether the search holds one configuration per fold: one backbone, nothing sampled."""
-        return len(self.backbones) == 1 and self.lr_max <= self.lr_min and self.wd_max <= self.wd_min
+        return len(self.backbones) == 1 and not self.sampled
 
     @property
     def cross_fitted(self) -> bool:

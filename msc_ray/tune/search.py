@@ -33,11 +33,6 @@ def pick_winner(search: list[TrialResult], folds: int) -> dict:
     return {"backbone": best, "lr": top.lr, "weight_decay": top.weight_decay, "mean_search_auc": scores[best]}
 
 
-def _sampled(job: TuneJobConfig) -> bool:
-    """Whether the search samples a learning rate or weight decay (else each is one fixed value)."""
-    return job.lr_max > job.lr_min or job.wd_max > job.wd_min
-
-
 def known_winner(job: TuneJobConfig) -> dict | None:
     """The winner's configuration when the search holds one per fold (one backbone, one learning rate
     and weight decay, nothing sampled): known before any trial runs, so its export can train beside
@@ -78,7 +73,7 @@ def search_phase(
         lr=lr,
         weight_decay=wd,
     )
-    samples = job.samples if _sampled(job) else 1
+    samples = job.samples if job.sampled else 1
     # one trial per fold leaves ASHA nothing to compare; the export run reports no validation metric
     asha = job.asha and not with_export
     return _run_experiment(
