@@ -163,6 +163,16 @@ def recipe(args, gpu: bool) -> dict:
     )
 
 
+def coverage_note(args) -> str:
+    """The coverage term's weights as the searches used them: the one given, or each stack's default."""
+    from msc_ray import tune as mt
+
+    if args.coverage_weight is not None:
+        return f"weight {args.coverage_weight:g}"
+    sstack, mstack = (mt.STACK_DEFAULTS[s][3] for s in ("sstack", "mstack"))
+    return f"weight {sstack:g} single-stack, {mstack:g} multi-stack"
+
+
 def inner_fold(args, stack: str, backbones: tuple[str, ...]) -> str:
     """What the fold after each outer fold does in this stack's search (TuneJobConfig.inner_fold)."""
     if stack != "mstack":
@@ -282,7 +292,12 @@ def main() -> None:
         default=True,
         help="coverage supervision from the corpus's cell masks while the compact CNN trains",
     )
-    ap.add_argument("--coverage-weight", type=float, default=3.0, help="weight of the coverage term")
+    ap.add_argument(
+        "--coverage-weight",
+        type=float,
+        default=None,
+        help="weight of the coverage term (default: the stack's, msc-ray tune's: 3 single-stack, 16 multi-stack)",
+    )
     ap.add_argument(
         "--average-epochs",
         type=float,
@@ -423,7 +438,7 @@ def main() -> None:
             f"{','.join(backbones['mstack'])} multi-stack, up to {args.max_epochs} epochs (patience "
             f"{args.patience}; multi-stack {args.mstack_max_epochs}, {mstack_stop}, starting "
             f"from {'a single-stack model' if args.mstack_init == 'sstack' else 'random weights'}), "
-            f"coverage supervision {f'weight {args.coverage_weight:g}' if args.coverage else 'off'}, "
+            f"coverage supervision {coverage_note(args) if args.coverage else 'off'}, "
             f"weights judged {f'averaged, {args.average_epochs:g} epochs' if args.average_epochs else 'last step'}, "
             f"training precision {args.precision} (bf16 here: {bf16}), "
             f"detector up to {args.detector_epochs} epochs, random init, "

@@ -99,6 +99,9 @@ def test_tune_reads_multi_stack_images_at_their_own_input_size_by_default(tmp_pa
     assert config["data"]["size"] == 128 and config["data"]["equalize"] is True, config["data"]
     assert config["hyperparameters"] == {"lr": 1e-3, "weight_decay": 1e-5}
     assert config["calibration"]["fitted_on"].startswith("pooled outer folds"), config["calibration"]
+    # --coverage-weight left unset: every trial's job holds the stack's (16 multi-stack, 3 single-stack)
+    params = [json.loads(f.read_text()) for f in (tmp_path / "run" / "search").glob("compact_cnn-fold*/params.json")]
+    assert len(params) == 4 and {p["job"]["coverage_weight"] for p in params} == {16.0}
 
 
 def test_a_failing_tune_names_the_real_error_in_one_line(tmp_path):

@@ -612,22 +612,26 @@ def test_a_search_started_from_an_artifact_needs_its_backbone_and_loads_it_in_ev
     assert rel.pretrained == str(art)
 
 
-def test_input_size_epochs_and_patience_default_by_stack_and_explicit_values_are_kept():
-    """Left at 0 (the CLI's defaults), the input side, the epochs and the patience are the stack's measured
-    ones: multi-stack cells vanish at the 64 px that serve single-stack images, and multi-stack trials run
-    their whole schedule (patience = epochs) whatever its length; saved configs hold the values."""
+def test_input_size_epochs_patience_and_coverage_weight_default_by_stack_and_explicit_values_are_kept():
+    """Left at 0 (the CLI's defaults; the coverage weight at None), the input side, the epochs, the patience
+    and the coverage term's weight are the stack's measured ones: multi-stack cells vanish at the 64 px that
+    serve single-stack images, multi-stack trials run their whole schedule (patience = epochs) whatever its
+    length, and multi-stack weighs the coverage map more; saved configs hold the values. A weight given,
+    0 included, is kept."""
     single = mt.TuneJobConfig(manifest="m", out="o", stack="sstack")
     multi = mt.TuneJobConfig(manifest="m", out="o", stack="mstack")
-    assert (single.size, single.max_epochs, single.patience) == (64, 25, 6)
-    assert (multi.size, multi.max_epochs, multi.patience) == (128, 60, 60)
-    explicit = mt.TuneJobConfig(manifest="m", out="o", stack="mstack", size=96, max_epochs=3, patience=2)
-    assert (explicit.size, explicit.max_epochs, explicit.patience) == (96, 3, 2)
+    assert (single.size, single.max_epochs, single.patience, single.coverage_weight) == (64, 25, 6, 3.0)
+    assert (multi.size, multi.max_epochs, multi.patience, multi.coverage_weight) == (128, 60, 60, 16.0)
+    explicit = mt.TuneJobConfig(
+        manifest="m", out="o", stack="mstack", size=96, max_epochs=3, patience=2, coverage_weight=0.0
+    )
+    assert (explicit.size, explicit.max_epochs, explicit.patience, explicit.coverage_weight) == (96, 3, 2, 0.0)
     longer = mt.TuneJobConfig(manifest="m", out="o", stack="mstack", max_epochs=80)
     assert longer.patience == 80
     other = mt.TuneJobConfig(manifest="m", out="o", stack="nsc")  # a corpus's own stack name: single-layer's
-    assert (other.size, other.max_epochs, other.patience) == (64, 25, 6)
+    assert (other.size, other.max_epochs, other.patience, other.coverage_weight) == (64, 25, 6, 3.0)
     again = from_dict(mt.TuneJobConfig, dataclasses.asdict(multi))
-    assert (again.size, again.max_epochs, again.patience) == (128, 60, 60)
+    assert (again.size, again.max_epochs, again.patience, again.coverage_weight) == (128, 60, 60, 16.0)
 
 
 def test_a_ctrl_c_after_a_fit_interrupts_the_program_and_is_not_swallowed(ray_session, tmp_path):

@@ -101,8 +101,12 @@ def tune(
         ),
     ] = True,
     coverage_weight: Annotated[
-        float, typer.Option(help="Weight of the coverage term beside the band and confluence losses.")
-    ] = 3.0,
+        float | None,
+        typer.Option(
+            help="Weight of the coverage term beside the band and confluence losses (default: the stack's, "
+            "3 single-stack, 16 multi-stack)."
+        ),
+    ] = None,
     average_epochs: Annotated[
         float,
         typer.Option(

@@ -20,7 +20,8 @@ AUGMENT_ON = ("auto", "cpu", "device")
 INNER_FOLD = ("validate", "train")
 
 
-# (input side, epochs, patience) per stack where a job leaves them at 0. Single-stack: 64 px holds
+# (input side, epochs, patience, coverage weight) per stack where a job leaves them at 0 (the coverage
+# weight: at None). Single-stack: 64 px holds
 # confluence (96 px gained nothing, at twice the cost). Multi-stack: its cells are one-pixel edges that
 # 64 px loses — the compact CNN, 30 epochs, read 400 new-vessel images at 0.82 / 0.76 from 64 px against
 # 0.91 / 0.89 from 128 px (800 / 480 training images, development corpora) — and learn late: 60 epochs
@@ -28,8 +29,11 @@ INNER_FOLD = ("validate", "train")
 # schedule and keeps its best inner-validation epoch read them 2.2 points better on average than one that
 # patience 6 stopped (eight fold models of three development corpora; a 45-epoch schedule run to its end
 # was worse than both). Patience 0 in this table: the whole schedule (no early stop; the best epoch is
-# still the inner validation's). See README, "Why these defaults", and docs/measurements.md.
-STACK_DEFAULTS = {"sstack": (64, 25, 6), "mstack": (128, 60, 0)}
+# still the inner validation's). Coverage weight: 3 single-stack; 16 multi-stack, whose faint cells the
+# compact CNN learns to cover better with more weight on the map: on six fold models of two development
+# corpora, new vessels 0.867 against 0.849 at 3 (0.865 at 8), their confluence MAE 1.8 points against 2.2.
+# See README, "Why these defaults", and docs/measurements.md.
+STACK_DEFAULTS = {"sstack": (64, 25, 6, 3.0), "mstack": (128, 60, 0, 16.0)}
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,8 @@ class TuneJobConfig:
     # segmentation exports have), backbones that support it (the compact CNN) also learn a coverage map
     # of their last features against the covered pixels; training only — the exported model leaves it out
     coverage: bool = True
-    coverage_weight: float = 3.0  # the coverage term's weight beside the band and confluence losses
+    # the coverage term's weight beside the band and confluence losses; None: by stack (STACK_DEFAULTS)
+    coverage_weight: float | None = None
     # test-time views (engine.view_mean): the temperature, Table 1 and the exported model average the
     # outputs over the image's quarter turns and mirror images (8), its quarter turns (4) or take it as
     # it is (1); the per-epoch validation (early stopping, ASHA) takes one view
@@ -106,15 +111,17 @@ class TuneJobConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        # the stack's measured defaults where the caller left size, epochs or patience at 0 (the CLI's defaults), so
-        # every saved config, trial and artifact holds the values that were used
-        size, epochs, patience = STACK_DEFAULTS.get(self.stack, STACK_DEFAULTS["sstack"])
+        # the stack's measured defaults where the caller left size, epochs or patience at 0 and the coverage
+        # weight at None (the CLI's defaults), so every saved config, trial and artifact holds the values used
+        size, epochs, patience, coverage_weight = STACK_DEFAULTS.get(self.stack, STACK_DEFAULTS["sstack"])
         if self.size == 0:
             object.__setattr__(self, "size", size)
         if self.max_epochs == 0:
             object.__setattr__(self, "max_epochs", epochs)
         if self.patience == 0:  # the stack's, or the whole schedule where that is 0
             object.__setattr__(self, "patience", patience or self.max_epochs)
+        if self.coverage_weight is None:
+            object.__setattr__(self, "coverage_weight", coverage_weight)
 
     def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
         for b in self.backbones:
