@@ -169,7 +169,7 @@ def coverage_note(args) -> str:
 
     if args.coverage_weight is not None:
         return f"weight {args.coverage_weight:g}"
-    sstack, mstack = (mt.STACK_DEFAULTS[s][3] for s in ("sstack", "mstack"))
+    sstack, mstack = (mt.STACK_DEFAULTS[s].coverage_weight for s in ("sstack", "mstack"))
     return f"weight {sstack:g} single-stack, {mstack:g} multi-stack"
 
 

@@ -35,7 +35,7 @@ from .crossfit import cross_fit, fold_temperatures
 from .experiment import SNAPSHOT_WARNING, SearchOutcome, TrialResult, _run_experiment, _space, fit_tuner, per_fold_asha
 from .export import calibration, export_phase
 from .final import TABLE_KEYS, build_table, final_phase
-from .job import AUGMENT_ON, INNER_FOLD, METRIC, STACK_DEFAULTS, TuneJobConfig, absolute, build_caches
+from .job import AUGMENT_ON, INNER_FOLD, METRIC, STACK_DEFAULTS, StackDefaults, TuneJobConfig, absolute, build_caches
 from .run import run_search
 from .search import known_winner, pick_winner, search_phase
 from .trial import ClassifierRun, classifier_trial
@@ -46,6 +46,7 @@ __all__ = [
     "METRIC",
     "SNAPSHOT_WARNING",
     "STACK_DEFAULTS",
+    "StackDefaults",
     "TABLE_KEYS",
     "ClassifierRun",
     "SearchOutcome",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from .. import check_views, data, engine, models, storage
 from ..config import DataConfig
@@ -20,20 +21,27 @@ AUGMENT_ON = ("auto", "cpu", "device")
 INNER_FOLD = ("validate", "train")
 
 
-# (input side, epochs, patience, coverage weight) per stack where a job leaves them at 0 (the coverage
-# weight: at None). Single-stack: 64 px holds
-# confluence (96 px gained nothing, at twice the cost). Multi-stack: its cells are one-pixel edges that
-# 64 px loses — the compact CNN, 30 epochs, read 400 new-vessel images at 0.82 / 0.76 from 64 px against
-# 0.91 / 0.89 from 128 px (800 / 480 training images, development corpora) — and learn late: 60 epochs
-# read new vessels at 0.895 against 0.880 for 30 (scripts/quality.py), and a trial that runs its whole
-# schedule and keeps its best inner-validation epoch read them 2.2 points better on average than one that
-# patience 6 stopped (eight fold models of three development corpora; a 45-epoch schedule run to its end
-# was worse than both). Patience 0 in this table: the whole schedule (no early stop; the best epoch is
-# still the inner validation's). Coverage weight: 3 single-stack; 16 multi-stack, whose faint cells the
+class StackDefaults(NamedTuple):
+    """What a job takes from its stack where it leaves a setting at 0 (the coverage weight: at None)."""
+
+    size: int
+    epochs: int
+    patience: int  # 0: the whole schedule
+    coverage_weight: float
+
+
+# Single-stack: 64 px holds confluence (96 px gained nothing, at twice the cost). Multi-stack: its cells are
+# one-pixel edges that 64 px loses — the compact CNN, 30 epochs, read 400 new-vessel images at 0.82 / 0.76
+# from 64 px against 0.91 / 0.89 from 128 px (800 / 480 training images, development corpora) — and learn
+# late: 60 epochs read new vessels at 0.895 against 0.880 for 30 (scripts/quality.py), and a trial that runs
+# its whole schedule and keeps its best inner-validation epoch read them 2.2 points better on average than
+# one that patience 6 stopped (eight fold models of three development corpora; a 45-epoch schedule run to
+# its end was worse than both). Patience 0 in this table: the whole schedule (no early stop; the best epoch
+# is still the inner validation's). Coverage weight: 3 single-stack; 16 multi-stack, whose faint cells the
 # compact CNN learns to cover better with more weight on the map: on six fold models of two development
 # corpora, new vessels 0.867 against 0.849 at 3 (0.865 at 8), their confluence MAE 1.8 points against 2.2.
 # See README, "Why these defaults", and docs/measurements.md.
-STACK_DEFAULTS = {"sstack": (64, 25, 6, 3.0), "mstack": (128, 60, 0, 16.0)}
+STACK_DEFAULTS = {"sstack": StackDefaults(64, 25, 6, 3.0), "mstack": StackDefaults(128, 60, 0, 16.0)}
 
 
 @dataclass(frozen=True)
