@@ -127,6 +127,13 @@ class LocalCluster:
         )
         return self._state(code).strip().splitlines()[-1]
 
+    def wait_job(self, job_id: str, timeout: float = 600) -> tuple[str, str]:
+        """Wait for a job submitted with ``wait=False`` to end; returns its final status and its logs."""
+        deadline = time.monotonic() + timeout
+        while (status := self.job_status(job_id)) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+            time.sleep(2)
+        return status, self.job_logs(job_id)
+
     def job_logs(self, job_id: str) -> str:
         """The job's driver output, without the raylet lines Ray streams into it."""
         out = self._ray("job", "logs", f"--address={self.dashboard}", job_id).stdout
@@ -152,16 +159,26 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop this cluster's processes only (``ray stop`` would stop every Ray on the machine): every
         node of it runs in the head's temp folder."""
-        import psutil
+        kill_processes_naming(str(self.root / "ray"))
 
-        procs = self._processes([], [str(self.root / "ray")])
-        for proc in list(procs):
-            try:
-                procs += proc.children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+
+def kill_processes_naming(folder: str) -> None:
+    """SIGKILL every process (and its children) with an argument containing ``folder``: one Ray's nodes,
+    workers and agents, all started with its temp folder, and nothing of another Ray on this machine."""
+    import psutil
+
+    procs = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if p.pid != os.getpid() and any(folder in a for a in p.info["cmdline"] or [])
+    ]
+    for proc in list(procs):
+        try:
+            procs += proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass

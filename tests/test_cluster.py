@@ -63,14 +63,21 @@ def test_tune_train_and_score_on_three_nodes_with_storage_in_s3_and_a_lost_node(
         cluster.add_worker(cpus=2)
         cluster.add_worker(cpus=2)
         cluster.wait_for_nodes(3)
+        # one search per stack, both jobs on the cluster at once
+        jobs = {}
         for stack in ("sstack", "mstack"):
-            out = _ok(
+            submitted = _ok(
                 cluster.submit(
                     [str(JOBS / "tune_classifier.py"), "s3://multinode/corpus", "--out", f"s3://multinode/runs/{stack}"]
-                    + ["--stack", stack, *TINY]
+                    + ["--stack", stack, *TINY],
+                    wait=False,
                 )
             )
-            assert f"s3://multinode/runs/{stack}/artifact" in out
+            jobs[stack] = re.search(r"raysubmit_\w+", submitted).group(0)
+        for stack, job_id in jobs.items():
+            status, logs = cluster.wait_job(job_id)
+            assert status == "SUCCEEDED", logs[-3000:]
+            assert f"s3://multinode/runs/{stack}/artifact" in logs
         _ok(
             cluster.submit(
                 [str(JOBS / "train_detector.py"), "s3://multinode/runs/sstack/manifest.parquet"]

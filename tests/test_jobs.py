@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from msc_ray import models, score
-from tests.localcluster import submit_job
+from tests.localcluster import kill_processes_naming, submit_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,21 +125,24 @@ def _start_head(ray_bin: str, env: dict, temp_dir: str, log: Path) -> tuple[subp
     pytest.fail(f"the Ray head's job server did not come up (exit status {proc.poll()}): {tail}")
 
 
-@pytest.fixture()
-def ray_head(tmp_path):
-    """A separate local Ray head on 127.0.0.1 with the job server, stopped at the end."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A separate local Ray head on 127.0.0.1 with the job server, shared by this module's job tests and
+    stopped at the end: its processes are killed outright (``ray start --block`` can take over a minute to
+    shut down on SIGTERM, and ``ray stop`` would stop the suite's own Ray too)."""
     short = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under ~107 characters
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # Ray 2.60 clusters authenticate clients with a token: the head and the job client share one
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    proc, address = _start_head(ray_bin, env, short, tmp_path / "ray-head.log")
+    proc, address = _start_head(ray_bin, env, short, tmp_path_factory.mktemp("head") / "ray-head.log")
     yield ray_bin, address, env
-    os.killpg(proc.pid, signal.SIGTERM)
+    kill_processes_naming(short)  # every process of this head: their arguments name its temp folder
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(60)
     shutil.rmtree(short, ignore_errors=True)
 
 

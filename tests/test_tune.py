@@ -458,7 +458,7 @@ def test_interrupted_search_resumes(sstack_manifest, tmp_path):
         "--backbones",
         "compact_cnn",
         "--samples",
-        "2",
+        "1",
         "--max-epochs",
         "2",
         "--size",
@@ -482,11 +482,11 @@ def test_interrupted_search_resumes(sstack_manifest, tmp_path):
     text = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0
     assert not (out / "artifact").exists()
-    assert len(before) < 6 or "--resume" in text
+    assert len(before) < 3 or "--resume" in text
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     after = _finished_trials(out / "search")
-    assert len(after) == 6
+    assert len(after) == 3
     for trial, n_results in before.items():  # finished trials were not trained again
         assert after[trial] == n_results
     assert (out / "artifact" / "weights.pt").exists() and "winner:" in again.stdout
