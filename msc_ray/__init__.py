@@ -38,3 +38,17 @@ def signal_handlers_kept():
         for n, handler in saved.items():
             if handler is not None:
                 signal.signal(getattr(signal, n), handler)
+
+
+#: Ray Train's placement-group cleaner asks the State API every second whether the training controller is
+#: alive, and warns each time it cannot: a Ray started here runs without the dashboard that serves that API,
+#: so a training would print the same warning once a second from start to end.
+TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_worker_logs() -> None:
+    """Ray's ``worker_process_setup_hook`` for a Ray the CLI starts itself (``msc_ray.cli.common``): only
+    the cleaner's errors reach the console."""
+    import logging
+
+    logging.getLogger(TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)

@@ -16,6 +16,11 @@ def _run(args, cwd, timeout=600):
         [sys.executable, "-m", "msc_ray.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
     )
     assert proc.returncode == 0, f"{args[0]}: {proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+    # what Ray's workers print reaches the console too: no per-second warning from Ray Train's placement-group
+    # cleaner about the State API a Ray started here does not run, and no warning about read-only arrays
+    # from the object store (the training cache copies them)
+    for noise in ("State API may be temporarily unavailable", "NumPy array is not writable"):
+        assert noise not in proc.stdout + proc.stderr, f"{args[0]}: {noise}"
     return proc.stdout
 
 

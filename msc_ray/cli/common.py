@@ -121,7 +121,11 @@ def _ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         addr = address or os.environ.get("RAY_ADDRESS")
-        ctx = ray.init(address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        # a Ray started here has no dashboard, so no State API: quiet Ray Train's per-second warning about it
+        hook = {} if addr else {"runtime_env": {"worker_process_setup_hook": "msc_ray.quiet_worker_logs"}}
+        ctx = ray.init(
+            address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True, **hook
+        )
         # without an address, ray.init joins a cluster started with `ray start` on this host, if any
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         total = ray.cluster_resources()

@@ -173,12 +173,13 @@ class Augmenter:
         return self._norm[device]
 
     def one(self, img: np.ndarray, key: str, epoch: int, boxes: np.ndarray | None = None):
-        """uint8 (C, S, S) → normalised float32 (C, S, S) [, boxes (k, 4)]."""
-        x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
+        """uint8 (C, S, S) → normalised float32 (C, S, S) [, boxes (k, 4)]. Both are copied out of ``img`` and
+        ``boxes``, which may be read-only views of Ray's object store."""
+        x = torch.tensor(img, dtype=torch.float32).div_(255.0)
         if self.tf is not None:
             sample: dict = {"image": tv_tensors.Image(x)}
             if self.with_boxes:
-                b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+                b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
                 sample["boxes"] = tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=tuple(x.shape[-2:]))
                 sample["labels"] = torch.ones(len(b), dtype=torch.int64)
             out = augment.apply(self.tf, sample, augment.sample_seed(self.cfg.seed, epoch, key))
@@ -187,7 +188,7 @@ class Augmenter:
                 boxes = out["boxes"].as_subclass(torch.Tensor)
         x = (x - self.mean) / self.std
         if self.with_boxes:
-            return x, torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            return x, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         return x
 
 
@@ -207,7 +208,7 @@ def augment_with_masks(aug: Augmenter, img: np.ndarray, masks: np.ndarray, key: 
     """uint8 (C, S, S) and uint16 (2, S, S) instance maps → normalised float32 (C, S', S') and int64
     (2, S', S'), the same geometric augmentation applied to both (nearest neighbour for the ids); S' is
     the training crop's side where ``aug`` has one, else S."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
+    x = torch.tensor(img, dtype=torch.float32).div_(255.0)  # a copy: img may be a read-only view
     m = torch.from_numpy(masks.astype(np.int64))
     if aug.train:
         out = augment.apply(
