@@ -176,19 +176,19 @@ class Augmenter:
         """uint8 (C, S, S) → normalised float32 (C, S, S) [, boxes (k, 4)]. Both are copied out of ``img`` and
         ``boxes``, which may be read-only views of Ray's object store."""
         x = torch.tensor(img, dtype=torch.float32).div_(255.0)
+        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) if self.with_boxes else None
         if self.tf is not None:
             sample: dict = {"image": tv_tensors.Image(x)}
-            if self.with_boxes:
-                b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            if b is not None:
                 sample["boxes"] = tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=tuple(x.shape[-2:]))
                 sample["labels"] = torch.ones(len(b), dtype=torch.int64)
             out = augment.apply(self.tf, sample, augment.sample_seed(self.cfg.seed, epoch, key))
             x = out["image"].as_subclass(torch.Tensor)
-            if self.with_boxes:
-                boxes = out["boxes"].as_subclass(torch.Tensor)
+            if b is not None:
+                b = out["boxes"].as_subclass(torch.Tensor).to(torch.float32).reshape(-1, 4)
         x = (x - self.mean) / self.std
-        if self.with_boxes:
-            return x, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        if b is not None:
+            return x, b
         return x
 
 
