@@ -139,20 +139,9 @@ class LocalCluster:
         out = self._ray("job", "logs", f"--address={self.dashboard}", job_id).stdout
         return "\n".join(ln for ln in out.splitlines() if "(raylet)" not in ln and "[state-dump]" not in ln)
 
-    def _processes(self, exact: list[str], within: list[str] = ()):
-        """Processes with an argument equal to one of ``exact`` or containing one of ``within``."""
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            args = proc.info["cmdline"] or []
-            if proc.pid != os.getpid() and any(a in exact or any(w in a for w in within) for a in args):
-                found.append(proc)
-        return found
-
     def kill_worker(self, index: int) -> int:
         """SIGKILL a worker node's raylet (its workers and agents die with it); returns its pid."""
-        (raylet,) = self._processes([f"--node_manager_port={self.workers[index]}"])
+        (raylet,) = processes([f"--node_manager_port={self.workers[index]}"])
         raylet.send_signal(signal.SIGKILL)
         return raylet.pid
 
@@ -162,16 +151,24 @@ class LocalCluster:
         kill_processes_naming(str(self.root / "ray"))
 
 
+def processes(exact: list[str], within: list[str] = ()) -> list:
+    """Processes (psutil) with an argument equal to one of ``exact`` or containing one of ``within``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        args = proc.info["cmdline"] or []
+        if proc.pid != os.getpid() and any(a in exact or any(w in a for w in within) for a in args):
+            found.append(proc)
+    return found
+
+
 def kill_processes_naming(folder: str) -> None:
     """SIGKILL every process (and its children) with an argument containing ``folder``: one Ray's nodes,
     workers and agents, all started with its temp folder, and nothing of another Ray on this machine."""
     import psutil
 
-    procs = [
-        p
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if p.pid != os.getpid() and any(folder in a for a in p.info["cmdline"] or [])
-    ]
+    procs = processes([], [folder])
     for proc in list(procs):
         try:
             procs += proc.children(recursive=True)

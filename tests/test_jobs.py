@@ -137,11 +137,7 @@ def ray_head(tmp_path_factory):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     proc, address = _start_head(ray_bin, env, short, tmp_path_factory.mktemp("head") / "ray-head.log")
     yield ray_bin, address, env
-    kill_processes_naming(short)  # every process of this head: their arguments name its temp folder
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_processes_naming(short)  # `ray start` and every process of its head: their arguments name its temp folder
     proc.wait(60)
     shutil.rmtree(short, ignore_errors=True)
 

@@ -175,7 +175,7 @@ class Augmenter:
     def one(self, img: np.ndarray, key: str, epoch: int, boxes: np.ndarray | None = None):
         """uint8 (C, S, S) → normalised float32 (C, S, S) [, boxes (k, 4)]. Both are copied out of ``img`` and
         ``boxes``, which may be read-only views of Ray's object store."""
-        x = torch.tensor(img, dtype=torch.float32).div_(255.0)
+        x = unit_float(img)
         b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) if self.with_boxes else None
         if self.tf is not None:
             sample: dict = {"image": tv_tensors.Image(x)}
@@ -204,11 +204,16 @@ def augment_batch(aug: Augmenter, images_u8: np.ndarray, keys: list[str], epoch:
     return (x - mean) / std, (None if cov is None else cov.float())
 
 
+def unit_float(img: np.ndarray) -> torch.Tensor:
+    """uint8 → float32 in [0, 1], a copy: ``img`` may be a read-only view of Ray's object store."""
+    return torch.tensor(img, dtype=torch.float32).div_(255.0)
+
+
 def augment_with_masks(aug: Augmenter, img: np.ndarray, masks: np.ndarray, key: str, epoch: int):
     """uint8 (C, S, S) and uint16 (2, S, S) instance maps → normalised float32 (C, S', S') and int64
     (2, S', S'), the same geometric augmentation applied to both (nearest neighbour for the ids); S' is
     the training crop's side where ``aug`` has one, else S."""
-    x = torch.tensor(img, dtype=torch.float32).div_(255.0)  # a copy: img may be a read-only view
+    x = unit_float(img)
     m = torch.from_numpy(masks.astype(np.int64))
     if aug.train:
         out = augment.apply(
