@@ -141,7 +141,9 @@ def run_search(job: PotencyJobConfig, x, y, groups, outer: list) -> list[dict]:
             trainable,
             param_space=search_space(),
             tune_config=tune.TuneConfig(
-                num_samples=job.samples, search_alg=BasicVariantGenerator(random_state=job.seed)
+                num_samples=job.samples,
+                search_alg=BasicVariantGenerator(random_state=job.seed),
+                reuse_actors=True,  # one process runs trial after trial (LightGBM fits take well under a second)
             ),
             run_config=tune.RunConfig(name="potency", storage_path=tmp, verbose=0),
         )

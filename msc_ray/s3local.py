@@ -4,7 +4,8 @@
         s3.env()            # AWS_* variables that point boto3 / msc-ray at it
         s3.client().create_bucket(Bucket="archive")
 
-Every port is a free loopback port picked at start; the server is stopped with SIGTERM and waited for.
+Every port is a free loopback port picked at start; the server is stopped with SIGTERM, and killed if it
+lingers (:meth:`LocalS3.stop`).
 """
 
 from __future__ import annotations
@@ -177,11 +178,15 @@ class LocalS3:
                     raise RuntimeError(f"S3 server on {self.endpoint} not ready after {timeout}s: {exc}") from None
                 time.sleep(0.5)
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, grace: float = 2.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds. At SIGTERM SeaweedFS's filer waits 15 s for the S3
+        gateway's own subscription to its metadata to end before the volume server stops; what the
+        server stores is in its files before a request returns, so nothing is lost by not waiting (a
+        restart on the same folder serves every object, tests/test_score.py)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

@@ -671,8 +671,8 @@ def test_store_outage_rows_are_transient_and_the_next_run_scores_them(
     ray_session, s3_server, archive, artifacts, tmp_path
 ):
     """The store dies after the listing: every read fails, the rows are committed as transient
-    errors; the next run (store back) scores exactly those objects and the report holds one current
-    row per object."""
+    errors; the next run (the store back on its own folder, killed at the outage after a short
+    grace) scores exactly those objects and the report holds one current row per object."""
 
     from msc_ray.s3local import LocalS3
 
@@ -680,20 +680,19 @@ def test_store_outage_rows_are_transient_and_the_next_run_scores_them(
     clf, _ = artifacts
     doomed = LocalS3(tmp_path / "s3b", s3_server.access_key, s3_server.secret_key).start()
     try:
-        _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path)
+        _outage_then_recovery(doomed, root, n_images, clf, tmp_path)
     finally:
         doomed.stop()
 
 
-def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
+def _outage_then_recovery(doomed, root, n_images, clf, tmp_path):
     import pandas as pd
 
     from tests.conftest import upload_dir
 
-    for srv in (doomed, s3_server):  # the same objects (same keys and ETags) on two stores
-        c = srv.client()
-        c.create_bucket(Bucket="outage")
-        upload_dir(c, root, "outage", "cap")
+    c = doomed.client()
+    c.create_bucket(Bucket="outage")
+    upload_dir(c, root, "outage", "cap")
     out = tmp_path / "rep"
     first = score.score_archive(
         score.ScoreConfig(
@@ -709,8 +708,9 @@ def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
     t = score.read_report(str(out)).to_pylist()
     assert first.scored == n_images and len(t) == n_images
     assert {r["error_kind"] for r in t} == {"transient"} and all(r["status"] == "error" for r in t)
+    doomed.start()  # back on the same folder (new ports): every object it stored is there
     second = score.score_archive(
-        score.ScoreConfig(archive="s3://outage/cap", classifier=clf, out=str(out), endpoint_url=s3_server.endpoint)
+        score.ScoreConfig(archive="s3://outage/cap", classifier=clf, out=str(out), endpoint_url=doomed.endpoint)
     )
     assert second.skipped == 0 and second.scored == n_images
     t = score.read_report(str(out)).to_pylist()
@@ -723,7 +723,7 @@ def _outage_then_recovery(doomed, s3_server, root, n_images, clf, tmp_path):
     plain = pd.read_parquet(out)  # history stays in the files: a plain reader filters transient rows
     assert len(plain) == 2 * n_images and len(plain[plain.error_kind != "transient"]) == n_images
     third = score.score_archive(
-        score.ScoreConfig(archive="s3://outage/cap", classifier=clf, out=str(out), endpoint_url=s3_server.endpoint)
+        score.ScoreConfig(archive="s3://outage/cap", classifier=clf, out=str(out), endpoint_url=doomed.endpoint)
     )
     assert third.scored == 0 and third.skipped == n_images
 

@@ -506,7 +506,7 @@ def test_cache_leaves_out_a_corrupt_image_and_keeps_the_rest(ray_session, corpus
 def test_two_searches_on_one_small_cluster_both_finish(ray_session, sstack_manifest, tmp_path):
     """Two `tune` drivers on one 2-CPU cluster: each decodes its images before any trial (Ray Data
     tasks), and trials need no data tasks, so trials of one search holding every CPU delay the other's
-    decoding but never stall it; both finish with their artifacts."""
+    decoding but never stall it; both finish with their artifacts, and the same figures."""
     manifest, _ = sstack_manifest
     address = ray_session.get_runtime_context().gcs_address
     base = [sys.executable, "-m", "msc_ray.cli", "tune", manifest, "--backbones", "compact_cnn", "--samples", "1"]
@@ -522,6 +522,12 @@ def test_two_searches_on_one_small_cluster_both_finish(ray_session, sstack_manif
         assert proc.returncode == 0, out[-2000:]
     for name in ("a", "b"):
         assert (tmp_path / name / "artifact" / "weights.pt").exists()
+    # the same command and seed give the same figures, whichever process ran a trial (Tune hands an ended
+    # trial's process to the next trial) and however the two searches' trials interleaved
+    tables = [(tmp_path / name / "table.md").read_text() for name in ("a", "b")]
+    assert tables[0] == tables[1] and "compact_cnn" in tables[0]
+    temps = [json.loads((tmp_path / n / "artifact" / "config.json").read_text())["calibration"] for n in ("a", "b")]
+    assert temps[0] == temps[1]
 
 
 def test_a_search_knows_how_many_trials_a_finished_experiment_holds(monkeypatch):
