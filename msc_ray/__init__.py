@@ -1,6 +1,7 @@
 """msc-ray: confluence classification, abnormal-cell detection and archive scoring for MSC cultures on Ray."""
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -52,3 +53,17 @@ def quiet_worker_logs() -> None:
     import logging
 
     logging.getLogger(TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+#: Settings of a Ray that msc-ray starts on this machine itself (the CLI without an address, the
+#: quickstart), read by Ray's processes when they start. Ray Train's controller looks at its workers every
+#: 2 s by default, so each training run ends up to a few seconds after its last epoch; here every 0.25 s
+#: (a look is one small actor call; a worker that misses one is only waited for longer).
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+def use_local_ray_env() -> None:
+    """Put :data:`LOCAL_RAY_ENV` into this process's environment, where not already set, before it starts
+    a local Ray: the raylet and every worker it starts inherit it."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)

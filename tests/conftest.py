@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from msc_ray import synth
+from msc_ray import synth, use_local_ray_env
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +60,7 @@ def ray_session(request):
     else:
         request.getfixturevalue("s3_server")
 
+    use_local_ray_env()  # as the CLI's own local Ray: training runs end as soon as their workers do
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .. import storage
+from .. import storage, use_local_ray_env
 from ..storage import StorageError
 
 app = typer.Typer(
@@ -123,6 +123,8 @@ def _ensure_ray(address: str | None = None) -> None:
         addr = address or os.environ.get("RAY_ADDRESS")
         # a Ray started here has no dashboard, so no State API: quiet Ray Train's per-second warning about it
         hook = {} if addr else {"runtime_env": {"worker_process_setup_hook": "msc_ray.quiet_worker_logs"}}
+        if not addr:
+            use_local_ray_env()
         ctx = ray.init(
             address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True, **hook
         )

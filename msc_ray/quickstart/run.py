@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .. import use_local_ray_env
 from .config import QuickstartConfig
 from .judge import judge
 from .steps import (
@@ -34,6 +35,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Path]:
 
     if not ray.is_initialized():
         # a Ray of its own: a bare ray.init() would join any `ray start` cluster on this host instead
+        use_local_ray_env()
         ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     _quiet()
     outcome = train_classifier(cfg, manifest, out)
