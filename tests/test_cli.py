@@ -149,3 +149,27 @@ def test_a_wrong_training_option_is_named_before_the_corpus_is_indexed(tmp_path)
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and option in last and value in last, last
         assert not (tmp_path / command / "manifest.parquet").exists()  # refused before any indexing
+
+
+def test_a_local_ray_gets_msc_rays_settings_unless_the_user_set_them(monkeypatch):
+    from msc_ray import LOCAL_RAY_ENV, use_local_ray_env
+
+    (key,) = LOCAL_RAY_ENV
+    monkeypatch.setenv(key, "5")  # the user's own value wins
+    use_local_ray_env()
+    assert os.environ[key] == "5"
+    monkeypatch.delenv(key)
+    use_local_ray_env()
+    assert os.environ[key] == LOCAL_RAY_ENV[key] == "0.25"
+
+
+def test_every_worker_of_a_local_ray_inherits_those_settings(ray_session):
+    """The suite's Ray is started as the CLI starts its own: Ray Train's controller, an actor in a
+    worker process, reads the setting there."""
+    from msc_ray import LOCAL_RAY_ENV
+
+    @ray_session.remote
+    def seen() -> dict:
+        return {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
+
+    assert ray_session.get(seen.remote()) == LOCAL_RAY_ENV
