@@ -121,12 +121,14 @@ def _ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         addr = address or os.environ.get("RAY_ADDRESS")
-        # a Ray started here has no dashboard, so no State API: quiet Ray Train's per-second warning about it
-        hook = {} if addr else {"runtime_env": {"worker_process_setup_hook": "msc_ray.quiet_worker_logs"}}
+        local = {}
         if not addr:
+            # a Ray started here gets msc-ray's settings; it has no dashboard, so no State API: quiet Ray
+            # Train's per-second warning about that
             use_local_ray_env()
+            local = {"runtime_env": {"worker_process_setup_hook": "msc_ray.quiet_worker_logs"}}
         ctx = ray.init(
-            address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True, **hook
+            address=addr or None, include_dashboard=False, configure_logging=False, log_to_driver=True, **local
         )
         # without an address, ray.init joins a cluster started with `ray start` on this host, if any
         nodes = [n for n in ray.nodes() if n.get("Alive")]
