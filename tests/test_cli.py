@@ -125,7 +125,7 @@ def test_a_failing_tune_names_the_real_error_in_one_line(tmp_path):
 
 
 def test_a_wrong_training_option_is_named_before_the_corpus_is_indexed(tmp_path):
-    """train-detector, train-segmenter and morphology check their options first: a wrong one is a
+    """tune, train-detector, train-segmenter and morphology check their options first: a wrong one is a
     one-line error naming it, and the corpus is not indexed (no manifest is written under --out)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     _run(["synth", "c", "--n", "8", "--size", "64", "--stack", "sstack"], tmp_path)
@@ -136,6 +136,9 @@ def test_a_wrong_training_option_is_named_before_the_corpus_is_indexed(tmp_path)
         ("train-detector", "--crop", "8", []),  # smaller than a few cells
         ("morphology", "--views", "3", ["--segmenter", "art"]),
         ("morphology", "--views", "4", []),  # views of the corpus's own masks
+        ("tune", "--views", "3", []),
+        ("tune", "--inner-fold", "train", []),  # two backbones by default: a choice needs the inner fold
+        ("tune", "--precision", "fp16", []),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "msc_ray.cli", command, "c", "--out", command, option, value, *more],

@@ -568,6 +568,10 @@ def test_job_settings_out_of_range_are_refused_naming_the_option():
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), views=3).validate(classes)
     with pytest.raises(ValueError, match="--stack mstack"):
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), stack="mstack").validate(classes)
+    # the options alone (what the CLI checks before it indexes a corpus) need no manifest's stacks
+    mt.TuneJobConfig(manifest="", out="o", backbones=("compact_cnn",), stack="mstack").check_options()
+    with pytest.raises(ValueError, match="--views 3"):
+        mt.TuneJobConfig(manifest="", out="o", backbones=("compact_cnn",), views=3).check_options()
     with pytest.raises(ValueError, match="--precision fp16: choose one of auto, bf16, fp32"):
         mt.TuneJobConfig(manifest="m", out="o", backbones=("compact_cnn",), precision="fp16").validate(classes)
     with pytest.raises(ValueError, match="--average-epochs -1"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
@@ -157,9 +158,8 @@ def tune(
     lr_min, lr_max = _range(lr, "--lr")
     wd_min, wd_max = _range(weight_decay, "--weight-decay")
     out = _absolute(out)
-    manifest = _manifest_for(corpus_or_manifest, out, folds, seed, endpoint_url, reuse=resume)
     job = tune_mod.TuneJobConfig(
-        manifest=manifest,
+        manifest="",  # set once the options are known to be right: a wrong one indexes nothing
         out=out,
         stack=stack,
         backbones=names,
@@ -190,6 +190,9 @@ def tune(
         seed=seed,
         endpoint_url=endpoint_url,
     )
+    job.check_options()
+    manifest = _manifest_for(corpus_or_manifest, out, folds, seed, endpoint_url, reuse=resume)
+    job = dataclasses.replace(job, manifest=manifest)
     info = corpus_mod.manifest_info(corpus_mod.read_manifest(manifest, endpoint_url))
     job.validate(info["classes"])
     _ensure_ray(address)

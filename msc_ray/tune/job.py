@@ -132,10 +132,16 @@ class TuneJobConfig:
             object.__setattr__(self, "coverage_weight", coverage_weight)
 
     def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
-        for b in self.backbones:
-            models.backbone(b)
+        """Every option, then the stack against the manifest's."""
+        self.check_options()
         if self.stack not in classes_by_stack:
             raise ValueError(f"--stack {self.stack}: the manifest has {', '.join(classes_by_stack) or 'no'} stacks")
+
+    def check_options(self) -> None:
+        """What needs no manifest: the CLI checks it before it indexes a corpus into ``--out``, so a wrong
+        option is a one-line error that writes nothing."""
+        for b in self.backbones:
+            models.backbone(b)
         if self.coverage_weight < 0:
             raise ValueError(f"--coverage-weight {self.coverage_weight}: must be at least 0")
         if self.average_epochs < 0:
