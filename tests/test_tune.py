@@ -65,6 +65,11 @@ def test_tiny_search_writes_table_plots_and_a_working_artifact(tiny_search, ssta
     assert "compact_cnn" in table and "coverage_unet" in table and "outer folds" in table
     winner_rows = [r for r in outcome.table if r["run"].startswith("winner")]
     assert len(winner_rows) == 1 and winner_rows[0]["folds_complete"] == "3/3"
+    # a search with a choice: the export run (fold -1) is a trial of the final experiment, started
+    # first, not an experiment of its own after it; Table 1 and the final folds leave it out
+    assert sorted(t.fold for t in outcome.final) == [0, 1, 2]
+    final_trials = [p.name for p in (out / "final").iterdir() if p.is_dir() and "-fold" in p.name]
+    assert any("-fold-1-" in name for name in final_trials) and not (out / "export").exists(), final_trials
     # the winner's outer-fold figures are the mean of its fold trials' outer figures
     assert winner_rows[0]["acc_mean"] == pytest.approx(np.mean([t.test_acc for t in outcome.final]))
     summary = json.loads((out / "summary.json").read_text())

@@ -1,6 +1,7 @@
 """Backbone × fold search for the confluence classifier on Ray Tune.
 
-Three Tune experiments under ``RUN/``, each resumable with ``Tuner.restore``:
+Three phases in two Tune experiments under ``RUN/`` (``search``, ``final``), each resumable with
+``Tuner.restore``:
 
 Nested evaluation: for outer fold k, fold k is the test part (Table 1's figures; nothing is
 trained, stopped, selected or calibrated on it), fold k+1 is the inner validation part (early
@@ -16,9 +17,12 @@ with a temperature fitted on the other folds' outer outputs.
 2. ``final``: the winning configuration on every fold without ASHA (reusing search trials that ran it
    to the end), so the winner's row is complete; its outer-fold outputs give the ROC/PR curves and the
    confusion matrix, its inner-validation outputs the temperature.
-3. ``export``: the winner trained on all images over the whole schedule (``max_epochs``, final
+3. the export: the winner trained on all images over the whole schedule (``max_epochs``, final
    weights: nothing is left to pick an epoch on): the artifact scoring loads (one forward pass per
-   image, where a five-model fold ensemble would cost five).
+   image, where a five-model fold ensemble would cost five). It is the fold -1 trial of the ``final``
+   experiment, queued first beside the winner's unfinished folds — of the ``search`` experiment where
+   the winner is known before it runs (one configuration per fold). A run that an earlier version
+   left with a ``RUN/export`` experiment of its own finishes it there (:func:`.export.export_phase`).
 
 Images are decoded and resized once, before any trial (Ray Data tasks → :class:`engine.Cache`), and
 reach trials through Ray's object store; a trial (:func:`classifier_trial`, one config dict) is a
@@ -28,7 +32,7 @@ tasks while it trains, so trials only ask for their own CPUs (and GPU share) and
 Modules: :mod:`.job` (options, the stack's defaults, the caches), :mod:`.trial` (the trainable),
 :mod:`.experiment` (one Tune experiment, ASHA per fold), :mod:`.search`, :mod:`.final` (with Table 1),
 :mod:`.export` (with the temperature and the artifact), :mod:`.crossfit` (cross-fitted calibration) and
-:mod:`.run` (the three in order).
+:mod:`.run` (the phases in order).
 """
 
 from .crossfit import cross_fit, fold_temperatures

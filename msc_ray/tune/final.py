@@ -174,9 +174,15 @@ def _plot_winner(outs: dict, classes: list[str], temperature: float, title: str,
     return str(dest)
 
 
-def final_phase(job, folds, classes, caches, search, winner, *, resume: bool) -> list[TrialResult]:
+def final_phase(
+    job, folds, classes, caches, search, winner, *, resume: bool, with_export: bool = False
+) -> list[TrialResult]:
     """The winner's configuration on every outer fold, without ASHA. Folds on which the search
-    already ran exactly that configuration to completion are reused, not trained again."""
+    already ran exactly that configuration to completion are reused, not trained again.
+
+    ``with_export``: the export run (fold -1: all images, the whole schedule) is one more trial of the
+    same experiment, started first — the longest trial — so that it trains while the fold trials do and
+    the run starts one experiment (its trial processes, their torch import) fewer."""
     from ray import tune
 
     same = {
@@ -188,17 +194,19 @@ def final_phase(job, folds, classes, caches, search, winner, *, resume: bool) ->
         and t.weight_decay == winner["weight_decay"]
     }
     missing = [f for f in range(folds) if f not in same]
+    grid = ([-1] if with_export else []) + missing
     ran = []
-    if missing:
+    if grid:
         space = _space(
             job,
             "final",
             folds,
             classes,
             backbone=winner["backbone"],
-            fold=tune.grid_search(missing),
+            fold=tune.grid_search(grid),
             lr=winner["lr"],
             weight_decay=winner["weight_decay"],
         )
-        ran = _run_experiment(job, "final", space, caches, asha=False, resume=resume)
+        # the export run reports no validation metric: the experiment ranks nothing then
+        ran = _run_experiment(job, "final", space, caches, asha=False, resume=resume, ranked=not with_export)
     return sorted(list(same.values()) + ran, key=lambda t: t.fold)

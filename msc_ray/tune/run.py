@@ -44,7 +44,10 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     else:
         winner = pick_winner(search, folds)
         log.info("winner: %s (mean inner-validation ROC-AUC %.3f)", winner["backbone"], winner["mean_search_auc"])
-    final = final_phase(job, folds, classes, caches, search, winner, resume=resume)
+    # the export trains beside the final fold trials (when it did not beside the search's)
+    final = final_phase(job, folds, classes, caches, search, winner, resume=resume, with_export=joined_export is None)
+    joined_export = joined_export or next((t for t in final if t.fold < 0), None)
+    final = [t for t in final if t.fold >= 0]
     parts = fold_outputs(job, final)
     if job.cross_fitted:
         final, parts = cross_fit(final, parts, classes)
@@ -55,7 +58,7 @@ def run_search(job: TuneJobConfig, *, resume: bool = False) -> SearchOutcome:
     # are settled (0.87-0.88 over the last eight); with no validation part, a median "best epoch"
     # lands wherever the swing is
     epochs = job.max_epochs
-    if joined_export is None:
+    if joined_export is None:  # a run interrupted after its final phase by a version that exported apart
         export = export_phase(job, folds, classes, caches, winner, epochs, resume=resume)
     else:
         export = checked_export(joined_export)
