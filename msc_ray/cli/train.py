@@ -194,7 +194,7 @@ def tune(
     manifest = _manifest_for(corpus_or_manifest, out, folds, seed, endpoint_url, reuse=resume)
     job = dataclasses.replace(job, manifest=manifest)
     info = corpus_mod.manifest_info(corpus_mod.read_manifest(manifest, endpoint_url))
-    job.validate(info["classes"])
+    job.check_stack(info["classes"])  # the options were checked above
     _ensure_ray(address)
     try:
         outcome = tune_mod.run_search(job, resume=resume)

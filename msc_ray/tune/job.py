@@ -134,6 +134,10 @@ class TuneJobConfig:
     def validate(self, classes_by_stack: dict[str, list[str]]) -> None:
         """Every option, then the stack against the manifest's."""
         self.check_options()
+        self.check_stack(classes_by_stack)
+
+    def check_stack(self, classes_by_stack: dict[str, list[str]]) -> None:
+        """The stack against the manifest's (what only an indexed corpus tells)."""
         if self.stack not in classes_by_stack:
             raise ValueError(f"--stack {self.stack}: the manifest has {', '.join(classes_by_stack) or 'no'} stacks")
 
